@@ -1,0 +1,153 @@
+"""Cost of ``delay()``: plain Celery vs UniqueTask vs celery-once vs celery-singleton.
+
+Every contender publishes to the same Redis broker in one run, in interleaved
+rounds (the machines are shared and noisy, so only ratios taken side by side
+mean anything). Two cases:
+
+* fresh: every call has new arguments, so every call is published;
+* duplicate: every call repeats held arguments, so nothing is published.
+
+Then each contender makes a few calls under ``MONITOR`` to count Redis round
+trips (commands sent by the client, not the ones a Lua script runs inside).
+
+    python benchmarks/bench_delay.py [--calls 2000] [--rounds 5]
+
+A private redis-server is started unless REDIS_URL is set. Needs the ``bench``
+extra (``pip install -e '.[bench]'``) for the peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from itertools import count
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_unique import UniqueTask
+from celery_unique.testing import RedisServer
+
+
+def build_app(url: str) -> tuple[Celery, dict[str, Any]]:
+    app = Celery("bench", broker=url, set_as_current=False)
+    app.conf.update(
+        ONCE={"backend": "celery_once.backends.Redis", "settings": {"url": url, "default_timeout": 3600}},
+        singleton_backend_url=url,
+        singleton_lock_expiry=3600,
+    )
+    tasks: dict[str, Any] = {}
+
+    @app.task(name="bench.plain")
+    def plain(x: int) -> int:
+        return x
+
+    @app.task(name="bench.unique", base=UniqueTask)
+    def unique(x: int) -> int:
+        return x
+
+    tasks.update(plain=plain, unique=unique)
+    try:
+        from celery_once import QueueOnce
+
+        @app.task(name="bench.once", base=QueueOnce, once={"graceful": True})
+        def once(x: int) -> int:
+            return x
+
+        tasks["celery-once"] = once
+    except ImportError:
+        print("celery_once not installed: skipped", file=sys.stderr)
+    try:
+        from celery_singleton import Singleton
+
+        @app.task(name="bench.singleton", base=Singleton)
+        def singleton(x: int) -> int:
+            return x
+
+        tasks["celery-singleton"] = singleton
+    except ImportError:
+        print("celery-singleton not installed: skipped", file=sys.stderr)
+    return app, tasks
+
+
+def per_call_us(call: Callable[[int], Any], args: Callable[[], int], calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        call(args())
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def count_round_trips(url: str, call: Callable[[int], Any], args: Callable[[], int], calls: int) -> float:
+    """Commands the client sent per call, seen through MONITOR (script internals excluded)."""
+    client = redis.Redis.from_url(url)
+    seen: list[bytes] = []
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def watch() -> None:
+        with client.monitor() as monitor:
+            ready.set()
+            for entry in monitor.listen():
+                command = entry["command"]
+                if command.startswith("PING") and "bench-stop" in command:
+                    stop.set()
+                    return
+                if entry.get("client_type") != "lua":
+                    seen.append(command)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.1)
+    for _ in range(calls):
+        call(args())
+    client.execute_command("PING", "bench-stop")
+    stop.wait(5)
+    thread.join(5)
+    return len(seen) / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per contender per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+
+    with ExitStack() as stack:
+        url = os.environ.get("REDIS_URL") or stack.enter_context(RedisServer()).url
+        app, tasks = build_app(url)
+        fresh_numbers = count(10_000_000)
+        for task in tasks.values():
+            task.delay(-1)  # warm up connections, scripts and the duplicate key
+            task.delay(-1)
+        results: dict[tuple[str, str], list[float]] = {}
+        for _ in range(options.rounds):
+            for name, task in tasks.items():
+                for case, args in (("fresh", fresh_numbers.__next__), ("duplicate", lambda: -1)):
+                    us = per_call_us(task.delay, args, options.calls)
+                    results.setdefault((name, case), []).append(us)
+        trips = {
+            (name, case): count_round_trips(url, task.delay, args, 100)
+            for name, task in tasks.items()
+            for case, args in (("fresh", fresh_numbers.__next__), ("duplicate", lambda: -1))
+        }
+        app.close()
+
+    plain_fresh = statistics.median(results[("plain", "fresh")])
+    print(f"delay() cost, median of {options.rounds} rounds x {options.calls} calls; "
+          f"ratio = cost / plain Celery delay() ({plain_fresh:.0f} us)")
+    print(f"{'task':<18}{'case':<11}{'us/call':>9}{'ratio':>8}{'round trips':>13}")
+    for (name, case), samples in results.items():
+        median = statistics.median(samples)
+        print(f"{name:<18}{case:<11}{median:>9.0f}{median / plain_fresh:>8.2f}{trips[(name, case)]:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Unique and idempotent Celery tasks on Redis."""
+
+from celery_unique.exceptions import (
+    ConfigurationError,
+    DuplicateTaskError,
+    LockBackendError,
+    UniqueError,
+    UniqueKeyError,
+)
+from celery_unique.task import UniqueTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "DuplicateTaskError",
+    "LockBackendError",
+    "UniqueError",
+    "UniqueKeyError",
+    "UniqueTask",
+    "__version__",
+]

@@ -1,0 +1,154 @@
+"""Settings: one lazily read property per setting, every default in one place.
+
+Settings live in ``app.conf`` under lowercase ``unique_*`` names (under Django
+with the ``CELERY`` namespace they are ``CELERY_UNIQUE_*``). Resolution order
+for task options: per-call ``unique_options`` > task attribute > ``app.conf`` >
+:data:`DEFAULTS`.
+
+They are read lazily, at their first use, and then kept: a lookup in
+``app.conf`` costs several microseconds (Celery tries every key spelling in
+every layer), which ``delay()`` cannot afford on each call. :meth:`UniqueConf.reload`
+reads them again; the Django integration calls it on ``setting_changed``, so
+``override_settings`` works.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+
+from celery_unique.exceptions import ConfigurationError
+from celery_unique.keys import validate_prefix
+from celery_unique.locks import LockStore
+
+ON_DUPLICATE = ("return_existing", "raise", "ignore")
+ON_REDIS_ERROR = ("raise", "allow")
+ON_CANVAS = ("bypass", "dedupe", "raise")
+
+DEFAULTS: dict[str, Any] = {
+    "unique_lock_timeout": 3600.0,
+    "unique_redis_url": None,
+    "unique_key_prefix": "celery_unique",
+    "unique_default_on_duplicate": "return_existing",
+    "unique_on_redis_error": "raise",
+    "unique_on_canvas": "bypass",
+    "unique_redis_socket_timeout": 5.0,
+    "unique_redis_connect_timeout": 5.0,
+}
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
+
+
+def check_lock_timeout(value: Any, name: str = "lock_timeout") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+def _first_url(url: Any) -> str | None:
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else None
+    if isinstance(url, str):
+        url = url.split(";")[0].strip()
+        if url.startswith(_REDIS_SCHEMES):
+            return url
+    return None
+
+
+class UniqueConf:
+    """The celery-unique view of one Celery app's configuration."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._stores: dict[tuple[Any, ...], LockStore] = {}
+        self._values: dict[str, Any] = {}
+
+    def reload(self) -> None:
+        """Forget the settings read so far; the next use reads ``app.conf`` again."""
+        self._values = {}
+
+    def _get(self, name: str) -> Any:
+        values = self._values
+        try:
+            return values[name]
+        except KeyError:
+            value = self.app.conf.get(name)
+            values[name] = value = DEFAULTS[name] if value is None else value
+            return value
+
+    @property
+    def lock_timeout(self) -> float:
+        return check_lock_timeout(self._get("unique_lock_timeout"), "unique_lock_timeout")
+
+    @property
+    def key_prefix(self) -> str:
+        return validate_prefix(self._get("unique_key_prefix"))
+
+    @property
+    def default_on_duplicate(self) -> str:
+        return check_choice(
+            self._get("unique_default_on_duplicate"), ON_DUPLICATE, "unique_default_on_duplicate"
+        )
+
+    @property
+    def on_redis_error(self) -> str:
+        return check_choice(self._get("unique_on_redis_error"), ON_REDIS_ERROR, "unique_on_redis_error")
+
+    @property
+    def on_canvas(self) -> str:
+        return check_choice(self._get("unique_on_canvas"), ON_CANVAS, "unique_on_canvas")
+
+    @property
+    def redis_url(self) -> str:
+        """``unique_redis_url``, else the broker or result backend URL when it is Redis."""
+        url = self._get("unique_redis_url")
+        if url:
+            if not isinstance(url, str):
+                raise ConfigurationError(f"unique_redis_url must be a string, got {url!r}")
+            return url
+        for candidate in (self.app.conf.broker_url, self.app.conf.result_backend):
+            found = _first_url(candidate)
+            if found:
+                return found
+        raise ConfigurationError(
+            "celery-unique needs a Redis: set unique_redis_url "
+            "(CELERY_UNIQUE_REDIS_URL under Django), or use a Redis broker"
+        )
+
+    @property
+    def locks(self) -> LockStore:
+        """The lock store for the configured Redis (one client per URL and timeouts)."""
+        store: LockStore | None = self._values.get("_locks")
+        if store is None:
+            ident = (
+                self.redis_url,
+                self._get("unique_redis_socket_timeout"),
+                self._get("unique_redis_connect_timeout"),
+            )
+            with self._lock:
+                store = self._stores.get(ident)
+                if store is None:
+                    client = redis.Redis.from_url(
+                        ident[0], socket_timeout=ident[1], socket_connect_timeout=ident[2]
+                    )
+                    store = self._stores[ident] = LockStore(client)
+            self._values["_locks"] = store
+        return store
+
+
+def get_conf(app: Any) -> UniqueConf:
+    """The :class:`UniqueConf` of ``app``, created once and cached on the app."""
+    conf: UniqueConf | None = getattr(app, "_celery_unique_conf", None)
+    if conf is None:
+        conf = UniqueConf(app)
+        app._celery_unique_conf = conf
+    return conf

@@ -1,0 +1,69 @@
+"""Every error celery-unique raises, in one place.
+
+All of them derive from :class:`UniqueError` and carry their data as
+attributes. Celery ships exceptions between processes with pickle, so each
+class rebuilds itself from its constructor arguments in ``__reduce__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UniqueError(Exception):
+    """Base class of every celery-unique error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+
+class ConfigurationError(UniqueError, ValueError):
+    """A setting or task option has a value that cannot work."""
+
+
+class UniqueKeyError(UniqueError, TypeError):
+    """The arguments of a call cannot be turned into a lock key."""
+
+
+class LockBackendError(UniqueError):
+    """Redis could not be reached or answered with an error.
+
+    Raised by ``delay()``/``apply_async()`` under the default
+    ``unique_on_redis_error = "raise"``: nothing was published. The Redis error
+    is chained as ``__cause__``.
+    """
+
+
+class DuplicateTaskError(UniqueError):
+    """A task with the same key is already queued or running.
+
+    ``existing_id`` is the task id that holds the lock, ``ttl`` the seconds the
+    lock has left (``None`` when unknown) and ``key_digest`` the argument digest
+    (never the raw arguments).
+    """
+
+    def __init__(
+        self,
+        task_name: str,
+        key_digest: str,
+        existing_id: str,
+        ttl: float | None,
+    ) -> None:
+        self.task_name = task_name
+        self.key_digest = key_digest
+        self.existing_id = existing_id
+        self.ttl = ttl
+        super().__init__(
+            f"{task_name} is already queued or running as {existing_id} "
+            f"(key {key_digest[:12]}, lock ttl {ttl}s)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            type(self),
+            (self.task_name, self.key_digest, self.existing_id, self.ttl),
+        )

@@ -1,0 +1,48 @@
+"""The message header that carries a lock from the producer to the worker.
+
+The worker never recomputes a key: it reads the lock key and owner token from
+this header (JSON would have turned tuples into lists, and per-call options
+would be lost).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+HEADER = "celery_unique"
+
+
+class LockHeader(TypedDict):
+    key: str
+    owner: str
+
+
+def lock_header(key: str, owner: str) -> LockHeader:
+    return {"key": key, "owner": owner}
+
+
+def _valid(value: Any) -> LockHeader | None:
+    if isinstance(value, dict) and isinstance(value.get("key"), str) and isinstance(value.get("owner"), str):
+        return value  # type: ignore[return-value]
+    return None
+
+
+def from_context(request: Any) -> LockHeader | None:
+    """The lock header of a task request (``task.request``), if any.
+
+    Custom headers become attributes of the worker's request context; an eager
+    ``apply()`` keeps them under ``request.headers`` instead.
+    """
+    if request is None:
+        return None
+    found = _valid(getattr(request, HEADER, None))
+    if found is None:
+        headers = getattr(request, "headers", None)
+        if isinstance(headers, dict):
+            found = _valid(headers.get(HEADER))
+    return found
+
+
+def from_message_headers(headers: Any) -> LockHeader | None:
+    """The lock header of a worker's ``Request.request_dict``."""
+    return _valid(headers.get(HEADER)) if isinstance(headers, dict) else None

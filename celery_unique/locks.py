@@ -1,0 +1,238 @@
+"""The lock primitive: acquire, release and extend, each one Lua call.
+
+The lock value is the owner token (a task id), so the same task id coming back
+(a retry, a redelivery) re-enters its own lock, and only the owner can release
+or extend it.
+
+Acquiring sits on the hot path of ``delay()``, so it does not go through
+redis-py's command machinery (pool bookkeeping, retries, instrumentation cost
+more than the round trip itself). It keeps a few connections of its own, made
+by the client's pool so they share its settings (TLS, ACL, database), sends a
+pre-encoded ``EVALSHA`` and reads the reply, whose shape it knows, itself.
+Anything unexpected falls back to the client's own script call.
+:meth:`LockStore.begin_acquire` sends without waiting: the caller does its own
+work (Celery builds the message) and reads the reply only when it needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+from celery_unique import scripts
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """The answer of an acquire: who holds the lock now, and for how long."""
+
+    owner: str
+    holder: str
+    ttl_ms: int
+
+    @property
+    def acquired(self) -> bool:
+        return self.holder == self.owner
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds the lock has left (None when Redis reports no expiry)."""
+        return self.ttl_ms / 1000.0 if self.ttl_ms >= 0 else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _acquisition(owner: str, reply: Any) -> Acquisition:
+    if isinstance(reply, int):
+        return Acquisition(owner=owner, holder=owner, ttl_ms=reply)
+    holder, ttl_ms = reply
+    return Acquisition(owner=owner, holder=_text(holder), ttl_ms=int(ttl_ms))
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _parse_acquire_reply(data: bytes) -> int | tuple[bytes, int] | None:
+    """Parse the acquire script's reply; None while it is incomplete.
+
+    The script answers ``:<ttl>`` or ``*2 $<n> <holder> :<pttl>`` (the same in
+    RESP2 and RESP3). An error reply raises, NOSCRIPT as NoScriptError.
+    """
+    end = data.find(b"\r\n")
+    if end < 0:
+        return None
+    kind = data[:1]
+    if kind == b":":
+        return int(data[1:end])
+    if kind == b"-":
+        message = data[1:end].decode(errors="replace")
+        if message.startswith("NOSCRIPT"):
+            raise NoScriptError(message)
+        raise redis.ResponseError(message)
+    if kind != b"*" or data[1:end] != b"2" or data[end + 2 : end + 3] != b"$":
+        raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
+    start = end + 3
+    end = data.find(b"\r\n", start)
+    if end < 0:
+        return None
+    size = int(data[start:end])
+    holder_end = end + 2 + size
+    ttl_end = data.find(b"\r\n", holder_end + 2)
+    if ttl_end < 0:
+        return None
+    return data[end + 2 : holder_end], int(data[holder_end + 3 : ttl_end])
+
+
+def _read_acquire_reply(connection: Any) -> int | tuple[bytes, int]:
+    sock = connection._sock
+    if sock is None:
+        raise redis.ConnectionError("connection closed")
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError as exc:
+            raise redis.TimeoutError("timeout reading the acquire reply") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"error reading the acquire reply: {exc}") from exc
+        if not chunk:
+            raise redis.ConnectionError("connection closed by server")
+        data += chunk
+        reply = _parse_acquire_reply(data)
+        if reply is not None:
+            return reply
+
+
+class PendingAcquire:
+    """An acquire that was sent and not yet read.
+
+    :meth:`result` must be called in every path (it gives the connection back);
+    it is idempotent.
+    """
+
+    def __init__(self, store: LockStore, key: str, owner: str, ttl_ms: int, handover: str):
+        self._store = store
+        self._call = (key, owner, ttl_ms, handover)
+        self._result: Acquisition | None = None
+        self._connection: Any = store._take_connection()
+        try:
+            self._connection.send_packed_command(
+                [store._encode_acquire(key, owner, ttl_ms, handover)], check_health=False
+            )
+        except redis.RedisError:
+            # A kept connection may be stale (the server restarted): the
+            # result is then asked for again through the client.
+            self._drop()
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.disconnect()
+
+    def result(self) -> Acquisition:
+        if self._result is not None:
+            return self._result
+        connection = self._connection
+        if connection is not None:
+            try:
+                reply = _read_acquire_reply(connection)
+            except NoScriptError:
+                self._connection = None
+                self._store._give_back(connection)
+            except redis.RedisError:
+                self._drop()
+            except BaseException:
+                self._drop()
+                raise
+            else:
+                self._connection = None
+                self._store._give_back(connection)
+                self._result = _acquisition(self._call[1], reply)
+                return self._result
+        # Acquiring is idempotent for one owner, so asking again is safe; the
+        # script call loads the script when the server lost it.
+        self._result = self._store.acquire_via_client(*self._call)
+        return self._result
+
+
+class LockStore:
+    """Locks in one Redis, through one client (any redis-py client class)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._acquire = client.register_script(scripts.ACQUIRE)
+        self._release = client.register_script(scripts.RELEASE)
+        self._extend = client.register_script(scripts.EXTEND)
+        # The lean path needs a plain client with a connection pool.
+        self.lean = isinstance(client, redis.Redis) and hasattr(client, "connection_pool")
+        self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
+        self._idle: list[Any] = []
+        self._pid = os.getpid()
+
+    # -- connections of the lean path ------------------------------------
+
+    def _take_connection(self) -> Any:
+        if self._pid != os.getpid():
+            # After a fork the parent's sockets are not ours to use or close.
+            self._idle = []
+            self._pid = os.getpid()
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self.client.connection_pool.make_connection()
+
+    def _give_back(self, connection: Any) -> None:
+        if self._pid == os.getpid():
+            self._idle.append(connection)
+
+    def _encode_acquire(self, key: str, owner: str, ttl_ms: int, handover: str) -> bytes:
+        return b"".join(
+            (
+                self._evalsha_head,
+                _bulk(key.encode()),
+                _bulk(owner.encode()),
+                _bulk(b"%d" % ttl_ms),
+                _bulk(handover.encode()),
+            )
+        )
+
+    # -- the operations ---------------------------------------------------
+
+    def acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:
+        """Take, re-enter or report the lock in one round trip."""
+        if self.lean:
+            return PendingAcquire(self, key, owner, ttl_ms, handover).result()
+        return self.acquire_via_client(key, owner, ttl_ms, handover)
+
+    def acquire_via_client(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:
+        """:meth:`acquire` through redis-py's client (its retries and script loading)."""
+        return _acquisition(owner, self._acquire(keys=[key], args=[owner, ttl_ms, handover]))
+
+    def begin_acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> PendingAcquire:
+        """Send an acquire now; read it later with :meth:`PendingAcquire.result`."""
+        return PendingAcquire(self, key, owner, ttl_ms, handover)
+
+    def release(self, key: str, owner: str) -> bool:
+        """Delete the lock if ``owner`` holds it; True when it did."""
+        return bool(self._release(keys=[key], args=[owner]))
+
+    def extend(self, key: str, owner: str, ttl_ms: int) -> bool:
+        """Reset the lock's time to live if ``owner`` holds it."""
+        return bool(self._extend(keys=[key], args=[owner, ttl_ms]))
+
+    def holder(self, key: str) -> tuple[str | None, float | None]:
+        """Who holds the lock and for how many more seconds (for tools and tests)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.pttl(key)
+        owner, pttl = pipe.execute()
+        if owner is None:
+            return None, None
+        return _text(owner), (pttl / 1000.0 if pttl >= 0 else None)

@@ -1,0 +1,282 @@
+"""``UniqueTask``: a Celery task class whose ``apply_async`` never publishes a duplicate.
+
+``delay()``, ``apply_async()``, ``signature(...).apply_async()`` and
+``self.retry()`` all pass through :meth:`UniqueTask.apply_async`. It takes the
+lock before the message is published, puts the lock key and owner in the
+message headers, and releases the lock again if publishing fails. The worker
+releases it when the task ends (:mod:`celery_unique.hooks`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import redis
+from celery import Task
+from celery.utils import uuid
+
+from celery_unique import headers, hooks
+from celery_unique.conf import ON_DUPLICATE, UniqueConf, check_choice, check_lock_timeout, get_conf
+from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError
+from celery_unique.keys import ArgumentKey, UniqueOn, digest_of_key, family_key, lock_key
+from celery_unique.locks import Acquisition, LockStore, PendingAcquire
+from celery_unique.publish import DuplicateFound, DuplicateHints, GatedProducer, GateFailed
+
+logger = logging.getLogger(__name__)
+
+#: Options that may be given per call in ``apply_async(unique_options={...})``.
+CALL_OPTIONS = frozenset({"unique_on", "lock_timeout", "on_duplicate"})
+
+# Options set only by Celery's canvas machinery (groups, chords, chains and
+# link callbacks). Deduplicating such a message would hang a chord or cut a
+# chain, so these are published as they are unless configured otherwise.
+_CANVAS_OPTIONS = ("chord", "group_id", "link", "link_error")
+
+_hints = DuplicateHints()
+
+
+def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:
+    """How long the message waits in the queue before it may run (countdown/eta)."""
+    countdown = options.get("countdown")
+    if countdown:
+        return max(float(countdown), 0.0)
+    eta = options.get("eta")
+    if not eta:
+        return 0.0
+    if isinstance(eta, str):
+        eta = datetime.fromisoformat(eta)
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=app.timezone)
+    return max((eta - app.now()).total_seconds(), 0.0)
+
+
+class UniqueTask(Task):  # type: ignore[misc]
+    """Base class for tasks that must not be queued or run twice at once.
+
+    Use it as ``@app.task(base=UniqueTask, unique_on=("loan_id",))``.
+    """
+
+    #: Argument names that form the key (default: all arguments), or a
+    #: callable ``(args, kwargs) -> key material``.
+    unique_on: UniqueOn = None
+    #: Seconds the lock may live (default: ``unique_lock_timeout``).
+    lock_timeout: float | None = None
+    #: ``return_existing``, ``raise`` or ``ignore`` (default: ``unique_default_on_duplicate``).
+    on_duplicate: str | None = None
+
+    #: Releases the lock when the pool child is gone (hard time limit, lost worker).
+    Request = f"{hooks.__name__}:{hooks.UniqueRequest.__name__}"
+
+    _unique_argument_key: ArgumentKey | None = None
+
+    # -- the key --------------------------------------------------------
+
+    def _argument_key(self, unique_on: UniqueOn) -> ArgumentKey:
+        if unique_on is not self.unique_on:
+            return ArgumentKey(self.name, self.run, unique_on)
+        built = self._unique_argument_key
+        if built is None:
+            built = self._unique_argument_key = ArgumentKey(self.name, self.run, unique_on)
+        return built
+
+    def unique_lock_key(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        unique_options: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The Redis key of the lock that a call with these arguments takes."""
+        unique_on = (unique_options or {}).get("unique_on", self.unique_on)
+        argument_digest = self._argument_key(unique_on).digest(args, kwargs)
+        prefix = get_conf(self._get_app()).key_prefix
+        return lock_key(family_key(prefix, self.name, argument_digest))
+
+    # -- publishing -----------------------------------------------------
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        unique_options = options.pop("unique_options", None) or {}
+        unknown = set(unique_options) - CALL_OPTIONS
+        if unknown:
+            raise ConfigurationError(f"unknown unique_options {sorted(unknown)}")
+        app = self._get_app()
+        conf = get_conf(app)
+
+        def publish() -> Any:
+            return super(UniqueTask, self).apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+
+        current = self.request
+        is_retry = bool(task_id) and not current.called_directly and task_id == current.id
+        running_lock = None if current.called_directly else headers.from_context(current)
+        if is_retry and running_lock is None:
+            # A retry of a message that carried no lock (sent by name, or a
+            # canvas member) is never deduplicated: dropping it would lose it.
+            return publish()
+        if not is_retry and self._is_canvas_member(link, link_error, options):
+            if conf.on_canvas == "bypass":
+                logger.info("%s: canvas member published without a uniqueness check", self.name)
+                return publish()
+            if conf.on_canvas == "raise":
+                raise ConfigurationError(
+                    f"{self.name} is a UniqueTask used in a group, chord or chain "
+                    "(unique_on_canvas = 'raise')"
+                )
+
+        on_duplicate = check_choice(
+            unique_options.get("on_duplicate", self.on_duplicate) or conf.default_on_duplicate,
+            ON_DUPLICATE,
+            "on_duplicate",
+        )
+        timeout = check_lock_timeout(
+            unique_options.get("lock_timeout", self.lock_timeout) or conf.lock_timeout
+        )
+        handover = ""
+        if is_retry:
+            assert running_lock is not None
+            key = running_lock["key"]
+        else:
+            key = self.unique_lock_key(args, kwargs, unique_options)
+            if running_lock is not None and running_lock["key"] == key:
+                # The running task re-enqueues itself: the lock goes to the new message.
+                handover = current.id
+        task_id = task_id or uuid()
+        ttl_ms = int((timeout + _delay_seconds(app, options)) * 1000)
+        locked_options = {
+            **options,
+            "headers": {
+                **(options.get("headers") or {}),
+                headers.HEADER: headers.lock_header(key, task_id),
+            },
+        }
+        store = conf.locks
+
+        def publish_locked(via: Any = producer) -> Any:
+            try:
+                result = super(UniqueTask, self).apply_async(
+                    args, kwargs, task_id, via, link, link_error, shadow, **locked_options
+                )
+            except DuplicateFound:
+                raise
+            except BaseException:
+                self._release_after_failed_publish(store, key, task_id)
+                raise
+            _hints.free(key)
+            result.duplicate = False
+            return result
+
+        sequential = (
+            app.conf.task_always_eager
+            or not store.lean
+            or _hints.expects_duplicate(key)
+        )
+        try:
+            if sequential:
+                acquisition = store.acquire(key, task_id, ttl_ms, handover)
+            else:
+                pending = store.begin_acquire(key, task_id, ttl_ms, handover)
+        except redis.RedisError as exc:
+            return self._redis_failed(conf, key, exc, publish)
+        if sequential:
+            if not acquisition.acquired:
+                return self._duplicate(key, acquisition, on_duplicate)
+            return publish_locked()
+        try:
+            return self._publish_gated(app, pending, producer, publish_locked)
+        except DuplicateFound as found:
+            return self._duplicate(key, found.acquisition, on_duplicate)
+        except GateFailed as failed:
+            return self._redis_failed(conf, key, failed.error, publish)
+
+    @staticmethod
+    def _publish_gated(app: Any, pending: PendingAcquire, producer: Any, publish_locked: Any) -> Any:
+        """Publish while the acquire reply is in flight; the producer reads it last."""
+
+        def gate() -> None:
+            try:
+                acquisition = pending.result()
+            except redis.RedisError as exc:
+                raise GateFailed(exc) from exc
+            if not acquisition.acquired:
+                raise DuplicateFound(acquisition)
+
+        try:
+            with app.producer_or_acquire(producer) as real_producer:
+                return publish_locked(GatedProducer(real_producer, gate))
+        finally:
+            # Every path must read the reply: that returns the connection to the pool.
+            try:
+                pending.result()
+            except redis.RedisError:
+                pass
+
+    def _release_after_failed_publish(self, store: LockStore, key: str, owner: str) -> None:
+        try:
+            store.release(key, owner)
+        except redis.RedisError:
+            logger.warning(
+                "%s: publishing failed and the lock %s could not be released; "
+                "it expires after its timeout",
+                self.name,
+                digest_of_key(key)[:12],
+                exc_info=True,
+            )
+
+    def _duplicate(self, key: str, acquisition: Acquisition, on_duplicate: str) -> Any:
+        _hints.held(key, acquisition.ttl)
+        key_digest = digest_of_key(key)
+        logger.info(
+            "%s: duplicate of %s (key %s, lock ttl %ss): not published",
+            self.name,
+            acquisition.holder,
+            key_digest[:12],
+            acquisition.ttl,
+        )
+        if on_duplicate == "raise":
+            raise DuplicateTaskError(self.name, key_digest, acquisition.holder, acquisition.ttl)
+        if on_duplicate == "ignore":
+            return None
+        result = self.AsyncResult(acquisition.holder)
+        result.duplicate = True
+        return result
+
+    def _redis_failed(self, conf: UniqueConf, key: str, error: BaseException, publish: Any) -> Any:
+        if conf.on_redis_error == "allow":
+            logger.warning(
+                "%s: Redis failed (%r); published without a uniqueness check "
+                "(unique_on_redis_error = 'allow')",
+                self.name,
+                error,
+            )
+            result = publish()
+            result.duplicate = False
+            return result
+        raise LockBackendError(
+            f"{self.name}: could not take the lock {digest_of_key(key)[:12]} in Redis "
+            f"({error!r}); nothing was published"
+        ) from error
+
+    @staticmethod
+    def _is_canvas_member(link: Any, link_error: Any, options: Mapping[str, Any]) -> bool:
+        if link or link_error or "chain" in options or "parent_id" in options:
+            # "chain" (even empty) and an explicit parent_id are passed only
+            # by Celery's chain and callback dispatch.
+            return True
+        return any(options.get(name) for name in _CANVAS_OPTIONS)
+
+    def unique_store(self) -> LockStore:
+        """The lock store this task uses (for tools and tests)."""
+        return get_conf(self._get_app()).locks

@@ -1,0 +1,118 @@
+"""A real Celery worker (prefork, ``-c 2``) in a subprocess, on our Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_unique.conf import get_conf
+from tests.integration import worker_app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Worker:
+    """A ``celery worker`` subprocess and its log."""
+
+    def __init__(self, redis_url: str, name: str, *extra: str) -> None:
+        self.name = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+        self.log = tempfile.NamedTemporaryFile(prefix="celery-worker-", suffix=".log", delete=False)
+        env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        command = [
+            sys.executable, "-m", "celery", "-A", "tests.integration.worker_app", "worker",
+            "--pool", "prefork", "--concurrency", "2", "--hostname", self.name,
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--loglevel", "INFO", *extra,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_text()}")
+            if worker_app.app.control.ping(destination=[self.name], timeout=0.5):
+                return
+        raise RuntimeError(f"worker did not answer ping within {timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-6000:]
+
+    def child_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        ).stdout
+        return [int(pid) for pid in out.split()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def celery_app(redis_url: str) -> Any:
+    app = worker_app.app
+    app.conf.broker_url = redis_url
+    get_conf(app).reload()
+    return app
+
+
+@pytest.fixture(scope="session")
+def worker(celery_app: Any, redis_url: str) -> Iterator[Worker]:
+    started = Worker(redis_url, "main")
+    try:
+        started.wait_ready()
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def token() -> str:
+    """A value unique to the test, so its locks and events are its own."""
+    return uuid.uuid4().hex
+
+
+Events = Callable[..., list[dict[str, Any]]]
+
+
+@pytest.fixture
+def events(redis_client: redis.Redis, token: str) -> Events:
+    def read(of: str | None = None) -> list[dict[str, Any]]:
+        raw = redis_client.lrange(worker_app.events_key(of or token), 0, -1)
+        return [json.loads(item) for item in raw]
+
+    return read
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(interval)

@@ -1,0 +1,189 @@
+"""UniqueTask end to end: real Redis, real prefork worker subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from celery_unique import UniqueTask
+from celery_unique.conf import get_conf
+from tests.integration.conftest import Events, wait_for
+from tests.integration.worker_app import failing, flaky, hard_limited, sleeper, typed
+
+pytestmark = pytest.mark.worker
+
+
+def holder_of(task: Any, *args: Any, **kwargs: Any) -> str | None:
+    return task.unique_store().holder(task.unique_lock_key(args, kwargs))[0]
+
+
+def ended(events: Events, count: int = 1) -> Any:
+    return lambda: len([e for e in events() if e["event"] == "end"]) >= count
+
+
+def test_concurrent_duplicates_publish_and_run_once(worker: Any, token: str, events: Events) -> None:
+    handles: list[Any] = []
+    lock = threading.Lock()
+
+    def producer() -> None:
+        for _ in range(50):
+            result = sleeper.delay(token, seconds=1.5)
+            with lock:
+                handles.append(result)
+
+    threads = [threading.Thread(target=producer) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(handles) == 1000
+    assert len({h.id for h in handles}) == 1
+    assert sum(1 for h in handles if not h.duplicate) == 1
+    wait_for(ended(events))
+    time.sleep(0.5)  # a second execution, if any, would have started by now
+    starts = [e for e in events() if e["event"] == "start"]
+    assert [e["id"] for e in starts] == [handles[0].id]
+
+
+def test_lock_is_released_after_the_task_and_a_new_delay_runs(
+    worker: Any, token: str, events: Events
+) -> None:
+    first = sleeper.delay(token)
+    wait_for(ended(events))
+    wait_for(lambda: holder_of(sleeper, token) is None, timeout=5)
+
+    second = sleeper.delay(token)
+    assert not second.duplicate
+    assert second.id != first.id
+    wait_for(ended(events, 2))
+    assert [e["id"] for e in events() if e["event"] == "start"] == [first.id, second.id]
+
+
+def test_retry_keeps_the_lock_and_reenters_it(worker: Any, token: str, events: Events) -> None:
+    result = flaky.delay(token, failures=2, countdown=0.7)
+    wait_for(lambda: len(events()) >= 1)
+    during_retries = flaky.delay(token, failures=2, countdown=0.7)
+    assert during_retries.duplicate
+    assert during_retries.id == result.id
+
+    wait_for(ended(events))
+    starts = [e for e in events() if e["event"] == "start"]
+    assert [e["retries"] for e in starts] == [0, 1, 2]
+    assert {e["id"] for e in starts} == {result.id}
+    wait_for(lambda: holder_of(flaky, token) is None, timeout=5)
+
+
+def test_failing_task_frees_its_lock(worker: Any, token: str, events: Events) -> None:
+    failing.delay(token)
+    wait_for(lambda: events())
+    wait_for(lambda: holder_of(failing, token) is None, timeout=5)
+    assert not failing.delay(token).duplicate
+
+
+def test_failed_publish_frees_its_lock(redis_url: str, token: str) -> None:
+    dead_broker = Celery("dead", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    dead_broker.conf.update(
+        unique_redis_url=redis_url, task_publish_retry=False, broker_connection_timeout=0.5
+    )
+
+    @dead_broker.task(base=UniqueTask, name="tests.dead_broker")
+    def job(value: str) -> None: ...
+
+    with pytest.raises(OperationalError):
+        job.delay(token)
+    assert holder_of(job, token) is None
+    with pytest.raises(OperationalError):
+        job.delay(token)  # still not a duplicate: the failed publish left no lock
+
+
+def test_expired_lock_taken_by_another_is_not_freed_by_the_first(
+    worker: Any, token: str, events: Events
+) -> None:
+    first = sleeper.apply_async((token, 2.5), unique_options={"lock_timeout": 1})
+    wait_for(lambda: holder_of(sleeper, token, 2.5) is None, timeout=5)  # A's lock expired
+    second = sleeper.apply_async((token, 2.5), unique_options={"lock_timeout": 30})
+    assert not second.duplicate
+
+    wait_for(lambda: any(e["event"] == "end" and e["id"] == first.id for e in events()))
+    time.sleep(0.3)  # A's task_postrun release has run by now
+    assert holder_of(sleeper, token, 2.5) == second.id
+    wait_for(ended(events, 2))
+
+
+def test_revoking_a_queued_task_frees_its_lock(worker: Any, token: str, events: Events) -> None:
+    busy = [f"{token}-busy-{n}" for n in range(2)]
+    for busy_token in busy:
+        sleeper.delay(busy_token, seconds=1.5)
+    queued = sleeper.delay(token)
+    assert holder_of(sleeper, token) == queued.id
+    queued.revoke()
+    wait_for(lambda: holder_of(sleeper, token) is None, timeout=10)
+    for busy_token in busy:
+        wait_for(lambda t=busy_token: any(e["event"] == "end" for e in events(t)))  # type: ignore[misc]
+    assert events() == []  # the revoked task never ran
+
+
+def test_hard_time_limit_frees_its_lock(worker: Any, token: str, events: Events) -> None:
+    hard_limited.delay(token)
+    wait_for(lambda: events())
+    assert holder_of(hard_limited, token) is not None
+    wait_for(lambda: holder_of(hard_limited, token) is None, timeout=10)
+
+
+def test_killed_pool_child_frees_its_lock(worker: Any, token: str, events: Events) -> None:
+    sleeper.delay(token, 30)
+    started = wait_for(lambda: events())
+    os.kill(started[0]["pid"], signal.SIGKILL)
+    wait_for(lambda: holder_of(sleeper, token, 30) is None, timeout=10)
+    assert not any(e["event"] == "end" for e in events())
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param({"value": (1, 2)}, {"value": (1, 2)}, id="tuple"),
+        pytest.param(
+            {"ident": uuid.UUID(int=7)}, {"ident": uuid.UUID(int=7)}, id="uuid"
+        ),
+        pytest.param(
+            {"when": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)},
+            {"when": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)},
+            id="datetime",
+        ),
+    ],
+)
+def test_typed_arguments_deduplicate_across_the_worker_boundary(
+    worker: Any, token: str, events: Events, first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    original = typed.apply_async((token,), first)
+    wait_for(lambda: events())  # running in the worker, arguments decoded from JSON
+    assert typed.apply_async((token,), second).id == original.id
+    wait_for(ended(events))
+    # The worker released the producer's key although JSON turned tuples into lists.
+    wait_for(lambda: holder_of(typed, token, **first) is None, timeout=5)
+    assert not typed.apply_async((token,), second).duplicate
+    wait_for(ended(events, 2))
+
+
+def test_keyword_and_positional_calls_are_one_key(worker: Any, token: str, events: Events) -> None:
+    original = sleeper.delay(token, 0.5)
+    assert sleeper.delay(seconds=0.5, token=token).id == original.id
+    assert sleeper.apply_async(kwargs={"token": token, "seconds": 0.5}).id == original.id
+    assert sleeper.s(token, 0.5).delay().id == original.id
+    wait_for(ended(events))
+
+
+def test_settings_come_from_app_conf(celery_app: Any) -> None:
+    conf = get_conf(celery_app)
+    assert conf.redis_url == celery_app.conf.broker_url
+    assert conf.lock_timeout == 3600.0

@@ -1,0 +1,86 @@
+"""The Celery app that the integration tests' worker subprocess runs.
+
+Each task records what it observes (start, end, its id, pid and the types of
+its arguments) in a Redis list per test token, so tests assert on what really
+happened in the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_unique import UniqueTask
+
+app = Celery("celery_unique_tests", set_as_current=False)
+app.conf.update(
+    broker_url=os.environ.get("REDIS_URL"),
+    worker_prefetch_multiplier=1,
+    task_publish_retry=False,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+_events: redis.Redis | None = None
+
+
+def events_key(token: str) -> str:
+    return f"test-events:{token}"
+
+
+def record(token: str, event: str, **data: Any) -> None:
+    global _events
+    if _events is None:
+        _events = redis.Redis.from_url(app.conf.broker_url)
+    entry = {"event": event, "pid": os.getpid(), "time": time.time(), **data}
+    _events.rpush(events_key(token), json.dumps(entry))
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.sleeper")
+def sleeper(self: Any, token: str, seconds: float = 0.0) -> str:
+    record(token, "start", id=self.request.id)
+    time.sleep(seconds)
+    record(token, "end", id=self.request.id)
+    return token
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.flaky", max_retries=5)
+def flaky(self: Any, token: str, failures: int = 2, countdown: float = 0.5) -> int:
+    record(token, "start", id=self.request.id, retries=self.request.retries)
+    if self.request.retries < failures:
+        raise self.retry(countdown=countdown)
+    record(token, "end", id=self.request.id)
+    return int(self.request.retries)
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.failing")
+def failing(self: Any, token: str) -> None:
+    record(token, "start", id=self.request.id)
+    raise ValueError("this task always fails")
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.hard_limited", time_limit=1)
+def hard_limited(self: Any, token: str) -> None:
+    # Ignore the pool's SIGTERM so that only its SIGKILL ends the child: no
+    # task_postrun runs in the child, the main process must release.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    record(token, "start", id=self.request.id)
+    time.sleep(30)
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.typed", unique_on=("token", "value", "when", "ident"))
+def typed(self: Any, token: str, value: Any = None, when: Any = None, ident: Any = None, seconds: float = 1.0) -> None:
+    record(
+        token,
+        "start",
+        id=self.request.id,
+        types=[type(value).__name__, type(when).__name__, type(ident).__name__],
+    )
+    time.sleep(seconds)
+    record(token, "end", id=self.request.id)

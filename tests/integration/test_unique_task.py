@@ -96,7 +96,7 @@ def test_failed_publish_frees_its_lock(redis_url: str, token: str) -> None:
         unique_redis_url=redis_url, task_publish_retry=False, broker_connection_timeout=0.5
     )
 
-    @dead_broker.task(base=UniqueTask, name="tests.dead_broker")
+    @dead_broker.task(base=UniqueTask, name="tests.dead_broker", shared=False)
     def job(value: str) -> None: ...
 
     with pytest.raises(OperationalError):

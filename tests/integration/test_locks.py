@@ -1,0 +1,152 @@
+"""The lock primitive against a real Redis: one round trip, owner checks, TTLs."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from celery_unique.locks import LockStore, _parse_acquire_reply
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[LockStore]:
+    client = redis.Redis.from_url(redis_url)
+    yield LockStore(client)
+    client.close()
+
+
+@pytest.fixture
+def key() -> str:
+    return f"test:v1:{{locks:{uuid.uuid4().hex}}}:lock"
+
+
+def commands_sent(redis_client: redis.Redis) -> int:
+    stats = redis_client.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_acquire_takes_a_free_lock(store: LockStore, key: str, redis_client: redis.Redis) -> None:
+    taken = store.acquire(key, "a", 10_000)
+    assert taken.acquired and taken.holder == "a"
+    assert redis_client.get(key) == b"a"
+    assert 9_000 < redis_client.pttl(key) <= 10_000
+
+
+def test_acquire_reports_the_holder_and_ttl_in_one_call(
+    store: LockStore, key: str, redis_client: redis.Redis
+) -> None:
+    store.acquire(key, "a", 10_000)
+    before = commands_sent(redis_client)
+    held = store.acquire(key, "b", 10_000)
+    assert commands_sent(redis_client) - before == 1
+    assert not held.acquired
+    assert held.holder == "a"
+    assert held.ttl is not None and 9 < held.ttl <= 10
+
+
+def test_same_owner_reenters_and_refreshes_the_ttl(
+    store: LockStore, key: str, redis_client: redis.Redis
+) -> None:
+    store.acquire(key, "a", 1_000)
+    again = store.acquire(key, "a", 60_000)
+    assert again.acquired
+    assert redis_client.pttl(key) > 50_000
+
+
+def test_handover_moves_the_lock_to_a_new_owner(store: LockStore, key: str) -> None:
+    store.acquire(key, "a", 10_000)
+    assert not store.acquire(key, "b", 10_000, handover="x").acquired
+    assert store.acquire(key, "b", 10_000, handover="a").acquired
+    assert store.holder(key)[0] == "b"
+    assert not store.release(key, "a")
+
+
+def test_release_is_owner_checked_and_idempotent(store: LockStore, key: str) -> None:
+    store.acquire(key, "a", 10_000)
+    assert not store.release(key, "b")
+    assert store.holder(key)[0] == "a"
+    assert store.release(key, "a")
+    assert not store.release(key, "a")
+    assert store.holder(key) == (None, None)
+
+
+def test_extend_is_owner_checked(store: LockStore, key: str, redis_client: redis.Redis) -> None:
+    store.acquire(key, "a", 1_000)
+    assert not store.extend(key, "b", 60_000)
+    assert redis_client.pttl(key) <= 1_000
+    assert store.extend(key, "a", 60_000)
+    assert redis_client.pttl(key) > 50_000
+
+
+def test_lock_expires_after_its_ttl_and_can_be_taken(store: LockStore, key: str) -> None:
+    store.acquire(key, "a", 100)
+    time.sleep(0.2)
+    assert store.acquire(key, "b", 10_000).acquired
+    assert not store.release(key, "a")  # the expired owner cannot free b's lock
+    assert store.holder(key)[0] == "b"
+
+
+def test_pending_acquire_is_read_later(store: LockStore, key: str) -> None:
+    pending = store.begin_acquire(key, "a", 10_000)
+    rival = store.acquire(key, "b", 10_000)
+    assert pending.result().acquired
+    assert pending.result() is pending.result()
+    assert not rival.acquired
+
+
+def test_script_is_reloaded_after_script_flush(
+    store: LockStore, key: str, redis_client: redis.Redis
+) -> None:
+    store.acquire(key, "a", 10_000)
+    redis_client.script_flush()
+    assert store.acquire(key, "b", 10_000).holder == "a"
+
+
+def test_a_stale_connection_is_replaced(store: LockStore, key: str, redis_client: redis.Redis) -> None:
+    store.acquire(key, "a", 10_000)
+    redis_client.client_kill_filter(_type="normal", skipme=True)
+    assert store.acquire(key, "a", 10_000).acquired
+
+
+def test_many_threads_one_winner(store: LockStore, key: str) -> None:
+    winners: list[str] = []
+
+    def contend(owner: str) -> None:
+        if store.acquire(key, owner, 10_000).acquired:
+            winners.append(owner)
+
+    threads = [threading.Thread(target=contend, args=(f"o{n}",)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1
+    assert store.holder(key)[0] == winners[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b":3600000\r\n", 3600000),
+        (b"*2\r\n$3\r\nabc\r\n:12\r\n", (b"abc", 12)),
+        (b"*2\r\n$3\r\nabc\r\n:-1\r\n", (b"abc", -1)),
+        (b"*2\r\n$3\r\nab", None),
+        (b":36", None),
+    ],
+)
+def test_acquire_reply_parser(data: bytes, expected: object) -> None:
+    assert _parse_acquire_reply(data) == expected
+
+
+def test_acquire_reply_parser_raises_errors() -> None:
+    with pytest.raises(redis.exceptions.NoScriptError):
+        _parse_acquire_reply(b"-NOSCRIPT No matching script.\r\n")
+    with pytest.raises(redis.ResponseError):
+        _parse_acquire_reply(b"-ERR boom\r\n")
+    with pytest.raises(redis.ResponseError):
+        _parse_acquire_reply(b"+OK\r\n")

@@ -1,0 +1,235 @@
+"""Producer side against a real Redis: what delay() publishes, returns and raises.
+
+No worker consumes this app's queue, so every published message stays in the
+Redis list and can be inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, chain, chord, group
+
+from celery_unique import (
+    ConfigurationError,
+    DuplicateTaskError,
+    LockBackendError,
+    UniqueKeyError,
+    UniqueTask,
+)
+from celery_unique.conf import get_conf
+from celery_unique.headers import HEADER
+
+QUEUE = "producer-tests"
+
+
+def build_app(broker: str, lock_redis: str, **conf: Any) -> Celery:
+    app = Celery("producer-tests", broker=broker, set_as_current=False)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        unique_redis_url=lock_redis,
+        task_publish_retry=False,
+        broker_connection_timeout=1,
+        **conf,
+    )
+
+    @app.task(base=UniqueTask, name="producer.job", unique_on=("item",), shared=False)
+    def job(item: Any, note: str = "") -> Any:
+        return item
+
+    @app.task(name="producer.plain", shared=False)
+    def plain(*args: Any) -> None: ...
+
+    return app
+
+
+@pytest.fixture
+def app(redis_url: str) -> Iterator[Celery]:
+    app = build_app(redis_url, redis_url)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def item() -> str:
+    return uuid.uuid4().hex
+
+
+def queued(redis_client: redis.Redis) -> list[dict[str, Any]]:
+    return [json.loads(m) for m in redis_client.lrange(QUEUE, 0, -1)]
+
+
+def queued_ids(redis_client: redis.Redis) -> list[str]:
+    return [m["headers"]["id"] for m in queued(redis_client)]
+
+
+def test_message_headers_carry_the_lock_key_and_owner(
+    app: Celery, item: str, redis_client: redis.Redis
+) -> None:
+    job = app.tasks["producer.job"]
+    result = job.delay(item)
+    message = next(m for m in queued(redis_client) if m["headers"]["id"] == result.id)
+    assert message["headers"][HEADER] == {"key": job.unique_lock_key((item,)), "owner": result.id}
+    assert item not in message["headers"][HEADER]["key"]  # digests only, never raw arguments
+
+
+def test_duplicate_returns_the_holder_and_publishes_nothing(
+    app: Celery, item: str, redis_client: redis.Redis
+) -> None:
+    job = app.tasks["producer.job"]
+    first = job.delay(item)
+    before = redis_client.llen(QUEUE)
+    again = job.delay(item, note="other notes are not part of the key")
+    assert again.duplicate and not first.duplicate
+    assert again.id == first.id
+    assert redis_client.llen(QUEUE) == before
+
+
+def test_on_duplicate_raise_carries_holder_and_ttl(app: Celery, item: str) -> None:
+    job = app.tasks["producer.job"]
+    first = job.delay(item)
+    with pytest.raises(DuplicateTaskError) as info:
+        job.apply_async((item,), unique_options={"on_duplicate": "raise"})
+    assert info.value.existing_id == first.id
+    assert info.value.ttl is not None and 3500 < info.value.ttl <= 3600
+    assert item not in str(info.value)
+
+
+def test_on_duplicate_ignore_returns_none(app: Celery, item: str) -> None:
+    job = app.tasks["producer.job"]
+    job.delay(item)
+    assert job.apply_async((item,), unique_options={"on_duplicate": "ignore"}) is None
+
+
+def test_app_default_on_duplicate(redis_url: str, item: str) -> None:
+    app = build_app(redis_url, redis_url, unique_default_on_duplicate="raise")
+    app.tasks["producer.job"].delay(item)
+    with pytest.raises(DuplicateTaskError):
+        app.tasks["producer.job"].delay(item)
+
+
+def test_lock_ttl_covers_countdown_and_eta(app: Celery, redis_client: redis.Redis) -> None:
+    job = app.tasks["producer.job"]
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    job.apply_async((first,), countdown=100, unique_options={"lock_timeout": 10})
+    assert 105_000 < redis_client.pttl(job.unique_lock_key((first,))) <= 110_000
+    eta = datetime.now(timezone.utc) + timedelta(seconds=200)
+    job.apply_async((second,), eta=eta, unique_options={"lock_timeout": 10})
+    assert 205_000 < redis_client.pttl(job.unique_lock_key((second,))) <= 210_000
+
+
+def test_unknown_unique_option_is_a_configuration_error(app: Celery, item: str) -> None:
+    with pytest.raises(ConfigurationError, match="nope"):
+        app.tasks["producer.job"].apply_async((item,), unique_options={"nope": 1})
+
+
+def test_unserialisable_argument_raises_and_publishes_nothing(
+    app: Celery, redis_client: redis.Redis
+) -> None:
+    before = redis_client.llen(QUEUE)
+    with pytest.raises(UniqueKeyError):
+        app.tasks["producer.job"].delay(object())
+    assert redis_client.llen(QUEUE) == before
+
+
+def test_redis_outage_raises_lock_backend_error_and_publishes_nothing(
+    redis_url: str, item: str, redis_client: redis.Redis
+) -> None:
+    app = build_app(redis_url, "redis://127.0.0.1:1/0", unique_redis_connect_timeout=0.5)
+    before = redis_client.llen(QUEUE)
+    with pytest.raises(LockBackendError) as info:
+        app.tasks["producer.job"].delay(item)
+    assert isinstance(info.value.__cause__, redis.ConnectionError)
+    assert redis_client.llen(QUEUE) == before
+
+
+def test_redis_outage_with_allow_publishes_without_dedup(
+    redis_url: str, item: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = build_app(
+        redis_url, "redis://127.0.0.1:1/0", unique_on_redis_error="allow", unique_redis_connect_timeout=0.5
+    )
+    with caplog.at_level(logging.WARNING, logger="celery_unique"):
+        result = app.tasks["producer.job"].delay(item)
+    assert result.id in queued_ids(redis_client)
+    assert "without a uniqueness check" in caplog.text
+    assert HEADER not in next(m for m in queued(redis_client) if m["headers"]["id"] == result.id)["headers"]
+
+
+def test_canvas_members_are_published_without_dedup(
+    redis_url: str, item: str, redis_client: redis.Redis
+) -> None:
+    app = build_app(redis_url, redis_url, result_backend=redis_url)  # chords need one
+    job = app.tasks["producer.job"]
+    job.delay(item)  # holds the key: a deduplicated member would be lost
+    before = redis_client.llen(QUEUE)
+    group(job.s(item), job.s(item)).apply_async()
+    chain(job.s(item), app.tasks["producer.plain"].s()).apply_async()
+    chord([job.s(item)], app.tasks["producer.plain"].s()).apply_async()
+    job.apply_async((item,), link=app.tasks["producer.plain"].s())
+    assert redis_client.llen(QUEUE) - before == 5
+
+
+def test_canvas_members_can_be_refused(redis_url: str, item: str) -> None:
+    app = build_app(redis_url, redis_url, unique_on_canvas="raise")
+    with pytest.raises(ConfigurationError, match="canvas|group"):
+        group(app.tasks["producer.job"].s(item)).apply_async()
+
+
+def test_eager_mode_runs_and_releases(redis_url: str, item: str) -> None:
+    app = build_app(redis_url, redis_url, task_always_eager=True)
+    job = app.tasks["producer.job"]
+    assert job.delay(item).get() == item
+    assert job.unique_store().holder(job.unique_lock_key((item,))) == (None, None)
+
+
+def test_lock_store_is_shared_per_app(app: Celery) -> None:
+    assert get_conf(app).locks is app.tasks["producer.job"].unique_store()
+
+
+# -- a non-Redis broker: locks in Redis, messages in RabbitMQ ----------------
+
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _amqp_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def amqp_app(redis_url: str) -> Iterator[Celery]:
+    if not _amqp_reachable():
+        message = f"RabbitMQ is required for this test and is not reachable at {AMQP_URL}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    app = build_app(AMQP_URL, redis_url)
+    app.conf.task_default_queue = f"{QUEUE}-{uuid.uuid4().hex[:8]}"
+    yield app
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_delete(app.conf.task_default_queue)
+    app.close()
+
+
+def test_rabbitmq_broker_deduplicates_and_publishes_once(amqp_app: Celery, item: str) -> None:
+    job = amqp_app.tasks["producer.job"]
+    first = job.delay(item)
+    assert job.delay(item).id == first.id
+    with amqp_app.connection_for_write() as connection:
+        _, count, _ = connection.default_channel.queue_declare(
+            amqp_app.conf.task_default_queue, passive=True
+        )
+    assert count == 1

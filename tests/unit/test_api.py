@@ -1,0 +1,100 @@
+"""The public surface: exports, the exception hierarchy, settings validation."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import celery_unique
+from celery_unique import exceptions
+from celery_unique.conf import DEFAULTS, get_conf
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert celery_unique.__all__ == sorted(celery_unique.__all__)
+    for name in celery_unique.__all__:
+        assert hasattr(celery_unique, name)
+    public_errors = {
+        name for name, value in vars(exceptions).items()
+        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == exceptions.__name__
+    }
+    assert public_errors <= set(celery_unique.__all__)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        exceptions.UniqueError("boom"),
+        exceptions.ConfigurationError("bad"),
+        exceptions.UniqueKeyError("bad key"),
+        exceptions.LockBackendError("down"),
+        exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5),
+    ],
+)
+def test_errors_derive_from_one_base_and_pickle(error: exceptions.UniqueError) -> None:
+    assert isinstance(error, exceptions.UniqueError)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)
+
+
+def test_duplicate_error_carries_its_data_without_arguments() -> None:
+    error = exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5)
+    assert (error.existing_id, error.ttl, error.key_digest) == ("task-id", 12.5, "ab" * 32)
+    assert "task-id" in str(error)
+
+
+def _app(**conf: Any) -> Celery:
+    app = Celery("conf-test", broker="redis://127.0.0.1:1/3", set_as_current=False)
+    app.conf.update(conf)
+    return app
+
+
+def test_defaults_apply_when_nothing_is_set() -> None:
+    conf = get_conf(_app())
+    assert conf.lock_timeout == DEFAULTS["unique_lock_timeout"]
+    assert conf.key_prefix == "celery_unique"
+    assert conf.default_on_duplicate == "return_existing"
+    assert conf.on_redis_error == "raise"
+    assert conf.redis_url == "redis://127.0.0.1:1/3"
+
+
+def test_settings_are_read_from_app_conf_and_reload() -> None:
+    app = _app(unique_lock_timeout=5, unique_redis_url="redis://127.0.0.1:2/0")
+    conf = get_conf(app)
+    assert conf.lock_timeout == 5.0
+    assert conf.redis_url == "redis://127.0.0.1:2/0"
+    app.conf.unique_lock_timeout = 7
+    conf.reload()
+    assert conf.lock_timeout == 7.0
+
+
+def test_redis_url_falls_back_to_a_redis_result_backend() -> None:
+    app = Celery("x", broker="amqp://guest@localhost//", backend="redis://127.0.0.1:4/1", set_as_current=False)
+    assert get_conf(app).redis_url == "redis://127.0.0.1:4/1"
+
+
+def test_missing_redis_is_a_configuration_error() -> None:
+    app = Celery("x", broker="amqp://guest@localhost//", set_as_current=False)
+    with pytest.raises(exceptions.ConfigurationError, match="unique_redis_url"):
+        get_conf(app).redis_url
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "attribute"),
+    [
+        ("unique_lock_timeout", 0, "lock_timeout"),
+        ("unique_lock_timeout", "10", "lock_timeout"),
+        ("unique_default_on_duplicate", "drop", "default_on_duplicate"),
+        ("unique_on_redis_error", "ignore", "on_redis_error"),
+        ("unique_key_prefix", "a{b}", "key_prefix"),
+        ("unique_redis_url", 5, "redis_url"),
+    ],
+)
+def test_invalid_settings_are_configuration_errors(setting: str, value: Any, attribute: str) -> None:
+    with pytest.raises(exceptions.ConfigurationError, match=setting.removeprefix("unique_")):
+        getattr(get_conf(_app(**{setting: value})), attribute)

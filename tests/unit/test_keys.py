@@ -1,0 +1,177 @@
+"""Keys: canonical encoding, argument binding, and the key scheme."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from celery_unique.exceptions import ConfigurationError, UniqueKeyError
+from celery_unique.keys import (
+    ArgumentKey,
+    canonical_json,
+    digest,
+    digest_of_key,
+    family_key,
+    lock_key,
+    validate_prefix,
+)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(),
+    st.binary(),
+    st.uuids(),
+    st.datetimes(),
+    st.dates(),
+    st.decimals(allow_nan=False),
+)
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(st.text(max_size=5), children, max_size=4),
+        st.frozensets(st.integers(), max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+def _strict(value: Any) -> Any:
+    """A structure that compares by type as well as value (what a task sees)."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_strict(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _strict(v)) for k, v in value.items())))
+    if isinstance(value, (set, frozenset)):
+        return (type(value).__name__, tuple(sorted(map(repr, value))))
+    return (type(value).__name__, repr(value))
+
+
+@given(values)
+def test_equal_values_give_equal_digests(value: Any) -> None:
+    import copy
+
+    assert digest(value) == digest(copy.deepcopy(value))
+
+
+@given(values, values)
+def test_different_values_give_different_digests(a: Any, b: Any) -> None:
+    if _strict(a) != _strict(b):
+        assert digest(a) != digest(b)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (1, "1"),
+        (None, "None"),
+        (None, "null"),
+        (True, 1),
+        (1, 1.0),
+        ((1, 2), [1, 2]),
+        ({1: "a"}, {"1": "a"}),
+        (b"abc", "abc"),
+        (uuid.UUID(int=1), str(uuid.UUID(int=1))),
+        (date(2026, 1, 1), "2026-01-01"),
+        (Decimal("1.0"), "1.0"),
+        ({1, 2}, [1, 2]),
+        (frozenset({1}), {1}),
+        ({"\x00tuple": [1]}, (1,)),
+        ([["\x00tuple", [1]]], (1,)),
+    ],
+)
+def test_values_json_would_confuse_stay_apart(a: Any, b: Any) -> None:
+    assert digest(a) != digest(b)
+
+
+def test_canonical_json_is_order_independent_and_ascii() -> None:
+    assert canonical_json({"b": 1, "a": "é"}) == canonical_json({"a": "é", "b": 1})
+    assert canonical_json({"a": "é"}).isascii()
+    assert canonical_json({3, 1, 2}) == canonical_json({2, 3, 1})
+
+
+def test_equal_instants_in_other_zones_are_one_key() -> None:
+    utc = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    plus_one = utc.astimezone(timezone(timedelta(hours=1)))
+    assert digest(utc) == digest(plus_one)
+    assert digest(utc) != digest(utc.replace(tzinfo=None))
+    assert digest(time(1, 2)) != digest("01:02:00")
+
+
+def test_unserialisable_arguments_raise_unique_key_error() -> None:
+    with pytest.raises(UniqueKeyError, match="object"):
+        digest(object())
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(UniqueKeyError, match="self-referencing"):
+        digest(loop)
+
+
+def test_large_and_odd_arguments_give_fixed_length_keys() -> None:
+    for value in ("x" * 1_000_000, "{}:\n\udcff", b"\xff\xfe"):
+        key = lock_key(family_key("p", "t", digest(value)))
+        assert len(key) == len(lock_key(family_key("p", "t", digest(1))))
+
+
+def run(loan_id: int, force: bool = False, *, reason: str = "") -> None: ...
+
+
+def plain(loan_id: int, force: bool = False) -> None: ...
+
+
+@pytest.mark.parametrize("func", [run, plain])
+def test_binding_applies_defaults_and_names(func: Any) -> None:
+    key = ArgumentKey("t", func, None)
+    assert key.digest((42,), {}) == key.digest((), {"loan_id": 42})
+    assert key.digest((42,), {}) == key.digest((42, False), {})
+    assert key.digest((42,), {}) != key.digest((42, True), {})
+
+
+def test_unique_on_names_choose_the_arguments() -> None:
+    key = ArgumentKey("t", plain, ("loan_id",))
+    assert key.digest((42, True), {}) == key.digest((42, False), {})
+    assert key.digest((42,), {}) != key.digest((43,), {})
+
+
+def test_unique_on_callable_gives_the_material() -> None:
+    key = ArgumentKey("t", plain, lambda args, kwargs: (args + (None,))[0] // 10)
+    assert key.digest((41,), {}) == key.digest((42,), {})
+    assert key.digest((41,), {}) != key.digest((51,), {})
+
+
+def test_unknown_unique_on_name_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="nope"):
+        ArgumentKey("t", plain, ("nope",))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((), {}), ((1, 2, 3), {}), ((1,), {"loan_id": 1}), ((1,), {"other": 2})],
+)
+def test_calls_that_do_not_bind_raise_unique_key_error(args: Any, kwargs: Any) -> None:
+    with pytest.raises(UniqueKeyError, match="signature") as info:
+        ArgumentKey("t", plain, None).digest(args, kwargs)
+    assert isinstance(info.value, TypeError)
+
+
+def test_key_scheme_has_one_hash_tag_per_family() -> None:
+    family = family_key("app", "proj.tasks.recompute", "ab" * 32)
+    key = lock_key(family)
+    assert key == "app:v1:{proj.tasks.recompute:" + "ab" * 32 + "}:lock"
+    assert digest_of_key(key) == "ab" * 32
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b", "a}b", 3])
+def test_invalid_prefix_is_a_configuration_error(prefix: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        validate_prefix(prefix)

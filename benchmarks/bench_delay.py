@@ -141,8 +141,10 @@ def main() -> None:
         app.close()
 
     plain_fresh = statistics.median(results[("plain", "fresh")])
-    print(f"delay() cost, median of {options.rounds} rounds x {options.calls} calls; "
-          f"ratio = cost / plain Celery delay() ({plain_fresh:.0f} us)")
+    print(
+        f"delay() cost, median of {options.rounds} rounds x {options.calls} calls; "
+        f"ratio = cost / plain Celery delay() ({plain_fresh:.0f} us)"
+    )
     print(f"{'task':<18}{'case':<11}{'us/call':>9}{'ratio':>8}{'round trips':>13}")
     for (name, case), samples in results.items():
         median = statistics.median(samples)

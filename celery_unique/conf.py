@@ -57,9 +57,9 @@ def _first_url(url: Any) -> str | None:
     if isinstance(url, (list, tuple)):
         url = url[0] if url else None
     if isinstance(url, str):
-        url = url.split(";")[0].strip()
-        if url.startswith(_REDIS_SCHEMES):
-            return url
+        first = url.split(";")[0].strip()
+        if first.startswith(_REDIS_SCHEMES):
+            return first
     return None
 
 
@@ -75,6 +75,14 @@ class UniqueConf:
     def reload(self) -> None:
         """Forget the settings read so far; the next use reads ``app.conf`` again."""
         self._values = {}
+
+    def close(self) -> None:
+        """Close the Redis connections of this app (they reopen on next use)."""
+        with self._lock:
+            stores, self._stores = self._stores, {}
+            self._values = {}
+        for store in stores.values():
+            store.close()
 
     def _get(self, name: str) -> Any:
         values = self._values

@@ -25,9 +25,9 @@ import time
 from typing import Any
 
 import redis
+from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import signals, states
-from billiard.einfo import ExceptionWithTraceback
 from celery.worker.request import Request
 
 from celery_unique import headers
@@ -37,6 +37,7 @@ from celery_unique.keys import digest_of_key
 logger = logging.getLogger(__name__)
 
 RELEASE_ATTEMPTS = 3
+
 
 def release(app: Any, lock: headers.LockHeader, why: str) -> bool:
     """Owner-checked release, retried a few times; the TTL is the backstop."""
@@ -66,7 +67,6 @@ def release(app: Any, lock: headers.LockHeader, why: str) -> bool:
     return False
 
 
-@signals.task_postrun.connect(weak=False, dispatch_uid="celery_unique.release_after_run")
 def _release_after_run(
     sender: Any = None, task: Any = None, retval: Any = None, state: str | None = None, **_: Any
 ) -> None:
@@ -79,11 +79,14 @@ def _release_after_run(
         release(task.app, lock, state or "aborted")
 
 
-@signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.release_revoked")
 def _release_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     lock = headers.from_context(request)
     if sender is not None and lock is not None:
         release(sender.app, lock, "revoked")
+
+
+signals.task_postrun.connect(_release_after_run, weak=False, dispatch_uid="celery_unique.release_after_run")
+signals.task_revoked.connect(_release_revoked, weak=False, dispatch_uid="celery_unique.release_revoked")
 
 
 def _unwrap(exc: Any) -> Any:

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
-from typing import Any, Union
+from typing import Any
 
 from celery_unique.exceptions import ConfigurationError, UniqueKeyError
 
@@ -34,11 +34,9 @@ KEY_VERSION = "v1"
 # with such a key is written in the pair-list form, so the two never collide.
 TAG = "\x00"
 
-UniqueOn = Union[Sequence[str], Callable[[tuple[Any, ...], dict[str, Any]], Any], None]
+UniqueOn = Sequence[str] | Callable[[tuple[Any, ...], dict[str, Any]], Any] | None
 
-_dumps = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True
-).encode
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode
 
 
 def _tagged(tag: str, value: Any) -> dict[str, Any]:
@@ -204,7 +202,7 @@ class ArgumentKey:
         assert names is not None
         if len(args) > len(names):
             return None
-        arguments = dict(zip(names, args))
+        arguments = dict(zip(names, args, strict=False))
         for name, value in kwargs.items():
             if name in arguments or name not in self.signature.parameters:
                 return None

@@ -203,6 +203,13 @@ class LockStore:
             )
         )
 
+    def close(self) -> None:
+        """Disconnect the kept connections and the client's pool."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
+        self.client.close()
+
     # -- the operations ---------------------------------------------------
 
     def acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:

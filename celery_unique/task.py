@@ -9,6 +9,7 @@ releases it when the task ends (:mod:`celery_unique.hooks`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime
@@ -50,7 +51,7 @@ def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:
         eta = datetime.fromisoformat(eta)
     if eta.tzinfo is None:
         eta = eta.replace(tzinfo=app.timezone)
-    return max((eta - app.now()).total_seconds(), 0.0)
+    return max(float((eta - app.now()).total_seconds()), 0.0)
 
 
 class UniqueTask(Task):  # type: ignore[misc]
@@ -178,11 +179,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             result.duplicate = False
             return result
 
-        sequential = (
-            app.conf.task_always_eager
-            or not store.lean
-            or _hints.expects_duplicate(key)
-        )
+        sequential = app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
         try:
             if sequential:
                 acquisition = store.acquire(key, task_id, ttl_ms, handover)
@@ -218,18 +215,15 @@ class UniqueTask(Task):  # type: ignore[misc]
                 return publish_locked(GatedProducer(real_producer, gate))
         finally:
             # Every path must read the reply: that returns the connection to the pool.
-            try:
+            with contextlib.suppress(redis.RedisError):
                 pending.result()
-            except redis.RedisError:
-                pass
 
     def _release_after_failed_publish(self, store: LockStore, key: str, owner: str) -> None:
         try:
             store.release(key, owner)
         except redis.RedisError:
             logger.warning(
-                "%s: publishing failed and the lock %s could not be released; "
-                "it expires after its timeout",
+                "%s: publishing failed and the lock %s could not be released; it expires after its timeout",
                 self.name,
                 digest_of_key(key)[:12],
                 exc_info=True,

@@ -112,4 +112,3 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-

@@ -28,7 +28,10 @@ class Worker:
 
     def __init__(self, redis_url: str, name: str, *extra: str) -> None:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
-        self.log = tempfile.NamedTemporaryFile(prefix="celery-worker-", suffix=".log", delete=False)
+        # Kept open for the worker's lifetime; stop() closes and removes it.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="celery-worker-", suffix=".log", delete=False
+        )
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
         command = [
             sys.executable, "-m", "celery", "-A", "tests.integration.worker_app", "worker",
@@ -71,11 +74,13 @@ class Worker:
 
 
 @pytest.fixture(scope="session")
-def celery_app(redis_url: str) -> Any:
+def celery_app(redis_url: str) -> Iterator[Any]:
     app = worker_app.app
     app.conf.broker_url = redis_url
     get_conf(app).reload()
-    return app
+    yield app
+    get_conf(app).close()
+    app.close()
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +111,12 @@ def events(redis_client: redis.Redis, token: str) -> Events:
     return read
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    worker: Worker | None = None,
+) -> Any:
     """Poll until ``predicate()`` is truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -114,5 +124,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
+            log = f"\nworker log:\n{worker.log_text()}" if worker is not None else ""
+            pytest.fail(f"condition not met within {timeout}s{log}")
         time.sleep(interval)

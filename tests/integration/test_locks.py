@@ -99,9 +99,7 @@ def test_pending_acquire_is_read_later(store: LockStore, key: str) -> None:
     assert not rival.acquired
 
 
-def test_script_is_reloaded_after_script_flush(
-    store: LockStore, key: str, redis_client: redis.Redis
-) -> None:
+def test_script_is_reloaded_after_script_flush(store: LockStore, key: str, redis_client: redis.Redis) -> None:
     store.acquire(key, "a", 10_000)
     redis_client.script_flush()
     assert store.acquire(key, "b", 10_000).holder == "a"

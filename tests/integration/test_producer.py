@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, chain, chord, group
+from kombu.exceptions import OperationalError
 
 from celery_unique import (
     ConfigurationError,
@@ -33,6 +34,7 @@ QUEUE = "producer-tests"
 
 
 def build_app(broker: str, lock_redis: str, **conf: Any) -> Celery:
+    """A fresh app; the ``apps`` fixture closes it (and its Redis connections)."""
     app = Celery("producer-tests", broker=broker, set_as_current=False)
     app.conf.update(
         task_default_queue=QUEUE,
@@ -53,10 +55,22 @@ def build_app(broker: str, lock_redis: str, **conf: Any) -> Celery:
 
 
 @pytest.fixture
-def app(redis_url: str) -> Iterator[Celery]:
-    app = build_app(redis_url, redis_url)
-    yield app
-    app.close()
+def apps() -> Iterator[Any]:
+    built: list[Celery] = []
+
+    def make(broker: str, lock_redis: str, **conf: Any) -> Celery:
+        built.append(build_app(broker, lock_redis, **conf))
+        return built[-1]
+
+    yield make
+    for app in built:
+        get_conf(app).close()
+        app.close()
+
+
+@pytest.fixture
+def app(apps: Any, redis_url: str) -> Celery:
+    return apps(redis_url, redis_url)
 
 
 @pytest.fixture
@@ -110,8 +124,8 @@ def test_on_duplicate_ignore_returns_none(app: Celery, item: str) -> None:
     assert job.apply_async((item,), unique_options={"on_duplicate": "ignore"}) is None
 
 
-def test_app_default_on_duplicate(redis_url: str, item: str) -> None:
-    app = build_app(redis_url, redis_url, unique_default_on_duplicate="raise")
+def test_app_default_on_duplicate(apps: Any, redis_url: str, item: str) -> None:
+    app = apps(redis_url, redis_url, unique_default_on_duplicate="raise")
     app.tasks["producer.job"].delay(item)
     with pytest.raises(DuplicateTaskError):
         app.tasks["producer.job"].delay(item)
@@ -127,14 +141,22 @@ def test_lock_ttl_covers_countdown_and_eta(app: Celery, redis_client: redis.Redi
     assert 205_000 < redis_client.pttl(job.unique_lock_key((second,))) <= 210_000
 
 
+def test_failed_publish_frees_its_lock(apps: Any, redis_url: str, item: str) -> None:
+    app = apps("redis://127.0.0.1:1/0", redis_url)  # the broker is down, Redis for locks is up
+    job = app.tasks["producer.job"]
+    with pytest.raises(OperationalError):
+        job.delay(item)
+    assert job.unique_store().holder(job.unique_lock_key((item,))) == (None, None)
+    with pytest.raises(OperationalError):
+        job.delay(item)  # not a duplicate: the failed publish left no lock
+
+
 def test_unknown_unique_option_is_a_configuration_error(app: Celery, item: str) -> None:
     with pytest.raises(ConfigurationError, match="nope"):
         app.tasks["producer.job"].apply_async((item,), unique_options={"nope": 1})
 
 
-def test_unserialisable_argument_raises_and_publishes_nothing(
-    app: Celery, redis_client: redis.Redis
-) -> None:
+def test_unserialisable_argument_raises_and_publishes_nothing(app: Celery, redis_client: redis.Redis) -> None:
     before = redis_client.llen(QUEUE)
     with pytest.raises(UniqueKeyError):
         app.tasks["producer.job"].delay(object())
@@ -142,9 +164,9 @@ def test_unserialisable_argument_raises_and_publishes_nothing(
 
 
 def test_redis_outage_raises_lock_backend_error_and_publishes_nothing(
-    redis_url: str, item: str, redis_client: redis.Redis
+    apps: Any, redis_url: str, item: str, redis_client: redis.Redis
 ) -> None:
-    app = build_app(redis_url, "redis://127.0.0.1:1/0", unique_redis_connect_timeout=0.5)
+    app = apps(redis_url, "redis://127.0.0.1:1/0", unique_redis_connect_timeout=0.5)
     before = redis_client.llen(QUEUE)
     with pytest.raises(LockBackendError) as info:
         app.tasks["producer.job"].delay(item)
@@ -153,9 +175,9 @@ def test_redis_outage_raises_lock_backend_error_and_publishes_nothing(
 
 
 def test_redis_outage_with_allow_publishes_without_dedup(
-    redis_url: str, item: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+    apps: Any, redis_url: str, item: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = build_app(
+    app = apps(
         redis_url, "redis://127.0.0.1:1/0", unique_on_redis_error="allow", unique_redis_connect_timeout=0.5
     )
     with caplog.at_level(logging.WARNING, logger="celery_unique"):
@@ -166,9 +188,9 @@ def test_redis_outage_with_allow_publishes_without_dedup(
 
 
 def test_canvas_members_are_published_without_dedup(
-    redis_url: str, item: str, redis_client: redis.Redis
+    apps: Any, redis_url: str, item: str, redis_client: redis.Redis
 ) -> None:
-    app = build_app(redis_url, redis_url, result_backend=redis_url)  # chords need one
+    app = apps(redis_url, redis_url, result_backend="cache+memory://")  # chords need one
     job = app.tasks["producer.job"]
     job.delay(item)  # holds the key: a deduplicated member would be lost
     before = redis_client.llen(QUEUE)
@@ -179,14 +201,14 @@ def test_canvas_members_are_published_without_dedup(
     assert redis_client.llen(QUEUE) - before == 5
 
 
-def test_canvas_members_can_be_refused(redis_url: str, item: str) -> None:
-    app = build_app(redis_url, redis_url, unique_on_canvas="raise")
-    with pytest.raises(ConfigurationError, match="canvas|group"):
+def test_canvas_members_can_be_refused(apps: Any, redis_url: str, item: str) -> None:
+    app = apps(redis_url, redis_url, unique_on_canvas="raise")
+    with pytest.raises(ConfigurationError, match=r"canvas|group"):
         group(app.tasks["producer.job"].s(item)).apply_async()
 
 
-def test_eager_mode_runs_and_releases(redis_url: str, item: str) -> None:
-    app = build_app(redis_url, redis_url, task_always_eager=True)
+def test_eager_mode_runs_and_releases(apps: Any, redis_url: str, item: str) -> None:
+    app = apps(redis_url, redis_url, task_always_eager=True)
     job = app.tasks["producer.job"]
     assert job.delay(item).get() == item
     assert job.unique_store().holder(job.unique_lock_key((item,))) == (None, None)
@@ -210,18 +232,17 @@ def _amqp_reachable() -> bool:
 
 
 @pytest.fixture
-def amqp_app(redis_url: str) -> Iterator[Celery]:
+def amqp_app(apps: Any, redis_url: str) -> Iterator[Celery]:
     if not _amqp_reachable():
         message = f"RabbitMQ is required for this test and is not reachable at {AMQP_URL}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    app = build_app(AMQP_URL, redis_url)
+    app = apps(AMQP_URL, redis_url)
     app.conf.task_default_queue = f"{QUEUE}-{uuid.uuid4().hex[:8]}"
     yield app
     with app.connection_for_write() as connection:
         connection.default_channel.queue_delete(app.conf.task_default_queue)
-    app.close()
 
 
 def test_rabbitmq_broker_deduplicates_and_publishes_once(amqp_app: Celery, item: str) -> None:
@@ -229,7 +250,5 @@ def test_rabbitmq_broker_deduplicates_and_publishes_once(amqp_app: Celery, item:
     first = job.delay(item)
     assert job.delay(item).id == first.id
     with amqp_app.connection_for_write() as connection:
-        _, count, _ = connection.default_channel.queue_declare(
-            amqp_app.conf.task_default_queue, passive=True
-        )
+        _, count, _ = connection.default_channel.queue_declare(amqp_app.conf.task_default_queue, passive=True)
     assert count == 1

@@ -75,7 +75,9 @@ def hard_limited(self: Any, token: str) -> None:
 
 
 @app.task(base=UniqueTask, bind=True, name="tests.typed", unique_on=("token", "value", "when", "ident"))
-def typed(self: Any, token: str, value: Any = None, when: Any = None, ident: Any = None, seconds: float = 1.0) -> None:
+def typed(
+    self: Any, token: str, value: Any = None, when: Any = None, ident: Any = None, seconds: float = 1.0
+) -> None:
     record(
         token,
         "start",

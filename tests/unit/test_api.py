@@ -18,8 +18,11 @@ def test_all_is_sorted_and_complete() -> None:
     for name in celery_unique.__all__:
         assert hasattr(celery_unique, name)
     public_errors = {
-        name for name, value in vars(exceptions).items()
-        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == exceptions.__name__
+        name
+        for name, value in vars(exceptions).items()
+        if isinstance(value, type)
+        and issubclass(value, Exception)
+        and value.__module__ == exceptions.__name__
     }
     assert public_errors <= set(celery_unique.__all__)
 
@@ -74,14 +77,16 @@ def test_settings_are_read_from_app_conf_and_reload() -> None:
 
 
 def test_redis_url_falls_back_to_a_redis_result_backend() -> None:
-    app = Celery("x", broker="amqp://guest@localhost//", backend="redis://127.0.0.1:4/1", set_as_current=False)
+    app = Celery(
+        "x", broker="amqp://guest@localhost//", backend="redis://127.0.0.1:4/1", set_as_current=False
+    )
     assert get_conf(app).redis_url == "redis://127.0.0.1:4/1"
 
 
 def test_missing_redis_is_a_configuration_error() -> None:
     app = Celery("x", broker="amqp://guest@localhost//", set_as_current=False)
     with pytest.raises(exceptions.ConfigurationError, match="unique_redis_url"):
-        get_conf(app).redis_url
+        _ = get_conf(app).redis_url
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,7 @@ def test_unique_on_names_choose_the_arguments() -> None:
 
 
 def test_unique_on_callable_gives_the_material() -> None:
-    key = ArgumentKey("t", plain, lambda args, kwargs: (args + (None,))[0] // 10)
+    key = ArgumentKey("t", plain, lambda args, kwargs: args[0] // 10)
     assert key.digest((41,), {}) == key.digest((42,), {})
     assert key.digest((41,), {}) != key.digest((51,), {})
 

@@ -1,0 +1,1 @@
+"""A small project that uses celery-unique: ``python -m example_project demo``."""

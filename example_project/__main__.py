@@ -1,0 +1,16 @@
+"""``python -m example_project demo``: run the demo (see example_project/demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from example_project import demo
+
+parser = argparse.ArgumentParser(prog="python -m example_project")
+commands = parser.add_subparsers(dest="command", required=True)
+run = commands.add_parser("demo", help="duplicate delay() calls against a real worker")
+run.add_argument("--loans", type=int, default=5)
+run.add_argument("--bursts", type=int, default=100, help="requests per thread")
+run.add_argument("--threads", type=int, default=8)
+options = parser.parse_args()
+raise SystemExit(demo.main(options.loans, options.bursts, options.threads))

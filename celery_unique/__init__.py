@@ -4,6 +4,7 @@ from celery_unique.exceptions import (
     ConfigurationError,
     DuplicateTaskError,
     LockBackendError,
+    LockConflictError,
     UniqueError,
     UniqueKeyError,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateTaskError",
     "LockBackendError",
+    "LockConflictError",
     "UniqueError",
     "UniqueKeyError",
     "UniqueTask",

@@ -23,6 +23,13 @@ from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import validate_prefix
 from celery_unique.locks import LockStore
 
+UNTIL_EXECUTED = "until_executed"
+UNTIL_EXECUTING = "until_executing"
+WHILE_EXECUTING = "while_executing"
+UNTIL_AND_WHILE_EXECUTING = "until_and_while_executing"
+UNTIL_EXPIRED = "until_expired"
+LIFETIMES = (UNTIL_EXECUTED, UNTIL_EXECUTING, WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING, UNTIL_EXPIRED)
+ON_CONFLICT = ("discard", "retry", "raise")
 ON_DUPLICATE = ("return_existing", "raise", "ignore")
 ON_REDIS_ERROR = ("raise", "allow")
 ON_CANVAS = ("bypass", "dedupe", "raise")
@@ -32,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "unique_redis_url": None,
     "unique_key_prefix": "celery_unique",
     "unique_default_on_duplicate": "return_existing",
+    "unique_default_lock": UNTIL_EXECUTED,
+    "unique_default_on_conflict": "discard",
     "unique_on_redis_error": "raise",
     "unique_on_canvas": "bypass",
     "unique_redis_socket_timeout": 5.0,
@@ -105,6 +114,16 @@ class UniqueConf:
     def default_on_duplicate(self) -> str:
         return check_choice(
             self._get("unique_default_on_duplicate"), ON_DUPLICATE, "unique_default_on_duplicate"
+        )
+
+    @property
+    def default_lock(self) -> str:
+        return check_choice(self._get("unique_default_lock"), LIFETIMES, "unique_default_lock")
+
+    @property
+    def default_on_conflict(self) -> str:
+        return check_choice(
+            self._get("unique_default_on_conflict"), ON_CONFLICT, "unique_default_on_conflict"
         )
 
     @property

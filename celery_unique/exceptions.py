@@ -38,13 +38,8 @@ class LockBackendError(UniqueError):
     """
 
 
-class DuplicateTaskError(UniqueError):
-    """A task with the same key is already queued or running.
-
-    ``existing_id`` is the task id that holds the lock, ``ttl`` the seconds the
-    lock has left (``None`` when unknown) and ``key_digest`` the argument digest
-    (never the raw arguments).
-    """
+class _HeldLockError(UniqueError):
+    """A lock is held by another task: who, for how long, and for which key."""
 
     def __init__(
         self,
@@ -57,13 +52,42 @@ class DuplicateTaskError(UniqueError):
         self.key_digest = key_digest
         self.existing_id = existing_id
         self.ttl = ttl
-        super().__init__(
-            f"{task_name} is already queued or running as {existing_id} "
-            f"(key {key_digest[:12]}, lock ttl {ttl}s)"
-        )
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        raise NotImplementedError
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             type(self),
             (self.task_name, self.key_digest, self.existing_id, self.ttl),
+        )
+
+
+class DuplicateTaskError(_HeldLockError):
+    """A task with the same key is already queued or running (producer side).
+
+    ``existing_id`` is the task id that holds the lock, ``ttl`` the seconds the
+    lock has left (``None`` when unknown) and ``key_digest`` the argument digest
+    (never the raw arguments).
+    """
+
+    def describe(self) -> str:
+        return (
+            f"{self.task_name} is already queued or running as {self.existing_id} "
+            f"(key {self.key_digest[:12]}, lock ttl {self.ttl}s)"
+        )
+
+
+class LockConflictError(_HeldLockError):
+    """A starting run found its lock held by another task (worker side).
+
+    Raised with ``on_conflict="raise"``, and the ``exc`` of the retry with
+    ``on_conflict="retry"``. Same attributes as :class:`DuplicateTaskError`.
+    """
+
+    def describe(self) -> str:
+        return (
+            f"{self.task_name} did not run: lock {self.key_digest[:12]} is held by "
+            f"{self.existing_id} (ttl {self.ttl}s)"
         )

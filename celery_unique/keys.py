@@ -130,8 +130,17 @@ def lock_key(family: str) -> str:
     return family + ":lock"
 
 
+def run_key(family: str) -> str:
+    return family + ":run"
+
+
 def fence_key(family: str) -> str:
     return family + ":fence"
+
+
+def family_of(key: str) -> str:
+    """The family of any key built here (everything before the last colon)."""
+    return key.rpartition(":")[0]
 
 
 def digest_of_key(key: str) -> str:

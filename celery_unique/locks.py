@@ -44,6 +44,13 @@ class Acquisition:
         return self.ttl_ms / 1000.0 if self.ttl_ms >= 0 else None
 
 
+@dataclass(frozen=True)
+class RunStart(Acquisition):
+    """The answer of :meth:`LockStore.begin_run`; ``fence`` is set when the run may go on."""
+
+    fence: int | None = None
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -168,8 +175,9 @@ class LockStore:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._acquire = client.register_script(scripts.ACQUIRE)
-        self._release = client.register_script(scripts.RELEASE)
+        self._release_all = client.register_script(scripts.RELEASE_ALL)
         self._extend = client.register_script(scripts.EXTEND)
+        self._begin_run = client.register_script(scripts.BEGIN_RUN)
         # The lean path needs a plain client with a connection pool.
         self.lean = isinstance(client, redis.Redis) and hasattr(client, "connection_pool")
         self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
@@ -228,7 +236,18 @@ class LockStore:
 
     def release(self, key: str, owner: str) -> bool:
         """Delete the lock if ``owner`` holds it; True when it did."""
-        return bool(self._release(keys=[key], args=[owner]))
+        return self.release_all([key], owner) == 1
+
+    def release_all(self, keys: list[str], owner: str) -> int:
+        """Delete those of ``keys`` (one family) that ``owner`` holds; how many."""
+        return int(self._release_all(keys=keys, args=[owner]))
+
+    def begin_run(self, lock: str, run: str, fence: str, owner: str, mode: str, ttl_ms: int) -> RunStart:
+        """Check or take the locks of a starting run and draw a fencing token."""
+        reply = self._begin_run(keys=[lock, run, fence], args=[owner, mode, ttl_ms])
+        if int(reply[0]) == 1:
+            return RunStart(owner=owner, holder=owner, ttl_ms=ttl_ms, fence=int(reply[1]))
+        return RunStart(owner=owner, holder=_text(reply[1]), ttl_ms=int(reply[2]), fence=None)
 
     def extend(self, key: str, owner: str, ttl_ms: int) -> bool:
         """Reset the lock's time to live if ``owner`` holds it."""

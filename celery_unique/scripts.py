@@ -24,17 +24,6 @@ end
 return {holder, redis.call('PTTL', KEYS[1])}
 """
 
-# Delete the lock only if the owner still holds it (idempotent).
-#   KEYS[1]  lock key
-#   ARGV[1]  owner token
-# Returns 1 when deleted, 0 when the lock was free or held by another.
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 # Give the owner's lock a new time to live, only if the owner still holds it.
 #   KEYS[1]  lock key
 #   ARGV[1]  owner token
@@ -45,4 +34,60 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+
+# Start a run: check or take the locks a lifetime needs while the task runs,
+# and issue a fencing token. One call, one family (one slot).
+#   KEYS[1]  queued lock (taken at delay(); may be absent for this mode)
+#   KEYS[2]  running lock
+#   KEYS[3]  fencing counter
+#   ARGV[1]  owner token (the task id)
+#   ARGV[2]  lifetime: until_executed | until_executing | while_executing |
+#            until_and_while_executing
+#   ARGV[3]  time to live of the held lock in milliseconds
+# Returns {1, fence} when the run may go on, or {0, holder, pttl} on conflict.
+#
+# The fence is max(previous + 1, server time in microseconds): it increases
+# across holders even when the counter key has expired meanwhile.
+BEGIN_RUN = """
+if redis.replicate_commands then redis.replicate_commands() end
+local owner, mode, ttl = ARGV[1], ARGV[2], ARGV[3]
+local held_key = KEYS[2]
+if mode == 'until_executed' then
+    held_key = KEYS[1]
+elseif mode == 'until_executing' then
+    if redis.call('GET', KEYS[1]) == owner then
+        redis.call('DEL', KEYS[1])
+    end
+    held_key = nil
+end
+if held_key then
+    local holder = redis.call('GET', held_key)
+    if holder and holder ~= owner then
+        return {0, holder, redis.call('PTTL', held_key)}
+    end
+    redis.call('SET', held_key, owner, 'PX', ttl)
+    if mode == 'until_and_while_executing' and redis.call('GET', KEYS[1]) == owner then
+        redis.call('DEL', KEYS[1])
+    end
+end
+local now = redis.call('TIME')
+local fence = math.max(tonumber(redis.call('GET', KEYS[3]) or '0') + 1,
+                       tonumber(now[1]) * 1000000 + tonumber(now[2]))
+redis.call('SET', KEYS[3], string.format('%d', fence), 'PX', math.max(tonumber(ttl), 86400000))
+return {1, fence}
+"""
+
+# Delete every given lock that the owner still holds (idempotent).
+#   KEYS     lock keys of one family
+#   ARGV[1]  owner token
+# Returns how many locks were deleted.
+RELEASE_ALL = """
+local released = 0
+for _, key in ipairs(KEYS) do
+    if redis.call('GET', key) == ARGV[1] then
+        released = released + redis.call('DEL', key)
+    end
+end
+return released
 """

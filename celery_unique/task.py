@@ -19,10 +19,20 @@ import redis
 from celery import Task
 from celery.utils import uuid
 
-from celery_unique import headers, hooks
-from celery_unique.conf import ON_DUPLICATE, UniqueConf, check_choice, check_lock_timeout, get_conf
+from celery_unique import headers, hooks, runs
+from celery_unique.conf import (
+    LIFETIMES,
+    ON_CONFLICT,
+    ON_DUPLICATE,
+    WHILE_EXECUTING,
+    UniqueConf,
+    check_choice,
+    check_lock_timeout,
+    get_conf,
+)
 from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError
 from celery_unique.keys import ArgumentKey, UniqueOn, digest_of_key, family_key, lock_key
+from celery_unique.lease import Lease
 from celery_unique.locks import Acquisition, LockStore, PendingAcquire
 from celery_unique.publish import DuplicateFound, DuplicateHints, GatedProducer, GateFailed
 
@@ -67,11 +77,47 @@ class UniqueTask(Task):  # type: ignore[misc]
     lock_timeout: float | None = None
     #: ``return_existing``, ``raise`` or ``ignore`` (default: ``unique_default_on_duplicate``).
     on_duplicate: str | None = None
+    #: When the lock lives: ``until_executed`` (default), ``until_executing``,
+    #: ``while_executing``, ``until_and_while_executing`` or ``until_expired``.
+    lock: str | None = None
+    #: What a run does when its lock is held by another task (worker side):
+    #: ``discard`` (ends IGNORED), ``retry`` or ``raise`` (default: ``unique_default_on_conflict``).
+    on_conflict: str | None = None
+    #: Seconds before a run retried by ``on_conflict="retry"`` tries again.
+    conflict_retry_countdown: float = 5.0
+    #: Extend a lock held while the task runs every third of its timeout.
+    renew_lock: bool = True
 
     #: Releases the lock when the pool child is gone (hard time limit, lost worker).
     Request = f"{hooks.__name__}:{hooks.UniqueRequest.__name__}"
 
     _unique_argument_key: ArgumentKey | None = None
+
+    # -- resolved options ---------------------------------------------------
+
+    @property
+    def unique_lifetime(self) -> str:
+        """The lock lifetime: the ``lock`` attribute, else ``unique_default_lock``."""
+        return check_choice(self.lock or get_conf(self._get_app()).default_lock, LIFETIMES, "lock")
+
+    @property
+    def unique_lock_timeout(self) -> float:
+        return check_lock_timeout(self.lock_timeout or get_conf(self._get_app()).lock_timeout)
+
+    @property
+    def unique_on_conflict(self) -> str:
+        value = self.on_conflict or get_conf(self._get_app()).default_on_conflict
+        return check_choice(value, ON_CONFLICT, "on_conflict")
+
+    @property
+    def unique(self) -> Lease:
+        """The current run's lock: ``.fence`` (fencing token) and ``.lost``."""
+        lease: Lease = getattr(self.request, runs.STATE, None) or runs.NOTHING_HELD
+        return lease
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        runs.begin(self, task_id, args, kwargs)
+        super().before_start(task_id, args, kwargs)
 
     # -- the key --------------------------------------------------------
 
@@ -120,6 +166,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
 
+        if self.unique_lifetime == WHILE_EXECUTING:
+            return publish()  # checked in the worker only
         current = self.request
         is_retry = bool(task_id) and not current.called_directly and task_id == current.id
         running_lock = None if current.called_directly else headers.from_context(current)
@@ -142,8 +190,10 @@ class UniqueTask(Task):  # type: ignore[misc]
             ON_DUPLICATE,
             "on_duplicate",
         )
-        timeout = check_lock_timeout(
-            unique_options.get("lock_timeout", self.lock_timeout) or conf.lock_timeout
+        timeout = (
+            check_lock_timeout(unique_options["lock_timeout"])
+            if unique_options.get("lock_timeout")
+            else self.unique_lock_timeout
         )
         handover = ""
         if is_retry:
@@ -179,7 +229,8 @@ class UniqueTask(Task):  # type: ignore[misc]
             result.duplicate = False
             return result
 
-        sequential = app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
+        # A retry is never dropped, so it needs the answer before publishing.
+        sequential = is_retry or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
         try:
             if sequential:
                 acquisition = store.acquire(key, task_id, ttl_ms, handover)
@@ -189,14 +240,26 @@ class UniqueTask(Task):  # type: ignore[misc]
             return self._redis_failed(conf, key, exc, publish)
         if sequential:
             if not acquisition.acquired:
-                return self._duplicate(key, acquisition, on_duplicate)
-            return publish_locked()
-        try:
-            return self._publish_gated(app, pending, producer, publish_locked)
-        except DuplicateFound as found:
-            return self._duplicate(key, found.acquisition, on_duplicate)
-        except GateFailed as failed:
-            return self._redis_failed(conf, key, failed.error, publish)
+                if not is_retry:
+                    return self._duplicate(key, acquisition, on_duplicate)
+                logger.warning(
+                    "%s[%s]: retried although lock %s is held by %s (a retry is never dropped)",
+                    self.name,
+                    task_id,
+                    digest_of_key(key)[:12],
+                    acquisition.holder,
+                )
+            result = publish_locked()
+        else:
+            try:
+                result = self._publish_gated(app, pending, producer, publish_locked)
+            except DuplicateFound as found:
+                return self._duplicate(key, found.acquisition, on_duplicate)
+            except GateFailed as failed:
+                return self._redis_failed(conf, key, failed.error, publish)
+        if handover:
+            runs.hand_over(current)
+        return result
 
     @staticmethod
     def _publish_gated(app: Any, pending: PendingAcquire, producer: Any, publish_locked: Any) -> Any:

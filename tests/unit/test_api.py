@@ -23,6 +23,7 @@ def test_all_is_sorted_and_complete() -> None:
         if isinstance(value, type)
         and issubclass(value, Exception)
         and value.__module__ == exceptions.__name__
+        and not name.startswith("_")
     }
     assert public_errors <= set(celery_unique.__all__)
 

@@ -1,0 +1,167 @@
+"""What the worker does around one run of a unique task.
+
+:func:`begin` runs in ``before_start`` (inside Celery's trace, so ``Ignore``
+and ``Retry`` raised there end the run as the task body would): it takes or
+checks the lock the lifetime needs while the task runs, draws a fencing token
+and starts lease renewal. :func:`end` runs from ``task_postrun`` and releases
+what the lifetime says. :func:`release_abandoned` frees the locks of a task
+that ended outside the pool child (revoked, hard time limit, killed child).
+
+=============================  ===================  =====================  ==================
+lifetime                       delay()              task start             task end
+=============================  ===================  =====================  ==================
+``until_executed``             takes ``:lock``      checks ``:lock``       releases ``:lock``
+``until_executing``            takes ``:lock``      releases ``:lock``     —
+``while_executing``            —                    takes ``:run``         releases ``:run``
+``until_and_while_executing``  takes ``:lock``      swaps for ``:run``     releases ``:run``
+``until_expired``              takes ``:lock``      —                      — (the TTL ends it)
+=============================  ===================  =====================  ==================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from celery import states
+from celery.exceptions import Ignore
+
+from celery_unique import headers
+from celery_unique.conf import (
+    UNTIL_AND_WHILE_EXECUTING,
+    UNTIL_EXECUTED,
+    UNTIL_EXECUTING,
+    UNTIL_EXPIRED,
+    WHILE_EXECUTING,
+    get_conf,
+)
+from celery_unique.exceptions import LockConflictError
+from celery_unique.keys import digest_of_key, family_of, fence_key, lock_key, run_key
+from celery_unique.lease import Lease, keeper
+
+logger = logging.getLogger(__name__)
+
+# Lifetimes whose lock is held while the task runs (and so is renewed).
+HELD_WHILE_RUNNING = (UNTIL_EXECUTED, WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
+# Lifetimes that take a lock in the worker even for messages sent by name.
+WORKER_SIDE = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
+
+RELEASE_ATTEMPTS = 3
+STATE = "_celery_unique"  # attribute of the request context that holds the run's Lease
+
+# What a run that did not start (conflict) or holds nothing leaves on its request.
+NOTHING_HELD = Lease(store=None, key="", owner="", ttl_ms=0)
+
+
+def _locks(
+    task: Any, header: headers.LockHeader | None, task_id: str, args: Any, kwargs: Any
+) -> tuple[str, str]:
+    """(family, owner) of a run: from the message header, else from the arguments."""
+    if header is not None:
+        return family_of(header["key"]), header["owner"]
+    return family_of(task.unique_lock_key(args, kwargs)), task_id
+
+
+def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
+    request = task.request
+    lifetime = task.unique_lifetime
+    header = headers.from_context(request)
+    if lifetime == UNTIL_EXPIRED or (header is None and lifetime not in WORKER_SIDE):
+        return
+    family, owner = _locks(task, header, task_id, args, kwargs)
+    ttl_ms = int(task.unique_lock_timeout * 1000)
+    store = get_conf(task.app).locks
+    start = store.begin_run(lock_key(family), run_key(family), fence_key(family), owner, lifetime, ttl_ms)
+    if not start.acquired:
+        setattr(request, STATE, NOTHING_HELD)
+        _conflict(task, family, start.holder, start.ttl)
+        return
+    held = lock_key(family) if lifetime == UNTIL_EXECUTED else run_key(family)
+    lease = Lease(store=store, key=held, owner=owner, ttl_ms=ttl_ms, fence=start.fence)
+    setattr(request, STATE, lease)
+    if lifetime in HELD_WHILE_RUNNING and task.renew_lock:
+        keeper.keep(lease)
+
+
+def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
+    policy = task.unique_on_conflict
+    key_digest = digest_of_key(family)
+    logger.info(
+        "%s[%s]: lock %s is held by %s (ttl %ss): %s",
+        task.name,
+        task.request.id,
+        key_digest[:12],
+        holder,
+        ttl,
+        policy,
+    )
+    error = LockConflictError(task.name, key_digest, holder, ttl)
+    if policy == "discard":
+        raise Ignore(str(error))
+    if policy == "retry":
+        raise task.retry(countdown=task.conflict_retry_countdown, exc=error)
+    raise error
+
+
+def hand_over(request: Any) -> None:
+    """The running task gave its lock to a message of its own: stop renewing it."""
+    lease: Lease | None = getattr(request, STATE, None)
+    if lease is not None:
+        keeper.drop(lease)
+        setattr(request, STATE, NOTHING_HELD)
+
+
+def end(task: Any, state: str | None, retval: Any) -> None:
+    """Release what the run's lifetime releases at the end of a run."""
+    request = task.request
+    lease: Lease | None = getattr(request, STATE, None)
+    if lease is not None:
+        keeper.drop(lease)
+    lifetime = task.unique_lifetime
+    if lifetime in (UNTIL_EXECUTING, UNTIL_EXPIRED) or lease is NOTHING_HELD:
+        return
+    if lifetime == UNTIL_EXECUTED:
+        requeued = state == states.REJECTED and getattr(retval, "requeue", False)
+        header = headers.from_context(request)
+        if header is not None and state != states.RETRY and not requeued:
+            release(task.app, [header["key"]], header["owner"], state or "aborted")
+    elif lease is not None:
+        # A running lock ends with the run, retried or not.
+        release(task.app, [lease.key], lease.owner, state or "aborted")
+
+
+def release_abandoned(
+    task: Any, header: headers.LockHeader | None, task_id: str, args: Any, kwargs: Any, why: str
+) -> None:
+    """Free every lock of a task that ended outside its pool child."""
+    lifetime = getattr(task, "unique_lifetime", None)
+    if lifetime is None or lifetime == UNTIL_EXPIRED:
+        return
+    if header is None and lifetime not in WORKER_SIDE:
+        return
+    family, owner = _locks(task, header, task_id, args, kwargs)
+    release(task.app, [lock_key(family), run_key(family)], owner, why)
+
+
+def release(app: Any, keys: list[str], owner: str, why: str) -> int:
+    """Owner-checked release, retried a few times; the TTL is the backstop."""
+    for attempt in range(1, RELEASE_ATTEMPTS + 1):
+        try:
+            released = get_conf(app).locks.release_all(keys, owner)
+        except redis.RedisError:
+            if attempt == RELEASE_ATTEMPTS:
+                logger.warning(
+                    "could not release lock %s of %s (%s); it expires after its timeout",
+                    digest_of_key(keys[0])[:12],
+                    owner,
+                    why,
+                    exc_info=True,
+                )
+                return 0
+            time.sleep(0.05 * attempt)
+        else:
+            logger.debug("lock %s of %s: %d released (%s)", digest_of_key(keys[0])[:12], owner, released, why)
+            return released
+    return 0

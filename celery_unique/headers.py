@@ -12,13 +12,14 @@ from typing import Any, TypedDict
 HEADER = "celery_unique"
 
 
-class LockHeader(TypedDict):
+class LockHeader(TypedDict, total=False):
     key: str
     owner: str
+    timeout: float  # the lock_timeout in force for this message, in seconds
 
 
-def lock_header(key: str, owner: str) -> LockHeader:
-    return {"key": key, "owner": owner}
+def lock_header(key: str, owner: str, timeout: float) -> LockHeader:
+    return {"key": key, "owner": owner, "timeout": timeout}
 
 
 def _valid(value: Any) -> LockHeader | None:

@@ -11,6 +11,7 @@ hook                       process                      does
                                                         ``terminate=True``
 ``UniqueRequest``          worker main process          hard time limit, killed pool child
                                                         (no postrun runs there)
+``worker_ready``           worker main process          log :mod:`checks` findings
 =========================  ===========================  ==================================
 
 Every release is the owner-checked compare-and-delete, so a late or repeated
@@ -21,6 +22,7 @@ net, and a redelivered message with the same task id re-enters its own lock.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
@@ -28,7 +30,9 @@ from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.worker.request import Request
 
-from celery_unique import headers, runs
+from celery_unique import checks, headers, runs
+
+logger = logging.getLogger(__name__)
 
 
 def _is_unique(task: Any) -> bool:
@@ -48,6 +52,13 @@ def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         runs.release_abandoned(sender, header, request.id, request.args, request.kwargs, "revoked")
 
 
+def _check_configuration(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    for finding in checks.check_app(app) if app is not None else []:
+        logger.warning("celery-unique check %s: %s", finding.id, finding.message)
+
+
+signals.worker_ready.connect(_check_configuration, weak=False, dispatch_uid="celery_unique.checks")
 signals.task_postrun.connect(_end_of_run, weak=False, dispatch_uid="celery_unique.end_of_run")
 signals.task_revoked.connect(_revoked, weak=False, dispatch_uid="celery_unique.revoked")
 

@@ -33,10 +33,7 @@ class Acquisition:
     owner: str
     holder: str
     ttl_ms: int
-
-    @property
-    def acquired(self) -> bool:
-        return self.holder == self.owner
+    acquired: bool
 
     @property
     def ttl(self) -> float | None:
@@ -57,9 +54,9 @@ def _text(value: Any) -> str:
 
 def _acquisition(owner: str, reply: Any) -> Acquisition:
     if isinstance(reply, int):
-        return Acquisition(owner=owner, holder=owner, ttl_ms=reply)
+        return Acquisition(owner=owner, holder=owner, ttl_ms=reply, acquired=True)
     holder, ttl_ms = reply
-    return Acquisition(owner=owner, holder=_text(holder), ttl_ms=int(ttl_ms))
+    return Acquisition(owner=owner, holder=_text(holder), ttl_ms=int(ttl_ms), acquired=False)
 
 
 def _bulk(value: bytes) -> bytes:
@@ -83,7 +80,11 @@ def _parse_acquire_reply(data: bytes) -> int | tuple[bytes, int] | None:
         if message.startswith("NOSCRIPT"):
             raise NoScriptError(message)
         raise redis.ResponseError(message)
-    if kind != b"*" or data[1:end] != b"2" or data[end + 2 : end + 3] != b"$":
+    if kind != b"*" or data[1:end] != b"2":
+        raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
+    if len(data) < end + 3:
+        return None
+    if data[end + 2 : end + 3] != b"$":
         raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
     start = end + 3
     end = data.find(b"\r\n", start)
@@ -194,7 +195,11 @@ class LockStore:
         try:
             return self._idle.pop()
         except IndexError:
-            return self.client.connection_pool.make_connection()
+            # Built like the pool's own connections (same class and settings)
+            # but not counted against its max_connections: these never return
+            # to it.
+            pool = self.client.connection_pool
+            return pool.connection_class(**pool.connection_kwargs)
 
     def _give_back(self, connection: Any) -> None:
         if self._pid == os.getpid():
@@ -221,7 +226,11 @@ class LockStore:
     # -- the operations ---------------------------------------------------
 
     def acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:
-        """Take, re-enter or report the lock in one round trip."""
+        """Take the lock in one round trip, or report who holds it.
+
+        A held lock is taken only from ``handover``: pass the owner itself to
+        re-enter (a retried message), or the running task's id to hand over.
+        """
         if self.lean:
             return PendingAcquire(self, key, owner, ttl_ms, handover).result()
         return self.acquire_via_client(key, owner, ttl_ms, handover)
@@ -246,8 +255,8 @@ class LockStore:
         """Check or take the locks of a starting run and draw a fencing token."""
         reply = self._begin_run(keys=[lock, run, fence], args=[owner, mode, ttl_ms])
         if int(reply[0]) == 1:
-            return RunStart(owner=owner, holder=owner, ttl_ms=ttl_ms, fence=int(reply[1]))
-        return RunStart(owner=owner, holder=_text(reply[1]), ttl_ms=int(reply[2]), fence=None)
+            return RunStart(owner=owner, holder=owner, ttl_ms=ttl_ms, acquired=True, fence=int(reply[1]))
+        return RunStart(owner=owner, holder=_text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
 
     def extend(self, key: str, owner: str, ttl_ms: int) -> bool:
         """Reset the lock's time to live if ``owner`` holds it."""

@@ -37,7 +37,7 @@ from celery_unique.conf import (
     WHILE_EXECUTING,
     get_conf,
 )
-from celery_unique.exceptions import LockConflictError
+from celery_unique.exceptions import LockBackendError, LockConflictError
 from celery_unique.keys import digest_of_key, family_of, fence_key, lock_key, run_key
 from celery_unique.lease import Lease, keeper
 
@@ -50,6 +50,7 @@ WORKER_SIDE = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
 
 RELEASE_ATTEMPTS = 3
 STATE = "_celery_unique"  # attribute of the request context that holds the run's Lease
+PASSED_ON = "_celery_unique_passed_on"  # set when the run published its own lock onward
 
 # What a run that did not start (conflict) or holds nothing leaves on its request.
 NOTHING_HELD = Lease(store=None, key="", owner="", ttl_ms=0)
@@ -71,9 +72,25 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     if lifetime == UNTIL_EXPIRED or (header is None and lifetime not in WORKER_SIDE):
         return
     family, owner = _locks(task, header, task_id, args, kwargs)
-    ttl_ms = int(task.unique_lock_timeout * 1000)
-    store = get_conf(task.app).locks
-    start = store.begin_run(lock_key(family), run_key(family), fence_key(family), owner, lifetime, ttl_ms)
+    timeout = (header or {}).get("timeout") or task.unique_lock_timeout
+    ttl_ms = int(timeout * 1000)
+    conf = get_conf(task.app)
+    store = conf.locks
+    try:
+        start = store.begin_run(lock_key(family), run_key(family), fence_key(family), owner, lifetime, ttl_ms)
+    except redis.RedisError as exc:
+        setattr(request, STATE, NOTHING_HELD)
+        if conf.on_redis_error == "allow":
+            logger.warning(
+                "%s[%s]: Redis failed (%r); runs without its lock (unique_on_redis_error = 'allow')",
+                task.name,
+                task_id,
+                exc,
+            )
+            return
+        raise LockBackendError(
+            f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis ({exc!r})"
+        ) from exc
     if not start.acquired:
         setattr(request, STATE, NOTHING_HELD)
         _conflict(task, family, start.holder, start.ttl)
@@ -105,12 +122,18 @@ def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
     raise error
 
 
-def hand_over(request: Any) -> None:
-    """The running task gave its lock to a message of its own: stop renewing it."""
+def passed_on(request: Any) -> None:
+    """The run published a message that took over its queued lock.
+
+    A retry, a ``replace()`` or a task re-enqueueing itself: the queued lock
+    now belongs to the new message, so the run neither renews nor releases it
+    (its running lock, if any, is still its own).
+    """
+    setattr(request, PASSED_ON, True)
     lease: Lease | None = getattr(request, STATE, None)
-    if lease is not None:
+    header = headers.from_context(request)
+    if lease is not None and header is not None and lease.key == header.get("key"):
         keeper.drop(lease)
-        setattr(request, STATE, NOTHING_HELD)
 
 
 def end(task: Any, state: str | None, retval: Any) -> None:
@@ -120,16 +143,22 @@ def end(task: Any, state: str | None, retval: Any) -> None:
     if lease is not None:
         keeper.drop(lease)
     lifetime = task.unique_lifetime
-    if lifetime in (UNTIL_EXECUTING, UNTIL_EXPIRED) or lease is NOTHING_HELD:
+    if lifetime in (UNTIL_EXECUTING, UNTIL_EXPIRED):
         return
-    if lifetime == UNTIL_EXECUTED:
-        requeued = state == states.REJECTED and getattr(retval, "requeue", False)
-        header = headers.from_context(request)
-        if header is not None and state != states.RETRY and not requeued:
-            release(task.app, [header["key"]], header["owner"], state or "aborted")
+    header = headers.from_context(request)
+    requeued = state == states.REJECTED and getattr(retval, "requeue", False)
+    keeps_queued_lock = state == states.RETRY or requeued or getattr(request, PASSED_ON, False)
+    why = state or "aborted"
+    if lease is NOTHING_HELD or lifetime == UNTIL_EXECUTED:
+        # until_executed holds its queued lock to the end. A run that did not
+        # start (conflict, Redis failure) gives its queued lock back too;
+        # after a conflict that lock is another task's and the owner check
+        # leaves it alone.
+        if header is not None and not keeps_queued_lock:
+            release(task.app, [header["key"]], header["owner"], why)
     elif lease is not None:
         # A running lock ends with the run, retried or not.
-        release(task.app, [lease.key], lease.owner, state or "aborted")
+        release(task.app, [lease.key], lease.owner, why)
 
 
 def release_abandoned(
@@ -142,16 +171,18 @@ def release_abandoned(
     if header is None and lifetime not in WORKER_SIDE:
         return
     family, owner = _locks(task, header, task_id, args, kwargs)
-    release(task.app, [lock_key(family), run_key(family)], owner, why)
+    # One attempt: this runs in the worker's main process, which must not
+    # stall its consumer on a Redis outage; the TTL is the backstop.
+    release(task.app, [lock_key(family), run_key(family)], owner, why, attempts=1)
 
 
-def release(app: Any, keys: list[str], owner: str, why: str) -> int:
+def release(app: Any, keys: list[str], owner: str, why: str, attempts: int = RELEASE_ATTEMPTS) -> int:
     """Owner-checked release, retried a few times; the TTL is the backstop."""
-    for attempt in range(1, RELEASE_ATTEMPTS + 1):
+    for attempt in range(1, attempts + 1):
         try:
             released = get_conf(app).locks.release_all(keys, owner)
         except redis.RedisError:
-            if attempt == RELEASE_ATTEMPTS:
+            if attempt == attempts:
                 logger.warning(
                     "could not release lock %s of %s (%s); it expires after its timeout",
                     digest_of_key(keys[0])[:12],

@@ -6,18 +6,19 @@ unchanged on Redis Cluster. They use only commands of Redis 6.2.
 
 from __future__ import annotations
 
-# Take the lock for an owner, re-enter it, or report who holds it: one round
-# trip for both outcomes.
+# Take the lock for an owner, or report who holds it: one round trip for both
+# outcomes. A held lock is never taken, except from the ARGV[3] owner.
 #   KEYS[1]  lock key
 #   ARGV[1]  owner token (the task id)
 #   ARGV[2]  time to live in milliseconds
-#   ARGV[3]  an owner the lock may be handed over from ("" for none): a task
-#            that re-enqueues itself passes its own id
+#   ARGV[3]  the owner the lock may be taken from ("" for none): a retried or
+#            replaced message passes its own id (re-entry), a task that
+#            re-enqueues itself its running id (handover)
 # Returns the integer ttl when the lock is ours, or {holder, pttl} when another
 # task holds it (a lone integer is the cheapest reply to read).
 ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] or (ARGV[3] ~= '' and holder == ARGV[3]) then
+if holder == false or (ARGV[3] ~= '' and holder == ARGV[3]) then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     return tonumber(ARGV[2])
 end

@@ -41,12 +41,20 @@ logger = logging.getLogger(__name__)
 #: Options that may be given per call in ``apply_async(unique_options={...})``.
 CALL_OPTIONS = frozenset({"unique_on", "lock_timeout", "on_duplicate"})
 
-# Options set only by Celery's canvas machinery (groups, chords, chains and
-# link callbacks). Deduplicating such a message would hang a chord or cut a
-# chain, so these are published as they are unless configured otherwise.
-_CANVAS_OPTIONS = ("chord", "group_id", "link", "link_error")
+# Options set only by Celery's canvas machinery (groups, chords, chains, and
+# callbacks dispatched by the worker). Deduplicating such a message would hang
+# a chord or cut a chain, so these are published as they are unless configured
+# otherwise. A caller's own link= does not make a canvas member.
+_CANVAS_OPTIONS = ("chord", "group_id")
 
 _hints = DuplicateHints()
+
+
+def _acquired_or_unknown(pending: PendingAcquire) -> bool:
+    try:
+        return pending.result().acquired
+    except redis.RedisError:
+        return True
 
 
 def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:
@@ -162,20 +170,28 @@ class UniqueTask(Task):  # type: ignore[misc]
         conf = get_conf(app)
 
         def publish() -> Any:
-            return super(UniqueTask, self).apply_async(
+            """Publish without a lock."""
+            result = super(UniqueTask, self).apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
+            result.duplicate = False
+            return result
 
         if self.unique_lifetime == WHILE_EXECUTING:
             return publish()  # checked in the worker only
         current = self.request
-        is_retry = bool(task_id) and not current.called_directly and task_id == current.id
-        running_lock = None if current.called_directly else headers.from_context(current)
-        if is_retry and running_lock is None:
-            # A retry of a message that carried no lock (sent by name, or a
-            # canvas member) is never deduplicated: dropping it would lose it.
+        in_run = not current.called_directly
+        running_lock = headers.from_context(current) if in_run else None
+        # The running message published again with its own id: a retry or a
+        # replace(). Celery's retry_on_worker_lost does the same from the
+        # worker's main process, where no request runs: it counts "retries".
+        of_current = in_run and task_id is not None and task_id == current.id
+        republish = of_current or (task_id is not None and bool(options.get("retries")))
+        if of_current and running_lock is None:
+            # A message that carried no lock (sent by name, or a canvas
+            # member) comes back unchecked: dropping it would lose it.
             return publish()
-        if not is_retry and self._is_canvas_member(link, link_error, options):
+        if not republish and self._is_canvas_member(options):
             if conf.on_canvas == "bypass":
                 logger.info("%s: canvas member published without a uniqueness check", self.name)
                 return publish()
@@ -195,74 +211,109 @@ class UniqueTask(Task):  # type: ignore[misc]
             if unique_options.get("lock_timeout")
             else self.unique_lock_timeout
         )
-        handover = ""
-        if is_retry:
+        if of_current:
             assert running_lock is not None
             key = running_lock["key"]
         else:
             key = self.unique_lock_key(args, kwargs, unique_options)
-            if running_lock is not None and running_lock["key"] == key:
-                # The running task re-enqueues itself: the lock goes to the new message.
-                handover = current.id
         task_id = task_id or uuid()
+        passes_on = running_lock is not None and running_lock["key"] == key
+        # Who the lock may be taken from: the message itself when published
+        # again, else the running task when it re-enqueues itself (handover).
+        handover = task_id if republish else (current.id if passes_on else "")
         ttl_ms = int((timeout + _delay_seconds(app, options)) * 1000)
         locked_options = {
             **options,
             "headers": {
                 **(options.get("headers") or {}),
-                headers.HEADER: headers.lock_header(key, task_id),
+                headers.HEADER: headers.lock_header(key, task_id, timeout),
             },
         }
-        store = conf.locks
 
-        def publish_locked(via: Any = producer) -> Any:
+        def send(via: Any) -> Any:
+            return super(UniqueTask, self).apply_async(
+                args, kwargs, task_id, via, link, link_error, shadow, **locked_options
+            )
+
+        published, result = self._publish_locked(
+            app, conf, key, task_id, ttl_ms, handover, republish, on_duplicate, producer, send, publish
+        )
+        if published and passes_on:
+            runs.passed_on(current)
+        return result
+
+    def _publish_locked(
+        self,
+        app: Any,
+        conf: UniqueConf,
+        key: str,
+        task_id: str,
+        ttl_ms: int,
+        handover: str,
+        republish: bool,
+        on_duplicate: str,
+        producer: Any,
+        send: Any,
+        publish_unlocked: Any,
+    ) -> tuple[bool, Any]:
+        """Take the lock and publish; (whether a locked message went out, what to return)."""
+        store = conf.locks
+        pending: PendingAcquire | None = None
+
+        def publish(via: Any = producer) -> Any:
             try:
-                result = super(UniqueTask, self).apply_async(
-                    args, kwargs, task_id, via, link, link_error, shadow, **locked_options
-                )
+                result = send(via)
             except DuplicateFound:
                 raise
             except BaseException:
-                self._release_after_failed_publish(store, key, task_id)
+                # Read the acquire reply first, so the release cannot overtake it.
+                if pending is None or _acquired_or_unknown(pending):
+                    self._release_after_failed_publish(store, key, task_id)
                 raise
             _hints.free(key)
             result.duplicate = False
             return result
 
-        # A retry is never dropped, so it needs the answer before publishing.
-        sequential = is_retry or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
+        # A message published again is never dropped, so it needs the answer first.
+        sequential = (
+            republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
+        )
         try:
             if sequential:
                 acquisition = store.acquire(key, task_id, ttl_ms, handover)
             else:
                 pending = store.begin_acquire(key, task_id, ttl_ms, handover)
         except redis.RedisError as exc:
-            return self._redis_failed(conf, key, exc, publish)
-        if sequential:
+            return False, self._redis_failed(conf, key, exc, publish_unlocked)
+        if pending is None:
             if not acquisition.acquired:
-                if not is_retry:
-                    return self._duplicate(key, acquisition, on_duplicate)
+                if not republish:
+                    return False, self._duplicate(key, acquisition, on_duplicate)
                 logger.warning(
-                    "%s[%s]: retried although lock %s is held by %s (a retry is never dropped)",
+                    "%s[%s]: published again although lock %s is held by %s (never dropped)",
                     self.name,
                     task_id,
                     digest_of_key(key)[:12],
                     acquisition.holder,
                 )
-            result = publish_locked()
-        else:
-            try:
-                result = self._publish_gated(app, pending, producer, publish_locked)
-            except DuplicateFound as found:
-                return self._duplicate(key, found.acquisition, on_duplicate)
-            except GateFailed as failed:
-                return self._redis_failed(conf, key, failed.error, publish)
-        if handover:
-            runs.hand_over(current)
-        return result
+            return True, publish()
+        try:
+            return True, self._publish_gated(app, pending, producer, publish)
+        except DuplicateFound as found:
+            self._forget_unpublished(task_id)
+            return False, self._duplicate(key, found.acquisition, on_duplicate)
+        except GateFailed as failed:
+            return False, self._redis_failed(conf, key, failed.error, publish_unlocked)
+
+    def _forget_unpublished(self, task_id: str) -> None:
+        """Undo what Celery did for a message the gate stopped (result subscription)."""
+        consumer = getattr(self.backend, "result_consumer", None)
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.cancel_for(task_id)
 
     @staticmethod
-    def _publish_gated(app: Any, pending: PendingAcquire, producer: Any, publish_locked: Any) -> Any:
+    def _publish_gated(app: Any, pending: PendingAcquire, producer: Any, publish: Any) -> Any:
         """Publish while the acquire reply is in flight; the producer reads it last."""
 
         def gate() -> None:
@@ -275,7 +326,7 @@ class UniqueTask(Task):  # type: ignore[misc]
 
         try:
             with app.producer_or_acquire(producer) as real_producer:
-                return publish_locked(GatedProducer(real_producer, gate))
+                return publish(GatedProducer(real_producer, gate))
         finally:
             # Every path must read the reply: that returns the connection to the pool.
             with contextlib.suppress(redis.RedisError):
@@ -318,17 +369,15 @@ class UniqueTask(Task):  # type: ignore[misc]
                 self.name,
                 error,
             )
-            result = publish()
-            result.duplicate = False
-            return result
+            return publish()
         raise LockBackendError(
             f"{self.name}: could not take the lock {digest_of_key(key)[:12]} in Redis "
             f"({error!r}); nothing was published"
         ) from error
 
     @staticmethod
-    def _is_canvas_member(link: Any, link_error: Any, options: Mapping[str, Any]) -> bool:
-        if link or link_error or "chain" in options or "parent_id" in options:
+    def _is_canvas_member(options: Mapping[str, Any]) -> bool:
+        if "chain" in options or "parent_id" in options:
             # "chain" (even empty) and an explicit parent_id are passed only
             # by Celery's chain and callback dispatch.
             return True

@@ -49,12 +49,16 @@ def test_acquire_reports_the_holder_and_ttl_in_one_call(
     assert held.ttl is not None and 9 < held.ttl <= 10
 
 
-def test_same_owner_reenters_and_refreshes_the_ttl(
+def test_same_owner_reenters_only_when_it_says_so(
     store: LockStore, key: str, redis_client: redis.Redis
 ) -> None:
     store.acquire(key, "a", 1_000)
-    again = store.acquire(key, "a", 60_000)
-    assert again.acquired
+    # A fresh call that reuses a caller-chosen id is a duplicate of itself.
+    fresh = store.acquire(key, "a", 60_000)
+    assert not fresh.acquired and fresh.holder == "a"
+    assert redis_client.pttl(key) <= 1_000
+    # A message published again (retry, redelivery) re-enters and refreshes the TTL.
+    assert store.acquire(key, "a", 60_000, handover="a").acquired
     assert redis_client.pttl(key) > 50_000
 
 
@@ -108,7 +112,7 @@ def test_script_is_reloaded_after_script_flush(store: LockStore, key: str, redis
 def test_a_stale_connection_is_replaced(store: LockStore, key: str, redis_client: redis.Redis) -> None:
     store.acquire(key, "a", 10_000)
     redis_client.client_kill_filter(_type="normal", skipme=True)
-    assert store.acquire(key, "a", 10_000).acquired
+    assert store.acquire(key, "a", 10_000, handover="a").acquired
 
 
 def test_many_threads_one_winner(store: LockStore, key: str) -> None:
@@ -134,6 +138,8 @@ def test_many_threads_one_winner(store: LockStore, key: str) -> None:
         (b"*2\r\n$3\r\nabc\r\n:12\r\n", (b"abc", 12)),
         (b"*2\r\n$3\r\nabc\r\n:-1\r\n", (b"abc", -1)),
         (b"*2\r\n$3\r\nab", None),
+        (b"*2\r\n", None),
+        (b"*2\r\n$", None),
         (b":36", None),
     ],
 )

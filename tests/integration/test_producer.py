@@ -92,7 +92,11 @@ def test_message_headers_carry_the_lock_key_and_owner(
     job = app.tasks["producer.job"]
     result = job.delay(item)
     message = next(m for m in queued(redis_client) if m["headers"]["id"] == result.id)
-    assert message["headers"][HEADER] == {"key": job.unique_lock_key((item,)), "owner": result.id}
+    assert message["headers"][HEADER] == {
+        "key": job.unique_lock_key((item,)),
+        "owner": result.id,
+        "timeout": 3600.0,
+    }
     assert item not in message["headers"][HEADER]["key"]  # digests only, never raw arguments
 
 
@@ -106,6 +110,16 @@ def test_duplicate_returns_the_holder_and_publishes_nothing(
     assert again.duplicate and not first.duplicate
     assert again.id == first.id
     assert redis_client.llen(QUEUE) == before
+
+
+def test_a_caller_chosen_task_id_is_not_published_twice(
+    app: Celery, item: str, redis_client: redis.Redis
+) -> None:
+    job = app.tasks["producer.job"]
+    first = job.apply_async((item,), task_id=f"report-{item}")
+    again = job.apply_async((item,), task_id=f"report-{item}")
+    assert not first.duplicate and again.duplicate
+    assert queued_ids(redis_client).count(f"report-{item}") == 1
 
 
 def test_on_duplicate_raise_carries_holder_and_ttl(app: Celery, item: str) -> None:
@@ -197,8 +211,9 @@ def test_canvas_members_are_published_without_dedup(
     group(job.s(item), job.s(item)).apply_async()
     chain(job.s(item), app.tasks["producer.plain"].s()).apply_async()
     chord([job.s(item)], app.tasks["producer.plain"].s()).apply_async()
-    job.apply_async((item,), link=app.tasks["producer.plain"].s())
-    assert redis_client.llen(QUEUE) - before == 5
+    assert redis_client.llen(QUEUE) - before == 4
+    # A caller's own link= is not canvas machinery: that call is deduplicated.
+    assert job.apply_async((item,), link=app.tasks["producer.plain"].s()).duplicate
 
 
 def test_canvas_members_can_be_refused(apps: Any, redis_url: str, item: str) -> None:

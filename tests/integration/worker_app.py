@@ -86,3 +86,88 @@ def typed(
     )
     time.sleep(seconds)
     record(token, "end", id=self.request.id)
+
+
+def _lifetime_task(name: str, lifetime: str, **options: Any) -> Any:
+    @app.task(
+        base=UniqueTask,
+        bind=True,
+        name=name,
+        lock=lifetime,
+        unique_on=("token",),
+        shared=False,
+        **options,
+    )
+    def run(self: Any, token: str, seconds: float = 0.0) -> None:
+        record(token, "start", id=self.request.id, fence=self.unique.fence)
+        time.sleep(seconds)
+        record(token, "end", id=self.request.id, lost=self.unique.lost)
+
+    return run
+
+
+LIFETIME_TASKS = {
+    lifetime: _lifetime_task(
+        f"tests.lifetime.{lifetime}", lifetime, lock_timeout=2 if lifetime == "until_expired" else 30
+    )
+    for lifetime in (
+        "until_executed",
+        "until_executing",
+        "while_executing",
+        "until_and_while_executing",
+        "until_expired",
+    )
+}
+CONFLICT_TASKS = {
+    policy: _lifetime_task(
+        f"tests.conflict.{policy}",
+        "while_executing",
+        on_conflict=policy,
+        conflict_retry_countdown=0.3,
+        max_retries=50,
+    )
+    for policy in ("discard", "retry", "raise")
+}
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.renewed", lock_timeout=1)
+def renewed(self: Any, token: str, seconds: float) -> bool:
+    record(token, "start", id=self.request.id)
+    time.sleep(seconds)
+    record(token, "end", id=self.request.id, lost=self.unique.lost)
+    return bool(self.unique.lost)
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.rescheduler", unique_on=("token",))
+def rescheduler(self: Any, token: str, times: int) -> None:
+    record(token, "start", id=self.request.id)
+    if times > 0:
+        again = self.apply_async((token, times - 1), countdown=0.2)
+        record(token, "rescheduled", id=again.id, duplicate=again.duplicate)
+    time.sleep(0.3)
+    record(token, "end", id=self.request.id)
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.replacer", unique_on=("token",))
+def replacer(self: Any, token: str, replace: bool = True) -> Any:
+    record(token, "start", id=self.request.id, replace=replace)
+    if replace:
+        return self.replace(replacer.s(token, False).set(countdown=1.0))
+    record(token, "end", id=self.request.id)
+    return None
+
+
+@app.task(
+    base=UniqueTask,
+    bind=True,
+    name="tests.rescheduler_while",
+    unique_on=("token",),
+    lock="until_and_while_executing",
+)
+def rescheduler_while(self: Any, token: str, times: int) -> None:
+    record(token, "start", id=self.request.id)
+    if times > 0:
+        again = self.apply_async((token, times - 1), countdown=0.5)
+        record(token, "rescheduled", id=again.id, duplicate=again.duplicate)
+    time.sleep(0.2)
+    record(token, "end", id=self.request.id)

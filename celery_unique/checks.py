@@ -1,0 +1,102 @@
+"""Configuration checks, logged as warnings when a worker starts (see hooks).
+
+Each finds a setting that lets a duplicate run or a lock vanish:
+
+* a lock held while the task runs, not renewed, shorter than the task's hard
+  ``time_limit``: the lock expires while the task still runs;
+* a Redis broker ``visibility_timeout`` shorter than the longest lock: an
+  unacknowledged message is redelivered (and run again) while its lock lives;
+* a ``maxmemory-policy`` other than ``noeviction``: Redis may evict lock keys.
+
+:func:`check_app` returns the findings, so other front ends (Django's system
+checks) can report them too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from celery_unique.conf import UNTIL_AND_WHILE_EXECUTING, UNTIL_EXECUTED, WHILE_EXECUTING, get_conf
+from celery_unique.exceptions import UniqueError
+
+_HELD_WHILE_RUNNING = (UNTIL_EXECUTED, WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in the configuration, with a stable id."""
+
+    id: str
+    message: str
+
+
+def _unique_tasks(app: Any) -> list[Any]:
+    return [task for task in app.tasks.values() if hasattr(task, "unique_lifetime")]
+
+
+def check_timeouts(app: Any) -> list[Finding]:
+    findings = []
+    for task in _unique_tasks(app):
+        time_limit = task.time_limit or app.conf.task_time_limit
+        if (
+            time_limit
+            and task.unique_lifetime in _HELD_WHILE_RUNNING
+            and not task.renew_lock
+            and task.unique_lock_timeout < time_limit
+        ):
+            findings.append(
+                Finding(
+                    "lock_timeout",
+                    f"{task.name}: lock_timeout {task.unique_lock_timeout:g}s is shorter than its "
+                    f"hard time_limit {time_limit:g}s and renew_lock is off: the lock can expire "
+                    "while the task still runs",
+                )
+            )
+    return findings
+
+
+def check_visibility_timeout(app: Any) -> list[Finding]:
+    broker = app.conf.broker_url or ""
+    if not isinstance(broker, str) or not broker.startswith(("redis://", "rediss://", "redis+socket://")):
+        return []
+    visibility = (app.conf.broker_transport_options or {}).get("visibility_timeout", 3600)
+    tasks = _unique_tasks(app)
+    if not tasks:
+        return []
+    longest = max(tasks, key=lambda task: task.unique_lock_timeout)
+    if visibility < longest.unique_lock_timeout:
+        return [
+            Finding(
+                "visibility_timeout",
+                f"the Redis broker's visibility_timeout ({visibility:g}s) is shorter than the lock "
+                f"of {longest.name} ({longest.unique_lock_timeout:g}s): an unacknowledged message "
+                "is redelivered and run again while its lock lives",
+            )
+        ]
+    return []
+
+
+def check_eviction(app: Any) -> list[Finding]:
+    try:
+        policy = get_conf(app).locks.client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except (redis.RedisError, UniqueError):
+        return []  # unreachable or CONFIG not allowed: nothing to say here
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy and policy != "noeviction":
+        return [
+            Finding(
+                "eviction",
+                f"the lock Redis has maxmemory-policy {policy}: under memory pressure it may evict "
+                "lock keys and let duplicates run; use noeviction",
+            )
+        ]
+    return []
+
+
+def check_app(app: Any) -> list[Finding]:
+    """Every finding for ``app`` (an empty list when all is well)."""
+    return check_timeouts(app) + check_visibility_timeout(app) + check_eviction(app)

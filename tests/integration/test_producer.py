@@ -267,3 +267,32 @@ def test_rabbitmq_broker_deduplicates_and_publishes_once(amqp_app: Celery, item:
     with amqp_app.connection_for_write() as connection:
         _, count, _ = connection.default_channel.queue_declare(amqp_app.conf.task_default_queue, passive=True)
     assert count == 1
+
+
+def test_a_duplicate_stopped_at_the_gate_leaves_no_result_subscription(
+    apps: Any, redis_url: str, item: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import signals
+
+    from celery_unique import task as task_module
+    from celery_unique.publish import DuplicateHints
+
+    app = apps(redis_url, redis_url, result_backend=redis_url)
+    job = app.tasks["producer.job"]
+    first = job.delay(item)
+    monkeypatch.setattr(task_module, "_hints", DuplicateHints())  # the next call takes the gated path
+    attempted: list[str] = []
+
+    def seen(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        attempted.append((headers or {})["id"])
+
+    signals.before_task_publish.connect(seen, weak=False)
+    try:
+        assert job.delay(item).id == first.id
+    finally:
+        signals.before_task_publish.disconnect(seen)
+    assert len(attempted) == 1 and attempted[0] != first.id  # built, then stopped at the gate
+    consumer = app.backend.result_consumer
+    stopped_key = app.backend.get_key_for_task(attempted[0]).decode()
+    assert all((k.decode() if isinstance(k, bytes) else k) != stopped_key for k in consumer.subscribed_to)
+    consumer.stop()

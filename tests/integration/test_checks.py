@@ -1,0 +1,72 @@
+"""Startup checks against a real Redis."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_unique import UniqueTask
+from celery_unique.checks import check_app
+from celery_unique.conf import get_conf
+from celery_unique.hooks import _check_configuration
+from celery_unique.testing import RedisServer
+
+
+@pytest.fixture
+def evicting_redis() -> Iterator[str]:
+    with RedisServer("--maxmemory", "10mb", "--maxmemory-policy", "allkeys-lru") as server:
+        yield server.url
+
+
+def build(url: str, **conf: Any) -> Celery:
+    app = Celery("checks", broker=url, set_as_current=False)
+    app.conf.update(conf)
+
+    @app.task(base=UniqueTask, shared=False, lock_timeout=60, time_limit=120, renew_lock=False)
+    def short_lock() -> None: ...
+
+    @app.task(base=UniqueTask, shared=False, lock_timeout=7200)
+    def long_lock() -> None: ...
+
+    return app
+
+
+def test_findings_for_a_risky_configuration(evicting_redis: str) -> None:
+    app = build(evicting_redis, broker_transport_options={"visibility_timeout": 600})
+    try:
+        findings = {f.id: f.message for f in check_app(app)}
+    finally:
+        get_conf(app).close()
+    assert set(findings) == {"lock_timeout", "visibility_timeout", "eviction"}
+    assert "short_lock" in findings["lock_timeout"] and "120" in findings["lock_timeout"]
+    assert "long_lock" in findings["visibility_timeout"]
+    assert "allkeys-lru" in findings["eviction"]
+
+
+def test_no_findings_for_a_safe_configuration(redis_url: str) -> None:
+    app = build(redis_url, broker_transport_options={"visibility_timeout": 10_000})
+    app.tasks[next(n for n in app.tasks if n.endswith("short_lock"))].renew_lock = True
+    try:
+        assert check_app(app) == []
+    finally:
+        get_conf(app).close()
+
+
+def test_worker_start_logs_the_findings(evicting_redis: str, caplog: pytest.LogCaptureFixture) -> None:
+    app = build(evicting_redis)
+
+    class Consumer:
+        pass
+
+    consumer = Consumer()
+    consumer.app = app  # type: ignore[attr-defined]
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_unique"):
+            _check_configuration(sender=consumer)
+    finally:
+        get_conf(app).close()
+    assert "celery-unique check eviction" in caplog.text

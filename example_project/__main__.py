@@ -8,9 +8,9 @@ from example_project import demo
 
 parser = argparse.ArgumentParser(prog="python -m example_project")
 commands = parser.add_subparsers(dest="command", required=True)
-run = commands.add_parser("demo", help="duplicate delay() calls against a real worker")
+run = commands.add_parser("demo", help="concurrent payments, on-commit unique recomputes, a real worker")
 run.add_argument("--loans", type=int, default=5)
-run.add_argument("--bursts", type=int, default=100, help="requests per thread")
+run.add_argument("--payments", type=int, default=25, help="payments per thread")
 run.add_argument("--threads", type=int, default=8)
 options = parser.parse_args()
-raise SystemExit(demo.main(options.loans, options.bursts, options.threads))
+raise SystemExit(demo.main(options.loans, options.payments, options.threads))

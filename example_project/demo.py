@@ -1,9 +1,11 @@
-"""The demo: many duplicate requests, one real worker, and what happened.
+"""The demo: concurrent payments on a few loans, one real worker, and what happened.
 
-Starts a private redis-server when ``REDIS_URL`` is unset, a real Celery worker
-(prefork, two processes) in a subprocess, then fires bursts of ``delay()``
-calls for a handful of loans from several threads, the way a busy web app
-would, and prints how many were published, deduplicated and executed.
+Starts a private redis-server when ``REDIS_URL`` is unset and uses a fresh
+SQLite file unless ``DATABASE_URL`` is set, migrates, starts a real Celery
+worker (prefork, two processes) in a subprocess, then posts payments to the
+Django view from several threads. Each payment updates its loan in a
+transaction and asks for the loan's schedule to be recomputed on commit;
+celery-unique publishes one recompute per loan at a time.
 """
 
 from __future__ import annotations
@@ -12,25 +14,24 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import redis
-
-from celery_unique.conf import get_conf
 from celery_unique.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_worker(redis_url: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+def start_worker() -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "example_project.celery_app", "worker",
+        sys.executable, "-m", "celery", "--quiet", "-A", "example_project", "worker",
         "--pool", "prefork", "--concurrency", "2", "--hostname", "demo@localhost",
         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING",
     ]  # fmt: skip
@@ -47,20 +48,25 @@ def wait_for_worker(app: Any, worker: subprocess.Popen[bytes], timeout: float = 
     raise SystemExit("the worker did not start")
 
 
-def fire(loans: list[int], bursts: int, threads: int) -> Counter[str]:
-    from example_project.celery_app import recompute_loan
+def post_payments(loan_ids: list[int], per_thread: int, threads: int) -> Counter[str]:
+    from django.db import connections
+    from django.test import Client
 
     counts: Counter[str] = Counter()
     lock = threading.Lock()
 
     def client(number: int) -> None:
+        http = Client()
         rng = random.Random(number)
-        for _ in range(bursts):
-            result = recompute_loan.delay(rng.choice(loans), requested_by=f"user-{number}")
-            with lock:
-                counts["requests"] += 1
-                counts["deduplicated" if result.duplicate else "published"] += 1
-            time.sleep(rng.uniform(0, 0.02))
+        try:
+            for _ in range(per_thread):
+                reply = http.post(f"/loans/{rng.choice(loan_ids)}/payments").json()
+                with lock:
+                    counts["requests"] += 1
+                    counts["deduplicated" if reply["duplicate"] else "published"] += 1
+                time.sleep(rng.uniform(0, 0.02))
+        finally:
+            connections.close_all()
 
     workers = [threading.Thread(target=client, args=(n,)) for n in range(threads)]
     for thread in workers:
@@ -70,54 +76,74 @@ def fire(loans: list[int], bursts: int, threads: int) -> Counter[str]:
     return counts
 
 
-def main(loans: int = 5, bursts: int = 100, threads: int = 8) -> int:
-    from example_project.celery_app import EXECUTIONS, OVERLAPS, RESULTS, RUNNING, app, recompute_loan
-
+def main(loans: int = 5, per_thread: int = 25, threads: int = 8) -> int:
     with ExitStack() as stack:
-        url = os.environ.get("REDIS_URL")
-        if not url:
-            url = stack.enter_context(RedisServer()).url
-            print(f"started an embedded redis-server at {url}")
-        app.conf.broker_url = url
-        get_conf(app).reload()
-        stack.callback(get_conf(app).close)
-        client = redis.Redis.from_url(url)
-        stack.callback(client.close)
-        client.delete(EXECUTIONS, RESULTS, RUNNING, OVERLAPS)
+        if not os.environ.get("REDIS_URL"):
+            os.environ["REDIS_URL"] = stack.enter_context(RedisServer()).url
+            print(f"started an embedded redis-server at {os.environ['REDIS_URL']}")
+        if not os.environ.get("DATABASE_URL"):
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="celery-unique-demo-"))
+            os.environ["EXAMPLE_SQLITE_PATH"] = os.path.join(folder, "demo.sqlite3")
+        os.environ["DJANGO_SETTINGS_MODULE"] = "example_project.settings"
 
-        worker = start_worker(url)
+        import django
+        from django.core.management import call_command
+
+        django.setup()
+        from django.db import connection
+
+        from celery_unique.conf import get_conf
+        from example_project.celery_app import app
+        from example_project.loans.models import Loan, Schedule
+        from example_project.loans.tasks import recompute_schedule
+
+        print(f"database: {connection.vendor}")
+        call_command("migrate", verbosity=0)
+        Schedule.objects.all().delete()
+        Loan.objects.all().delete()
+        loan_ids = [
+            Loan.objects.create(principal=Decimal(10_000 * n), annual_rate=Decimal("0.05"), months=12 * n).pk
+            for n in range(1, loans + 1)
+        ]
+        stack.callback(get_conf(app).close)
+
+        worker = start_worker()
         stack.callback(lambda: (worker.terminate(), worker.wait(30)))
         wait_for_worker(app, worker)
-        print(f"worker ready; {threads} threads send {bursts} requests each for {loans} loans")
+        print(f"worker ready; {threads} threads post {per_thread} payments each to {loans} loans")
 
         started = time.monotonic()
-        counts = fire(list(range(1, loans + 1)), bursts, threads)
+        counts = post_payments(loan_ids, per_thread, threads)
         elapsed = time.monotonic() - started
 
-        # Wait until every published task has run and released its lock.
+        # Wait until every published recompute has run and released its lock.
         store = get_conf(app).locks
-        keys = [recompute_loan.unique_lock_key((loan,)) for loan in range(1, loans + 1)]
+        keys = [recompute_schedule.unique_lock_key((loan,)) for loan in loan_ids]
+        keys += [key.replace(":lock", ":run") for key in keys]
         deadline = time.monotonic() + 60
         while any(store.holder(key)[0] for key in keys) and time.monotonic() < deadline:
             time.sleep(0.1)
 
-        executions = {int(k): int(v) for k, v in client.hgetall(EXECUTIONS).items()}
-        executed = sum(executions.values())
-        overlaps = sum(int(v) for v in client.hvals(OVERLAPS))
+        rows = list(
+            Schedule.objects.order_by("loan_id").values_list(
+                "loan_id", "runs", "payments_seen", "monthly_payment"
+            )
+        )
+        executed = sum(runs for _, runs, _, _ in rows)
+        payments = {loan.pk: loan.payments for loan in Loan.objects.all()}
         print()
         print(f"requests      {counts['requests']:>6}   (in {elapsed:.1f}s)")
         print(f"published     {counts['published']:>6}")
-        print(f"deduplicated  {counts['deduplicated']:>6}   (returned the running task's handle)")
+        print(f"deduplicated  {counts['deduplicated']:>6}   (handle of the queued or running recompute)")
         print(f"executed      {executed:>6}")
-        print(f"overlapping runs of one loan  {overlaps}")
         print()
-        print("loan  executions  result")
-        for loan in sorted(executions):
-            print(f"{loan:>4}  {executions[loan]:>10}  {int(client.hget(RESULTS, str(loan)) or 0)}")
-        ok = executed == counts["published"] and overlaps == 0
+        print("loan  payments  recomputes  payments seen  monthly payment")
+        for loan_id, runs, seen, monthly in rows:
+            print(f"{loan_id:>4}  {payments[loan_id]:>8}  {runs:>10}  {seen:>13}  {monthly:>15}")
+        ok = executed == counts["published"] and all(seen == payments[loan] for loan, _, seen, _ in rows)
         print()
         print(
-            "every published task ran exactly once, never two at once for a loan"
+            "every published recompute ran exactly once, and every schedule saw its last payment"
             if ok
             else "MISMATCH: see the counts above"
         )

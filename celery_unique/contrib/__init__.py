@@ -1,0 +1,1 @@
+"""Integrations with frameworks; the core never imports them."""

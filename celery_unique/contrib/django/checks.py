@@ -1,0 +1,102 @@
+"""Django system checks (``manage.py check``), with stable ids.
+
+=======================  ===============================================================
+id                       finds
+=======================  ===============================================================
+``celery_unique.E001``   the Redis that holds the locks cannot be reached
+``celery_unique.W002``   its ``maxmemory-policy`` may evict lock keys
+``celery_unique.W003``   lock timeouts inconsistent with time limits or the broker's
+                         ``visibility_timeout``
+``celery_unique.E004``   a ``CELERY_UNIQUE_*`` setting has an invalid value
+=======================  ===============================================================
+
+The checks look at the current Celery app (the one a Django project's
+``celery.py`` creates) and are tagged ``celery_unique``, so
+``manage.py check --tag celery_unique`` runs them alone. E001 and W002 talk to
+Redis, so they run with ``manage.py check --deploy`` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from django.core import checks
+
+from celery_unique import checks as core_checks
+from celery_unique.conf import get_conf
+from celery_unique.exceptions import ConfigurationError
+
+TAG = "celery_unique"
+_SETTINGS = (
+    "lock_timeout",
+    "key_prefix",
+    "default_on_duplicate",
+    "default_lock",
+    "default_on_conflict",
+    "on_redis_error",
+    "on_canvas",
+    "redis_url",
+)
+
+
+def celery_app() -> Any:
+    from celery import current_app
+
+    return current_app._get_current_object()
+
+
+def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
+    conf = get_conf(celery_app())
+    conf.reload()
+    errors: list[checks.CheckMessage] = []
+    for name in _SETTINGS:
+        try:
+            getattr(conf, name)
+        except ConfigurationError as exc:
+            errors.append(
+                checks.Error(
+                    str(exc),
+                    hint="See the settings table in celery-unique's README.",
+                    id="celery_unique.E004",
+                )
+            )
+    return errors
+
+
+def check_redis(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
+    app = celery_app()
+    conf = get_conf(app)
+    try:
+        conf.locks.client.ping()
+    except ConfigurationError:
+        return []  # reported by E004
+    except redis.RedisError as exc:
+        return [
+            checks.Error(
+                f"the Redis for celery-unique locks cannot be reached: {exc!r}",
+                hint="Check CELERY_UNIQUE_REDIS_URL (or the Redis broker URL).",
+                id="celery_unique.E001",
+            )
+        ]
+    return [
+        checks.Warning(finding.message, id="celery_unique.W002")
+        for finding in core_checks.check_eviction(app)
+    ]
+
+
+def check_timeouts(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
+    app = celery_app()
+    try:
+        findings = core_checks.check_timeouts(app) + core_checks.check_visibility_timeout(app)
+    except ConfigurationError:
+        return []  # reported by E004
+    return [checks.Warning(finding.message, id="celery_unique.W003") for finding in findings]
+
+
+def register() -> None:
+    checks.register(check_settings, TAG)
+    checks.register(check_timeouts, TAG)
+    # Reaching Redis is a network call: only with ``check --deploy``, so that
+    # makemigrations and friends neither need Redis nor wait for it.
+    checks.register(check_redis, TAG, deploy=True)

@@ -1,0 +1,53 @@
+"""Looking at the locks in Redis: list them, release them by hand.
+
+Uses SCAN only (never KEYS), so it is safe on a busy production Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from celery_unique.conf import get_conf
+from celery_unique.keys import KEY_VERSION, digest_of_key
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """One lock found in Redis."""
+
+    key: str
+    task_name: str
+    digest: str
+    kind: str  # "lock" (queued) or "run" (running)
+    holder: str | None
+    ttl: float | None
+
+
+def _task_of(key: str) -> str:
+    tag = key[key.index("{") + 1 : key.rindex("}")]
+    return tag.rpartition(":")[0]
+
+
+def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iterator[LockInfo]:
+    """Every lock of ``app``'s key prefix (optionally of one task), via SCAN."""
+    conf = get_conf(app)
+    store = conf.locks
+    tag = f"{{{task_name}:*}}" if task_name else "{*}"
+    for kind in ("lock", "run"):
+        pattern = f"{conf.key_prefix}:{KEY_VERSION}:{tag}:{kind}"
+        for raw in store.client.scan_iter(match=pattern, count=count):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            holder, ttl = store.holder(key)
+            if holder is None:
+                continue  # released between SCAN and GET
+            yield LockInfo(key, _task_of(key), digest_of_key(key), kind, holder, ttl)
+
+
+def force_release(app: Any, key: str) -> bool:
+    """Delete a lock whoever holds it (an operator's decision); True when it existed."""
+    conf = get_conf(app)
+    if not key.startswith(f"{conf.key_prefix}:{KEY_VERSION}:{{") or not key.endswith((":lock", ":run")):
+        raise ValueError(f"not a celery-unique lock key of this app: {key!r}")
+    return bool(conf.locks.client.delete(key))

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class LoansConfig(AppConfig):
+    name = "example_project.loans"
+    default_auto_field = "django.db.models.BigAutoField"

@@ -1,0 +1,56 @@
+"""Settings of the example Django project.
+
+SQLite by default (``EXAMPLE_SQLITE_PATH``, a file the demo creates);
+PostgreSQL or another database when ``DATABASE_URL`` is set
+(``postgres://user@host:port/name``). Redis from ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from urllib.parse import urlparse
+
+import django
+
+SECRET_KEY = "example-project-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "example_project.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "celery_unique.contrib.django",
+    "example_project.loans",
+]
+MIDDLEWARE: list[str] = []
+
+
+def _database(url: str | None) -> dict[str, object]:
+    if not url:
+        path = os.environ.get("EXAMPLE_SQLITE_PATH") or os.path.join(tempfile.gettempdir(), "example.sqlite3")
+        options: dict[str, object] = {"timeout": 30}
+        if django.VERSION >= (5, 1):
+            # Concurrent writers (web threads, the worker): take the write lock
+            # at BEGIN, so no transaction fails upgrading a read lock.
+            options.update(transaction_mode="IMMEDIATE", init_command="PRAGMA journal_mode=WAL;")
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": path, "OPTIONS": options}
+    parsed = urlparse(url)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": parsed.path.lstrip("/"),
+        "USER": parsed.username or "",
+        "PASSWORD": parsed.password or "",
+        "HOST": parsed.hostname or "",
+        "PORT": parsed.port or "",
+    }
+
+
+DATABASES = {"default": _database(os.environ.get("DATABASE_URL"))}
+
+# Celery reads these through config_from_object(..., namespace="CELERY").
+CELERY_BROKER_URL = os.environ.get("REDIS_URL")
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_UNIQUE_LOCK_TIMEOUT = 60

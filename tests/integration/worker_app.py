@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 
 from celery_unique import UniqueTask
+from celery_unique.contrib.django import UniqueDjangoTask
 
 app = Celery("celery_unique_tests", set_as_current=False)
 app.conf.update(
@@ -170,4 +171,11 @@ def rescheduler_while(self: Any, token: str, times: int) -> None:
         again = self.apply_async((token, times - 1), countdown=0.5)
         record(token, "rescheduled", id=again.id, duplicate=again.duplicate)
     time.sleep(0.2)
+    record(token, "end", id=self.request.id)
+
+
+@app.task(base=UniqueDjangoTask, bind=True, name="tests.django_recompute", unique_on=("token",))
+def django_recompute(self: Any, token: str, seconds: float = 0.0) -> None:
+    record(token, "start", id=self.request.id)
+    time.sleep(seconds)
     record(token, "end", id=self.request.id)

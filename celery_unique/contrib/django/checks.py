@@ -48,7 +48,6 @@ def celery_app() -> Any:
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
     conf = get_conf(celery_app())
-    conf.reload()
     errors: list[checks.CheckMessage] = []
     for name in _SETTINGS:
         try:

@@ -1,0 +1,328 @@
+"""Django integration: real Django, real databases (SQLite and PostgreSQL), real Redis.
+
+Every transaction test runs on both database aliases; PostgreSQL is the
+service on 127.0.0.1:5432 (database ``test``). Its absence fails the suite
+under ``CI=true`` and skips those cases elsewhere, with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import django
+import pytest
+import redis
+from celery import Celery
+from django.conf import settings
+
+from celery_unique.conf import get_conf
+from tests.integration.conftest import Events, wait_for
+from tests.integration.worker_app import django_recompute
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+
+
+def _postgres_reachable() -> bool:
+    try:
+        with socket.create_connection((PG_HOST, PG_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def django_databases() -> Iterator[list[str]]:
+    """Configure Django once for the session; the aliases to test."""
+    folder = tempfile.TemporaryDirectory(prefix="celery-unique-django-")
+    sqlite_options: dict[str, Any] = {"timeout": 30}
+    if django.VERSION >= (5, 1):
+        sqlite_options.update(transaction_mode="IMMEDIATE", init_command="PRAGMA journal_mode=WAL;")
+    databases: dict[str, Any] = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.path.join(folder.name, "test.sqlite3"),
+            "OPTIONS": sqlite_options,
+        },
+        "pg": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("PGDATABASE", "test"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "HOST": PG_HOST,
+            "PORT": PG_PORT,
+        },
+    }
+    if not settings.configured:
+        settings.configure(
+            INSTALLED_APPS=[
+                "django.contrib.contenttypes",
+                "celery_unique.contrib.django",
+                "tests.django_app",
+            ],
+            DATABASES=databases,
+            USE_TZ=True,
+            DEFAULT_AUTO_FIELD="django.db.models.AutoField",
+        )
+        django.setup()
+    from django.core.management import call_command
+    from django.db import connections
+
+    aliases = ["default"]
+    if _postgres_reachable():
+        aliases.append("pg")
+    for alias in aliases:
+        call_command("migrate", database=alias, run_syncdb=True, verbosity=0)
+    yield aliases
+    connections.close_all()
+    folder.cleanup()
+
+
+@pytest.fixture(params=["default", "pg"])
+def alias(request: pytest.FixtureRequest, django_databases: list[str]) -> str:
+    name: str = request.param
+    if name not in django_databases:
+        message = f"PostgreSQL is required for this test and is not reachable at {PG_HOST}:{PG_PORT}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return name
+
+
+def held(task: Any, token: str) -> str | None:
+    holder: str | None = task.unique_store().holder(task.unique_lock_key((token,)))[0]
+    return holder
+
+
+def test_rollback_publishes_nothing_and_leaves_no_lock(
+    celery_app: Any, alias: str, token: str, redis_client: redis.Redis
+) -> None:
+    from django.db import transaction
+
+    from tests.django_app.models import Account
+
+    handle = None
+    with pytest.raises(RuntimeError), transaction.atomic(using=alias):
+        Account.objects.using(alias).create(balance=1)
+        handle = django_recompute.apply_async_on_commit((token,), using=alias)
+        raise RuntimeError("roll back")
+    assert handle is not None and handle.id is None and not handle.published
+    assert held(django_recompute, token) is None
+    assert not redis_client.exists(django_recompute.unique_lock_key((token,)))
+
+
+def test_commit_takes_the_lock_at_commit_and_publishes_once(celery_app: Any, alias: str, token: str) -> None:
+    from django.db import transaction
+
+    with transaction.atomic(using=alias):
+        handle = django_recompute.apply_async_on_commit((token,), using=alias, countdown=30)
+        again = django_recompute.apply_async_on_commit((token,), using=alias, countdown=30)
+        assert held(django_recompute, token) is None  # not before the commit
+        assert handle.id is None
+    assert held(django_recompute, token) == handle.id
+    assert handle.duplicate is False
+    assert again.duplicate is True and again.id == handle.id
+    django_recompute.AsyncResult(handle.id).revoke()
+    django_recompute.unique_store().release(django_recompute.unique_lock_key((token,)), handle.id)
+
+
+def test_outside_a_transaction_it_publishes_at_once(celery_app: Any, token: str) -> None:
+    handle = django_recompute.delay_on_commit(token)
+    assert handle.published and handle.id is not None
+    assert handle.task_id == handle.id  # AsyncResult attributes pass through
+
+
+def test_savepoints_follow_django_on_commit_semantics(celery_app: Any, alias: str) -> None:
+    from django.db import transaction
+
+    kept, dropped = uuid.uuid4().hex, uuid.uuid4().hex
+    with transaction.atomic(using=alias):
+        outer = django_recompute.apply_async_on_commit((kept,), using=alias, countdown=30)
+        with pytest.raises(RuntimeError), transaction.atomic(using=alias):
+            inner = django_recompute.apply_async_on_commit((dropped,), using=alias, countdown=30)
+            raise RuntimeError("roll back the savepoint")
+        with transaction.atomic(using=alias):
+            nested = django_recompute.apply_async_on_commit((kept,), using=alias, countdown=30)
+    assert outer.published and nested.published and not inner.published
+    assert nested.duplicate and nested.id == outer.id
+    assert held(django_recompute, dropped) is None
+    assert held(django_recompute, kept) == outer.id
+    django_recompute.AsyncResult(outer.id).revoke()
+    django_recompute.unique_store().release(django_recompute.unique_lock_key((kept,)), outer.id)
+
+
+def test_concurrent_requests_run_the_recompute_once(
+    worker: Any, alias: str, token: str, events: Events
+) -> None:
+    from django.db import connections, transaction
+
+    from tests.django_app.models import Account
+
+    account = Account.objects.using(alias).create(balance=0)
+    handles: list[Any] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(50)
+
+    def request() -> None:
+        try:
+            start.wait()
+            with transaction.atomic(using=alias):
+                Account.objects.using(alias).filter(pk=account.pk).update(balance=models_f("balance") + 1)
+                handle = django_recompute.apply_async_on_commit((token, 1.0), using=alias)
+            with lock:
+                handles.append(handle)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=request) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert Account.objects.using(alias).get(pk=account.pk).balance == 50
+    assert len(handles) == 50 and all(h.published for h in handles)
+    assert len({h.id for h in handles}) == 1
+    assert sum(1 for h in handles if not h.duplicate) == 1
+    wait_for(lambda: any(e["event"] == "end" for e in events()), timeout=20)
+    wait_for(lambda: held(django_recompute, token) is None, timeout=5)
+    assert sum(1 for e in events() if e["event"] == "start") == 1
+
+
+def models_f(name: str) -> Any:
+    from django.db.models import F
+
+    return F(name)
+
+
+# -- settings and system checks ------------------------------------------------
+
+
+@pytest.fixture
+def django_celery_app(django_databases: list[str], redis_url: str) -> Iterator[Celery]:
+    """A Celery app configured from Django's settings, as a project's celery.py does."""
+    from celery import current_app
+
+    previous = current_app._get_current_object()
+    app = Celery("django-project", set_as_current=False)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.set_current()  # what the checks and the command look at
+    yield app
+    get_conf(app).close()
+    previous.set_current()
+
+
+def run_checks(**options: Any) -> dict[str, str]:
+    from django.core import checks
+
+    messages = checks.run_checks(tags=["celery_unique"], **options)
+    return {m.id: m.msg for m in messages}
+
+
+def test_celery_unique_settings_come_from_django(django_celery_app: Celery, redis_url: str) -> None:
+    from django.test import override_settings
+
+    with override_settings(CELERY_BROKER_URL=redis_url, CELERY_UNIQUE_LOCK_TIMEOUT=42):
+        conf = get_conf(django_celery_app)
+        assert conf.lock_timeout == 42.0
+        assert conf.redis_url == redis_url
+        with override_settings(CELERY_UNIQUE_LOCK_TIMEOUT=7):
+            assert conf.lock_timeout == 7.0  # setting_changed reloads
+
+
+def test_system_checks_are_quiet_on_a_good_configuration(django_celery_app: Celery, redis_url: str) -> None:
+    from django.test import override_settings
+
+    with override_settings(CELERY_BROKER_URL=redis_url):
+        assert run_checks(include_deployment_checks=True) == {}
+
+
+def test_e001_unreachable_redis(django_celery_app: Celery) -> None:
+    from django.test import override_settings
+
+    with override_settings(
+        CELERY_BROKER_URL="redis://127.0.0.1:1/0", CELERY_UNIQUE_REDIS_CONNECT_TIMEOUT=0.5
+    ):
+        assert "celery_unique.E001" in run_checks(include_deployment_checks=True)
+        assert "celery_unique.E001" not in run_checks()  # network checks only with --deploy
+
+
+def test_w002_evicting_redis(django_celery_app: Celery) -> None:
+    from django.test import override_settings
+
+    from celery_unique.testing import RedisServer
+
+    with RedisServer("--maxmemory", "10mb", "--maxmemory-policy", "volatile-lru") as server:
+        with override_settings(CELERY_BROKER_URL=server.url):
+            found = run_checks(include_deployment_checks=True)
+        get_conf(django_celery_app).close()
+    assert "volatile-lru" in found["celery_unique.W002"]
+
+
+def test_w003_inconsistent_timeouts(django_celery_app: Celery, redis_url: str) -> None:
+    from django.test import override_settings
+
+    with override_settings(
+        CELERY_BROKER_URL=redis_url,
+        CELERY_BROKER_TRANSPORT_OPTIONS={"visibility_timeout": 60},
+        CELERY_UNIQUE_LOCK_TIMEOUT=3600,
+    ):
+        from celery_unique import UniqueTask
+
+        @django_celery_app.task(base=UniqueTask, shared=False, name="checks.long")
+        def long_lock() -> None: ...
+
+        assert "visibility_timeout" in run_checks()["celery_unique.W003"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("CELERY_UNIQUE_LOCK_TIMEOUT", "ten"),
+        ("CELERY_UNIQUE_DEFAULT_ON_DUPLICATE", "drop"),
+        ("CELERY_UNIQUE_DEFAULT_LOCK", "forever"),
+        ("CELERY_UNIQUE_KEY_PREFIX", "a{b}"),
+    ],
+)
+def test_e004_invalid_settings(django_celery_app: Celery, redis_url: str, setting: str, value: Any) -> None:
+    from django.test import override_settings
+
+    with override_settings(CELERY_BROKER_URL=redis_url, **{setting: value}):
+        found = run_checks()
+    assert setting.removeprefix("CELERY_").lower().removeprefix("unique_") in found["celery_unique.E004"]
+
+
+def test_unique_locks_command_lists_and_releases(
+    django_celery_app: Celery, redis_url: str, token: str
+) -> None:
+    from django.core.management import CommandError, call_command
+    from django.test import override_settings
+
+    from celery_unique import UniqueTask
+
+    with override_settings(CELERY_BROKER_URL=redis_url, CELERY_TASK_DEFAULT_QUEUE=f"cmd-{token}"):
+
+        @django_celery_app.task(base=UniqueTask, shared=False, name=f"cmd.job.{token}")
+        def job(value: str) -> None: ...
+
+        first = job.delay(token)
+        out = io.StringIO()
+        call_command("unique_locks", task=job.name, stdout=out)
+        key = job.unique_lock_key((token,))
+        assert key in out.getvalue() and first.id in out.getvalue() and "1 lock(s)" in out.getvalue()
+
+        out = io.StringIO()
+        call_command("unique_locks", release=key, stdout=out)
+        assert "released" in out.getvalue()
+        assert not job.delay(token).duplicate
+        with pytest.raises(CommandError):
+            call_command("unique_locks", release="some:other:key")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import tempfile
 import threading
 import uuid
@@ -23,18 +22,10 @@ from celery import Celery
 from django.conf import settings
 
 from celery_unique.conf import get_conf
-from tests.integration.conftest import Events, wait_for
+from tests.integration.conftest import Events, require_service, service_reachable, wait_for
 from tests.integration.worker_app import django_recompute
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
-
-
-def _postgres_reachable() -> bool:
-    try:
-        with socket.create_connection((PG_HOST, PG_PORT), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +65,7 @@ def django_databases() -> Iterator[list[str]]:
     from django.db import connections
 
     aliases = ["default"]
-    if _postgres_reachable():
+    if service_reachable(PG_HOST, PG_PORT):
         aliases.append("pg")
     for alias in aliases:
         call_command("migrate", database=alias, run_syncdb=True, verbosity=0)
@@ -87,10 +78,7 @@ def django_databases() -> Iterator[list[str]]:
 def alias(request: pytest.FixtureRequest, django_databases: list[str]) -> str:
     name: str = request.param
     if name not in django_databases:
-        message = f"PostgreSQL is required for this test and is not reachable at {PG_HOST}:{PG_PORT}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        require_service("PostgreSQL", PG_HOST, PG_PORT)
     return name
 
 

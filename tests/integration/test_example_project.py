@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,11 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
+from tests.integration.conftest import require_service
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.worker
-
-
-def _postgres_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -30,11 +23,7 @@ def test_demo_runs_every_published_recompute_once(database: str, redis_url: str)
     # Database 1 of our Redis: the session worker consumes the default queue of database 0.
     env["REDIS_URL"] = urlunparse(urlparse(redis_url)._replace(path="/1"))
     if database == "postgresql":
-        if not _postgres_reachable():
-            message = "PostgreSQL is required for this test and is not reachable at 127.0.0.1:5432"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        require_service("PostgreSQL", "127.0.0.1", 5432)
         env["DATABASE_URL"] = "postgres://postgres@127.0.0.1:5432/test"
     done = subprocess.run(
         [sys.executable, "-m", "example_project", "demo", "--payments", "10"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -29,6 +28,7 @@ from celery_unique import (
 )
 from celery_unique.conf import get_conf
 from celery_unique.headers import HEADER
+from tests.integration.conftest import require_service
 
 QUEUE = "producer-tests"
 
@@ -238,21 +238,9 @@ def test_lock_store_is_shared_per_app(app: Celery) -> None:
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def _amqp_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def amqp_app(apps: Any, redis_url: str) -> Iterator[Celery]:
-    if not _amqp_reachable():
-        message = f"RabbitMQ is required for this test and is not reachable at {AMQP_URL}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service("RabbitMQ", "127.0.0.1", 5672)
     app = apps(AMQP_URL, redis_url)
     app.conf.task_default_queue = f"{QUEUE}-{uuid.uuid4().hex[:8]}"
     yield app

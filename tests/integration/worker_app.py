@@ -139,14 +139,23 @@ def renewed(self: Any, token: str, seconds: float) -> bool:
     return bool(self.unique.lost)
 
 
-@app.task(base=UniqueTask, bind=True, name="tests.rescheduler", unique_on=("token",))
-def rescheduler(self: Any, token: str, times: int) -> None:
-    record(token, "start", id=self.request.id)
-    if times > 0:
-        again = self.apply_async((token, times - 1), countdown=0.2)
-        record(token, "rescheduled", id=again.id, duplicate=again.duplicate)
-    time.sleep(0.3)
-    record(token, "end", id=self.request.id)
+def _rescheduler_task(name: str, **options: Any) -> Any:
+    """A task that re-enqueues itself ``times`` times with the same key."""
+
+    @app.task(base=UniqueTask, bind=True, name=name, unique_on=("token",), shared=False, **options)
+    def run(self: Any, token: str, times: int) -> None:
+        record(token, "start", id=self.request.id)
+        if times > 0:
+            again = self.apply_async((token, times - 1), countdown=0.3)
+            record(token, "rescheduled", id=again.id, duplicate=again.duplicate)
+        time.sleep(0.3)
+        record(token, "end", id=self.request.id)
+
+    return run
+
+
+rescheduler = _rescheduler_task("tests.rescheduler")
+rescheduler_while = _rescheduler_task("tests.rescheduler_while", lock="until_and_while_executing")
 
 
 @app.task(base=UniqueTask, bind=True, name="tests.replacer", unique_on=("token",))
@@ -156,22 +165,6 @@ def replacer(self: Any, token: str, replace: bool = True) -> Any:
         return self.replace(replacer.s(token, False).set(countdown=1.0))
     record(token, "end", id=self.request.id)
     return None
-
-
-@app.task(
-    base=UniqueTask,
-    bind=True,
-    name="tests.rescheduler_while",
-    unique_on=("token",),
-    lock="until_and_while_executing",
-)
-def rescheduler_while(self: Any, token: str, times: int) -> None:
-    record(token, "start", id=self.request.id)
-    if times > 0:
-        again = self.apply_async((token, times - 1), countdown=0.5)
-        record(token, "rescheduled", id=again.id, duplicate=again.duplicate)
-    time.sleep(0.2)
-    record(token, "end", id=self.request.id)
 
 
 @app.task(base=UniqueDjangoTask, bind=True, name="tests.django_recompute", unique_on=("token",))

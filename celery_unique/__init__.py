@@ -3,8 +3,10 @@
 from celery_unique.exceptions import (
     ConfigurationError,
     DuplicateTaskError,
+    IdempotencyConflict,
     LockBackendError,
     LockConflictError,
+    ReplayedError,
     UniqueError,
     UniqueKeyError,
 )
@@ -15,8 +17,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "DuplicateTaskError",
+    "IdempotencyConflict",
     "LockBackendError",
     "LockConflictError",
+    "ReplayedError",
     "UniqueError",
     "UniqueKeyError",
     "UniqueTask",

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "unique_default_on_duplicate": "return_existing",
     "unique_default_lock": UNTIL_EXECUTED,
     "unique_default_on_conflict": "discard",
+    "unique_result_ttl": 86400.0,
     "unique_on_redis_error": "raise",
     "unique_on_canvas": "bypass",
     "unique_redis_socket_timeout": 5.0,
@@ -105,6 +106,10 @@ class UniqueConf:
     @property
     def lock_timeout(self) -> float:
         return check_lock_timeout(self._get("unique_lock_timeout"), "unique_lock_timeout")
+
+    @property
+    def result_ttl(self) -> float:
+        return check_lock_timeout(self._get("unique_result_ttl"), "unique_result_ttl")
 
     @property
     def key_prefix(self) -> str:

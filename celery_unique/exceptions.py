@@ -91,3 +91,35 @@ class LockConflictError(_HeldLockError):
             f"{self.task_name} did not run: lock {self.key_digest[:12]} is held by "
             f"{self.existing_id} (ttl {self.ttl}s)"
         )
+
+
+class IdempotencyConflict(UniqueError):
+    """An explicit ``idempotency_key`` was reused with other arguments.
+
+    Carries the key and both argument digests (the stored call's and this one's).
+    """
+
+    def __init__(self, task_name: str, idempotency_key: str, stored_digest: str, given_digest: str) -> None:
+        self.task_name = task_name
+        self.idempotency_key = idempotency_key
+        self.stored_digest = stored_digest
+        self.given_digest = given_digest
+        super().__init__(
+            f"{task_name}: idempotency key {idempotency_key!r} was used with other arguments "
+            f"(stored {stored_digest[:12]}, given {given_digest[:12]})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task_name, self.idempotency_key, self.stored_digest, self.given_digest))
+
+
+class ReplayedError(UniqueError):
+    """A stored failure replayed for a duplicate call, when its type is not a built-in."""
+
+    def __init__(self, error_type: str, error_message: str) -> None:
+        self.error_type = error_type
+        self.error_message = error_message
+        super().__init__(f"{error_type}: {error_message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.error_type, self.error_message))

@@ -138,6 +138,14 @@ def fence_key(family: str) -> str:
     return family + ":fence"
 
 
+def result_key(family: str) -> str:
+    return family + ":result"
+
+
+def args_key(family: str) -> str:
+    return family + ":args"
+
+
 def family_of(key: str) -> str:
     """The family of any key built here (everything before the last colon)."""
     return key.rpartition(":")[0]

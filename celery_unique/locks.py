@@ -46,6 +46,7 @@ class RunStart(Acquisition):
     """The answer of :meth:`LockStore.begin_run`; ``fence`` is set when the run may go on."""
 
     fence: int | None = None
+    outcome: str | None = None  # a stored outcome (JSON) found instead of running
 
 
 def _text(value: Any) -> str:
@@ -179,6 +180,8 @@ class LockStore:
         self._release_all = client.register_script(scripts.RELEASE_ALL)
         self._extend = client.register_script(scripts.EXTEND)
         self._begin_run = client.register_script(scripts.BEGIN_RUN)
+        self._acquire_idempotent = client.register_script(scripts.ACQUIRE_IDEMPOTENT)
+        self._store_and_release = client.register_script(scripts.STORE_AND_RELEASE)
         # The lean path needs a plain client with a connection pool.
         self.lean = isinstance(client, redis.Redis) and hasattr(client, "connection_pool")
         self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
@@ -251,12 +254,47 @@ class LockStore:
         """Delete those of ``keys`` (one family) that ``owner`` holds; how many."""
         return int(self._release_all(keys=keys, args=[owner]))
 
-    def begin_run(self, lock: str, run: str, fence: str, owner: str, mode: str, ttl_ms: int) -> RunStart:
-        """Check or take the locks of a starting run and draw a fencing token."""
-        reply = self._begin_run(keys=[lock, run, fence], args=[owner, mode, ttl_ms])
+    def begin_run(
+        self,
+        lock: str,
+        run: str,
+        fence: str,
+        owner: str,
+        mode: str,
+        ttl_ms: int,
+        result: str | None = None,
+    ) -> RunStart:
+        """Check or take the locks of a starting run and draw a fencing token.
+
+        With ``result`` (an idempotent task) a stored outcome comes back as
+        ``RunStart.outcome`` and nothing is taken.
+        """
+        reply = self._begin_run(
+            keys=[lock, run, fence, result or fence], args=[owner, mode, ttl_ms, "1" if result else ""]
+        )
+        if int(reply[0]) == 2:
+            return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=_text(reply[1]))
         if int(reply[0]) == 1:
             return RunStart(owner=owner, holder=owner, ttl_ms=ttl_ms, acquired=True, fence=int(reply[1]))
         return RunStart(owner=owner, holder=_text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
+
+    def acquire_idempotent(
+        self, lock: str, result: str, args: str, owner: str, ttl_ms: int, handover: str, args_digest: str
+    ) -> tuple[Acquisition, str | None, str]:
+        """Acquire for an idempotent task: (acquisition, stored outcome, holder's argument digest)."""
+        reply = self._acquire_idempotent(
+            keys=[lock, result, args], args=[owner, ttl_ms, handover, args_digest]
+        )
+        if isinstance(reply, int):
+            return Acquisition(owner, owner, reply, acquired=True), None, args_digest
+        if int(reply[0]) == 2:
+            return Acquisition(owner, "", 0, acquired=False), _text(reply[1]), ""
+        holding = Acquisition(owner, _text(reply[1]), int(reply[2]), acquired=False)
+        return holding, None, _text(reply[3])
+
+    def store_and_release(self, result: str, locks: list[str], owner: str, outcome: str, ttl_ms: int) -> bool:
+        """Store an outcome (unless one is stored) and release the owner's locks; True if stored."""
+        return bool(self._store_and_release(keys=[result, *locks], args=[owner, outcome, ttl_ms]))
 
     def extend(self, key: str, owner: str, ttl_ms: int) -> bool:
         """Reset the lock's time to live if ``owner`` holds it."""

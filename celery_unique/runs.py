@@ -28,7 +28,7 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from celery_unique import headers
+from celery_unique import headers, idempotency
 from celery_unique.conf import (
     UNTIL_AND_WHILE_EXECUTING,
     UNTIL_EXECUTED,
@@ -38,7 +38,7 @@ from celery_unique.conf import (
     get_conf,
 )
 from celery_unique.exceptions import LockBackendError, LockConflictError
-from celery_unique.keys import digest_of_key, family_of, fence_key, lock_key, run_key
+from celery_unique.keys import digest_of_key, family_of, fence_key, lock_key, result_key, run_key
 from celery_unique.lease import Lease, keeper
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     request = task.request
     lifetime = task.unique_lifetime
     header = headers.from_context(request)
-    if lifetime == UNTIL_EXPIRED or (header is None and lifetime not in WORKER_SIDE):
+    checks_outcome = task.idempotent
+    if not checks_outcome and (lifetime == UNTIL_EXPIRED or (header is None and lifetime not in WORKER_SIDE)):
         return
     family, owner = _locks(task, header, task_id, args, kwargs)
     timeout = (header or {}).get("timeout") or task.unique_lock_timeout
@@ -77,7 +78,15 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     conf = get_conf(task.app)
     store = conf.locks
     try:
-        start = store.begin_run(lock_key(family), run_key(family), fence_key(family), owner, lifetime, ttl_ms)
+        start = store.begin_run(
+            lock_key(family),
+            run_key(family),
+            fence_key(family),
+            owner,
+            lifetime,
+            ttl_ms,
+            result=result_key(family) if checks_outcome else None,
+        )
     except redis.RedisError as exc:
         setattr(request, STATE, NOTHING_HELD)
         if conf.on_redis_error == "allow":
@@ -91,6 +100,15 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
         raise LockBackendError(
             f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis ({exc!r})"
         ) from exc
+    if start.outcome is not None:
+        # Already ran for this key (a redelivery, or a call sent by name):
+        # the body is skipped and the stored outcome is the result.
+        setattr(request, STATE, NOTHING_HELD)
+        setattr(request, idempotency.REPLAY, idempotency.decode(start.outcome))
+        logger.info(
+            "%s[%s]: outcome stored for key %s replayed", task.name, task_id, digest_of_key(family)[:12]
+        )
+        return
     if not start.acquired:
         setattr(request, STATE, NOTHING_HELD)
         _conflict(task, family, start.holder, start.ttl)
@@ -137,28 +155,78 @@ def passed_on(request: Any) -> None:
 
 
 def end(task: Any, state: str | None, retval: Any) -> None:
-    """Release what the run's lifetime releases at the end of a run."""
+    """Release what the run's lifetime releases at the end of a run (storing an outcome)."""
     request = task.request
     lease: Lease | None = getattr(request, STATE, None)
     if lease is not None:
         keeper.drop(lease)
     lifetime = task.unique_lifetime
-    if lifetime in (UNTIL_EXECUTING, UNTIL_EXPIRED):
+    if lifetime in (UNTIL_EXECUTING, UNTIL_EXPIRED) and not task.idempotent:
         return
     header = headers.from_context(request)
     requeued = state == states.REJECTED and getattr(retval, "requeue", False)
     keeps_queued_lock = state == states.RETRY or requeued or getattr(request, PASSED_ON, False)
     why = state or "aborted"
+    keys: list[str] = []
+    owner = header["owner"] if header is not None else request.id
     if lease is NOTHING_HELD or lifetime == UNTIL_EXECUTED:
         # until_executed holds its queued lock to the end. A run that did not
-        # start (conflict, Redis failure) gives its queued lock back too;
-        # after a conflict that lock is another task's and the owner check
-        # leaves it alone.
-        if header is not None and not keeps_queued_lock:
-            release(task.app, [header["key"]], header["owner"], why)
+        # start (conflict, Redis failure, replay) gives its queued lock back
+        # too; after a conflict that lock is another task's and the owner
+        # check leaves it alone.
+        if header is not None and not keeps_queued_lock and lifetime != UNTIL_EXPIRED:
+            keys.append(header["key"])
     elif lease is not None:
         # A running lock ends with the run, retried or not.
-        release(task.app, [lease.key], lease.owner, why)
+        keys.append(lease.key)
+        owner = lease.owner
+    outcome = _outcome(task, state, retval, request)
+    if outcome is not None:
+        family = (
+            family_of(header["key"])
+            if header is not None
+            else family_of(task.unique_lock_key(request.args, request.kwargs))
+        )
+        _store(task, result_key(family), keys, owner, outcome, why)
+    elif keys:
+        release(task.app, keys, owner, why)
+
+
+def _outcome(task: Any, state: str | None, retval: Any, request: Any) -> str | None:
+    """The outcome to store for this run, if the task is idempotent and it ran."""
+    if not task.idempotent or getattr(request, idempotency.REPLAY, None) is not None:
+        return None
+    header = headers.from_context(request)
+    digest_of_args = task.arguments_digest(request.args, request.kwargs)
+    task_id = header["owner"] if header is not None else request.id
+    if state == states.SUCCESS:
+        try:
+            return idempotency.encode_success(task_id, digest_of_args, retval)
+        except (TypeError, ValueError) as exc:
+            logger.error(
+                "%s[%s]: the result (%s) is not JSON-serialisable, so it was not stored for replay: %s",
+                task.name,
+                task_id,
+                type(retval).__name__,
+                exc,
+            )
+            return None
+    if state == states.FAILURE and task.idempotent_failures and isinstance(retval, BaseException):
+        return idempotency.encode_failure(task_id, digest_of_args, retval)
+    return None
+
+
+def _store(task: Any, result: str, keys: list[str], owner: str, outcome: str, why: str) -> None:
+    ttl_ms = int(task.unique_result_ttl * 1000)
+    try:
+        get_conf(task.app).locks.store_and_release(result, keys, owner, outcome, ttl_ms)
+    except redis.RedisError:
+        logger.warning(
+            "%s: could not store the outcome for key %s; locks expire after their timeout",
+            task.name,
+            digest_of_key(result)[:12],
+            exc_info=True,
+        )
 
 
 def release_abandoned(

@@ -42,17 +42,26 @@ return 0
 #   KEYS[1]  queued lock (taken at delay(); may be absent for this mode)
 #   KEYS[2]  running lock
 #   KEYS[3]  fencing counter
+#   KEYS[4]  stored outcome (idempotent tasks)
 #   ARGV[1]  owner token (the task id)
 #   ARGV[2]  lifetime: until_executed | until_executing | while_executing |
 #            until_and_while_executing
 #   ARGV[3]  time to live of the held lock in milliseconds
-# Returns {1, fence} when the run may go on, or {0, holder, pttl} on conflict.
+#   ARGV[4]  "1" when the task is idempotent
+# Returns {1, fence} when the run may go on, {0, holder, pttl} on conflict,
+# or {2, outcome} when an idempotent task's outcome is already stored.
 #
 # The fence is max(previous + 1, server time in microseconds): it increases
 # across holders even when the counter key has expired meanwhile.
 BEGIN_RUN = """
 if redis.replicate_commands then redis.replicate_commands() end
 local owner, mode, ttl = ARGV[1], ARGV[2], ARGV[3]
+if ARGV[4] == '1' then
+    local stored = redis.call('GET', KEYS[4])
+    if stored then
+        return {2, stored}
+    end
+end
 local held_key = KEYS[2]
 if mode == 'until_executed' then
     held_key = KEYS[1]
@@ -91,4 +100,48 @@ for _, key in ipairs(KEYS) do
     end
 end
 return released
+"""
+
+# Take the lock of an idempotent task, or report its stored outcome or holder.
+#   KEYS[1]  lock
+#   KEYS[2]  stored outcome
+#   KEYS[3]  argument digest of the lock's holder
+#   ARGV[1]  owner token
+#   ARGV[2]  time to live in milliseconds
+#   ARGV[3]  the owner the lock may be taken from ("" for none)
+#   ARGV[4]  argument digest of this call
+# Returns the integer ttl when taken, {2, outcome} when an outcome is stored,
+# or {0, holder, pttl, holder's argument digest} when another task holds it.
+ACQUIRE_IDEMPOTENT = """
+local stored = redis.call('GET', KEYS[2])
+if stored then
+    return {2, stored}
+end
+local holder = redis.call('GET', KEYS[1])
+if holder == false or (ARGV[3] ~= '' and holder == ARGV[3]) then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
+    return tonumber(ARGV[2])
+end
+return {0, holder, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[3]) or ''}
+"""
+
+# Store an outcome (first one wins) and release the owner's locks, atomically.
+#   KEYS[1]  stored outcome
+#   KEYS[2…] lock keys of the family
+#   ARGV[1]  owner token
+#   ARGV[2]  the outcome (JSON)
+#   ARGV[3]  its time to live in milliseconds
+# Returns 1 when this call stored the outcome, 0 when one was already there.
+STORE_AND_RELEASE = """
+local stored = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3])
+for i = 2, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[1] then
+        redis.call('DEL', KEYS[i])
+    end
+end
+if stored then
+    return 1
+end
+return 0
 """

@@ -19,7 +19,7 @@ import redis
 from celery import Task
 from celery.utils import uuid
 
-from celery_unique import headers, hooks, runs
+from celery_unique import headers, hooks, idempotency, runs
 from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
@@ -31,7 +31,17 @@ from celery_unique.conf import (
     get_conf,
 )
 from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError
-from celery_unique.keys import ArgumentKey, UniqueOn, digest_of_key, family_key, lock_key
+from celery_unique.keys import (
+    ArgumentKey,
+    UniqueOn,
+    args_key,
+    digest,
+    digest_of_key,
+    family_key,
+    family_of,
+    lock_key,
+    result_key,
+)
 from celery_unique.lease import Lease
 from celery_unique.locks import Acquisition, LockStore, PendingAcquire
 from celery_unique.publish import DuplicateFound, DuplicateHints, GatedProducer, GateFailed
@@ -95,11 +105,23 @@ class UniqueTask(Task):  # type: ignore[misc]
     conflict_retry_countdown: float = 5.0
     #: Extend a lock held while the task runs every third of its timeout.
     renew_lock: bool = True
+    #: Store the outcome under the key and replay it for duplicates and redeliveries.
+    idempotent: bool = False
+    #: Seconds an outcome is kept (default: ``unique_result_ttl``).
+    result_ttl: float | None = None
+    #: Store failures too (replayed as the same exception type and message).
+    idempotent_failures: bool = False
 
     #: Releases the lock when the pool child is gone (hard time limit, lost worker).
     Request = f"{hooks.__name__}:{hooks.UniqueRequest.__name__}"
 
     _unique_argument_key: ArgumentKey | None = None
+    _all_arguments_key: ArgumentKey | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            cls.run = idempotency.replaying(cls.__dict__["run"])
 
     # -- resolved options ---------------------------------------------------
 
@@ -142,12 +164,45 @@ class UniqueTask(Task):  # type: ignore[misc]
         args: Any = None,
         kwargs: Any = None,
         unique_options: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """The Redis key of the lock that a call with these arguments takes."""
-        unique_on = (unique_options or {}).get("unique_on", self.unique_on)
-        argument_digest = self._argument_key(unique_on).digest(args, kwargs)
+        """The Redis key of the lock that a call with these arguments takes.
+
+        With an explicit ``idempotency_key`` the key is that, not the arguments.
+        """
+        if idempotency_key is not None:
+            argument_digest = digest({"idempotency_key": idempotency_key})
+        else:
+            unique_on = (unique_options or {}).get("unique_on", self.unique_on)
+            argument_digest = self._argument_key(unique_on).digest(args, kwargs)
         prefix = get_conf(self._get_app()).key_prefix
         return lock_key(family_key(prefix, self.name, argument_digest))
+
+    def arguments_digest(self, args: Any = None, kwargs: Any = None) -> str:
+        """Digest of all arguments of a call (to tell an idempotency key's reuse)."""
+        built = self._all_arguments_key
+        if built is None:
+            built = self._all_arguments_key = ArgumentKey(self.name, self.run, None)
+        return built.digest(args, kwargs)
+
+    @property
+    def unique_result_ttl(self) -> float:
+        return check_lock_timeout(self.result_ttl or get_conf(self._get_app()).result_ttl, "result_ttl")
+
+    def stored_outcome(
+        self, args: Any = None, kwargs: Any = None, idempotency_key: str | None = None
+    ) -> idempotency.Outcome | None:
+        """The outcome stored for a call (an idempotent task's), or None."""
+        key = result_key(family_of(self.unique_lock_key(args, kwargs, idempotency_key=idempotency_key)))
+        text = self.unique_store().client.get(key)
+        return idempotency.decode(text.decode()) if text else None
+
+    def forget_outcome(
+        self, args: Any = None, kwargs: Any = None, idempotency_key: str | None = None
+    ) -> bool:
+        """Delete the stored outcome of a call, so the next call runs again; True if there was one."""
+        key = result_key(family_of(self.unique_lock_key(args, kwargs, idempotency_key=idempotency_key)))
+        return bool(self.unique_store().client.delete(key))
 
     # -- publishing -----------------------------------------------------
 
@@ -163,6 +218,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         **options: Any,
     ) -> Any:
         unique_options = options.pop("unique_options", None) or {}
+        idempotency_key = options.pop("idempotency_key", None)
+        if idempotency_key is not None and not (self.idempotent and isinstance(idempotency_key, str)):
+            raise ConfigurationError(f"{self.name}: idempotency_key needs a string and idempotent=True")
         unknown = set(unique_options) - CALL_OPTIONS
         if unknown:
             raise ConfigurationError(f"unknown unique_options {sorted(unknown)}")
@@ -215,7 +273,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             assert running_lock is not None
             key = running_lock["key"]
         else:
-            key = self.unique_lock_key(args, kwargs, unique_options)
+            key = self.unique_lock_key(args, kwargs, unique_options, idempotency_key)
         task_id = task_id or uuid()
         passes_on = running_lock is not None and running_lock["key"] == key
         # Who the lock may be taken from: the message itself when published
@@ -230,14 +288,29 @@ class UniqueTask(Task):  # type: ignore[misc]
             },
         }
 
-        def send(via: Any) -> Any:
+        def send(via: Any = producer) -> Any:
             return super(UniqueTask, self).apply_async(
                 args, kwargs, task_id, via, link, link_error, shadow, **locked_options
             )
 
-        published, result = self._publish_locked(
-            app, conf, key, task_id, ttl_ms, handover, republish, on_duplicate, producer, send, publish
-        )
+        if self.idempotent:
+            published, result = self._publish_idempotent(
+                conf,
+                key,
+                task_id,
+                ttl_ms,
+                handover,
+                republish,
+                on_duplicate,
+                idempotency_key,
+                args,
+                kwargs,
+                send,
+            )
+        else:
+            published, result = self._publish_locked(
+                app, conf, key, task_id, ttl_ms, handover, republish, on_duplicate, producer, send, publish
+            )
         if published and passes_on:
             runs.passed_on(current)
         return result
@@ -304,6 +377,53 @@ class UniqueTask(Task):  # type: ignore[misc]
             return False, self._duplicate(key, found.acquisition, on_duplicate)
         except GateFailed as failed:
             return False, self._redis_failed(conf, key, failed.error, publish_unlocked)
+
+    def _publish_idempotent(
+        self,
+        conf: UniqueConf,
+        key: str,
+        task_id: str,
+        ttl_ms: int,
+        handover: str,
+        republish: bool,
+        on_duplicate: str,
+        idempotency_key: str | None,
+        args: Any,
+        kwargs: Any,
+        send: Any,
+    ) -> tuple[bool, Any]:
+        """Replay a stored outcome, return the in-flight task, or take the lock and publish."""
+        family = family_of(key)
+        given = self.arguments_digest(args, kwargs)
+        store = conf.locks
+        try:
+            acquisition, stored, holder_digest = store.acquire_idempotent(
+                key, result_key(family), args_key(family), task_id, ttl_ms, handover, given
+            )
+        except redis.RedisError as exc:
+            raise LockBackendError(
+                f"{self.name}: could not reach Redis for idempotent task ({exc!r}); nothing was published"
+            ) from exc
+        if stored is not None:
+            outcome = idempotency.decode(stored)
+            idempotency.check_conflict(self.name, idempotency_key, outcome.args_digest, given)
+            logger.info(
+                "%s: outcome of %s replayed (key %s)", self.name, outcome.task_id, digest_of_key(key)[:12]
+            )
+            return False, outcome.handle()
+        idempotency.check_conflict(self.name, idempotency_key, holder_digest, given)
+        if not acquisition.acquired and not republish:
+            in_flight = self._duplicate(key, acquisition, on_duplicate)
+            if in_flight is not None:
+                in_flight.replayed = False
+            return False, in_flight
+        try:
+            result = send()
+        except BaseException:
+            self._release_after_failed_publish(store, key, task_id)
+            raise
+        result.duplicate = result.replayed = False
+        return True, result
 
     def _forget_unpublished(self, task_id: str) -> None:
         """Undo what Celery did for a message the gate stopped (result subscription)."""

@@ -96,6 +96,7 @@ def require_service(name: str, host: str, port: int) -> None:
 def celery_app(redis_url: str) -> Iterator[Any]:
     app = worker_app.app
     app.conf.broker_url = redis_url
+    app.conf.result_backend = redis_url
     get_conf(app).reload()
     yield app
     get_conf(app).close()

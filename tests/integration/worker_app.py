@@ -11,10 +11,11 @@ import json
 import os
 import signal
 import time
+from decimal import Decimal
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 from celery_unique import UniqueTask
 from celery_unique.contrib.django import UniqueDjangoTask
@@ -22,6 +23,7 @@ from celery_unique.contrib.django import UniqueDjangoTask
 app = Celery("celery_unique_tests", set_as_current=False)
 app.conf.update(
     broker_url=os.environ.get("REDIS_URL"),
+    result_backend=os.environ.get("REDIS_URL"),
     worker_prefetch_multiplier=1,
     task_publish_retry=False,
     broker_connection_retry_on_startup=True,
@@ -172,3 +174,63 @@ def django_recompute(self: Any, token: str, seconds: float = 0.0) -> None:
     record(token, "start", id=self.request.id)
     time.sleep(seconds)
     record(token, "end", id=self.request.id)
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.idempotent", idempotent=True, unique_on=("token",))
+def idempotent(self: Any, token: str, amount: int = 1, seconds: float = 0.0, result: str = "json") -> Any:
+    record(token, "start", id=self.request.id)
+    time.sleep(seconds)
+    if result == "decimal":
+        return Decimal(amount)  # Celery's JSON carries it; plain JSON (ours) does not
+    if result == "fail":
+        raise ValueError(f"declined {amount}")
+    return {"token": token, "charged": amount}
+
+
+@app.task(
+    base=UniqueTask,
+    bind=True,
+    name="tests.idempotent_short",
+    idempotent=True,
+    idempotent_failures=True,
+    result_ttl=1,
+    unique_on=("token",),
+)
+def idempotent_short(self: Any, token: str, fail: bool = False) -> str:
+    record(token, "start", id=self.request.id)
+    if fail:
+        raise KeyError("no such account")
+    return token
+
+
+@app.task(
+    base=UniqueTask,
+    bind=True,
+    name="tests.idempotent_killed",
+    idempotent=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,  # so Celery itself does not see a stored SUCCESS and skip the redelivery
+)
+def idempotent_killed(self: Any, token: str) -> dict[str, Any]:
+    record(token, "start", id=self.request.id)
+    return {"token": token, "value": 42}
+
+
+def _after_idempotent_killed(
+    sender: Any = None, task: Any = None, retval: Any = None, state: Any = None, **_: Any
+) -> None:
+    if task is None or task.name != "tests.idempotent_killed":
+        return
+    from celery_unique.idempotency import REPLAY
+
+    token = task.request.args[0]
+    replayed = getattr(task.request, REPLAY, None) is not None
+    record(token, "postrun", state=state, retval=retval, replayed=replayed)
+    if not replayed:
+        # The outcome is stored (celery-unique's receiver ran first); the
+        # message is not acknowledged yet: die now.
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+signals.task_postrun.connect(_after_idempotent_killed, weak=False)

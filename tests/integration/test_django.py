@@ -306,7 +306,11 @@ def test_unique_locks_command_lists_and_releases(
         out = io.StringIO()
         call_command("unique_locks", task=job.name, stdout=out)
         key = job.unique_lock_key((token,))
-        assert key in out.getvalue() and first.id in out.getvalue() and "1 lock(s)" in out.getvalue()
+        assert (
+            key in out.getvalue()
+            and first.id in out.getvalue()
+            and "1 lock(s) and outcome(s)" in out.getvalue()
+        )
 
         out = io.StringIO()
         call_command("unique_locks", release=key, stdout=out)

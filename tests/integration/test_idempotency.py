@@ -128,3 +128,16 @@ def test_forget_lets_the_next_call_run(worker: Any, token: str, events: Events) 
     assert not idempotent.forget_outcome((token,))
     assert not idempotent.delay(token).duplicate
     wait_for(lambda: starts(events) == 2, timeout=20)
+
+
+def test_stored_outcomes_are_listed_with_the_locks(worker: Any, celery_app: Any, token: str) -> None:
+    from celery_unique.inspect import iter_locks
+    from celery_unique.keys import digest_of_key
+
+    first = idempotent.delay(token)
+    first.get(timeout=20)
+    wait_for(lambda: idempotent.stored_outcome((token,)) is not None, timeout=5)
+    found = [lock for lock in iter_locks(celery_app, idempotent.name) if lock.kind == "result"]
+    assert [(lock.holder, lock.digest) for lock in found if lock.holder == first.id] == [
+        (first.id, digest_of_key(idempotent.unique_lock_key((token,))))
+    ]

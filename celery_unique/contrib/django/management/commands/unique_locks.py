@@ -11,7 +11,7 @@ from celery_unique.inspect import force_release, iter_locks
 
 
 class Command(BaseCommand):  # type: ignore[misc]
-    help = "List celery-unique locks (SCAN, never KEYS), or release one by key."
+    help = "List celery-unique locks and stored outcomes (SCAN, never KEYS), or release one by key."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--task", help="only the locks of this task name")
@@ -31,4 +31,4 @@ class Command(BaseCommand):  # type: ignore[misc]
             count += 1
             ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}s"
             self.stdout.write(f"{lock.key}  {lock.kind}  holder={lock.holder}  ttl={ttl}")
-        self.stdout.write(f"{count} lock(s)")
+        self.stdout.write(f"{count} lock(s) and outcome(s)")

@@ -1,5 +1,7 @@
 """Unique and idempotent Celery tasks on Redis."""
 
+from celery_unique.aggregate import Aggregator, FanIn, fan_in
+from celery_unique.context import Context
 from celery_unique.exceptions import (
     ConfigurationError,
     DuplicateTaskError,
@@ -15,8 +17,11 @@ from celery_unique.task import UniqueTask
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregator",
     "ConfigurationError",
+    "Context",
     "DuplicateTaskError",
+    "FanIn",
     "IdempotencyConflict",
     "LockBackendError",
     "LockConflictError",
@@ -25,4 +30,5 @@ __all__ = [
     "UniqueKeyError",
     "UniqueTask",
     "__version__",
+    "fan_in",
 ]

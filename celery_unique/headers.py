@@ -47,3 +47,18 @@ def from_context(request: Any) -> LockHeader | None:
 def from_message_headers(headers: Any) -> LockHeader | None:
     """The lock header of a worker's ``Request.request_dict``."""
     return _valid(headers.get(HEADER)) if isinstance(headers, dict) else None
+
+
+# The header of a fan-in part: {"token": ..., "part": ...}.
+FAN_IN_HEADER = "celery_unique_fan_in"
+
+
+def fan_in_part(request: Any) -> dict[str, str] | None:
+    """The fan-in token and part a task request reports to, if any."""
+    value = getattr(request, FAN_IN_HEADER, None)
+    if value is None:
+        found = getattr(request, "headers", None)
+        value = found.get(FAN_IN_HEADER) if isinstance(found, dict) else None
+    if isinstance(value, dict) and isinstance(value.get("token"), str) and isinstance(value.get("part"), str):
+        return value
+    return None

@@ -6,7 +6,8 @@ hook                       process                      does
 ``Task.before_start``      pool child                   :func:`runs.begin`: take or check
                                                         the lock a run needs, fence, lease
 ``task_postrun``           pool child (or eager call)   :func:`runs.end`: release what the
-                                                        lifetime releases at the end
+                                                        lifetime releases at the end;
+                                                        a fan-in part reports itself
 ``task_revoked``           worker main process          revoked before start, expired,
                                                         ``terminate=True``
 ``UniqueRequest``          worker main process          hard time limit, killed pool child
@@ -30,7 +31,7 @@ from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.worker.request import Request
 
-from celery_unique import checks, headers, runs
+from celery_unique import aggregate, checks, headers, runs
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,11 @@ def _is_unique(task: Any) -> bool:
 def _end_of_run(
     sender: Any = None, task: Any = None, retval: Any = None, state: str | None = None, **_: Any
 ) -> None:
-    if task is not None and _is_unique(task):
+    if task is None:
+        return
+    if _is_unique(task):
         runs.end(task, state, retval)
+    aggregate.report_from_worker(task, state, retval)
 
 
 def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:

@@ -146,6 +146,23 @@ def args_key(family: str) -> str:
     return family + ":args"
 
 
+def validate_token(token: str) -> str:
+    """A fan-in or context token: a non-empty string without braces (it is a hash tag)."""
+    if not isinstance(token, str) or not token or "{" in token or "}" in token or len(token) > 200:
+        raise ConfigurationError(
+            f"a token must be a string of 1-200 characters without braces, got {token!r}"
+        )
+    return token
+
+
+def fan_in_key(prefix: str, token: str) -> str:
+    return f"{prefix}:{KEY_VERSION}:{{fanin:{validate_token(token)}}}:ctx"
+
+
+def context_family(prefix: str, name: str) -> str:
+    return f"{prefix}:{KEY_VERSION}:{{context:{validate_token(name)}}}"
+
+
 def family_of(key: str) -> str:
     """The family of any key built here (everything before the last colon)."""
     return key.rpartition(":")[0]

@@ -145,3 +145,83 @@ if stored then
 end
 return 0
 """
+
+# -- fan-in -------------------------------------------------------------------
+# A fan-in context is one hash (one slot): fields "n" (parts expected),
+# "received", "failed", "state" (open | completed | failed | expired),
+# "policy", "callback", "errback", "e:<part>" (expected) and "p:<part>" (the
+# part's report, JSON).
+
+# Record one part's report; tell the reporter whether it completed the set.
+#   KEYS[1]  context hash
+#   ARGV[1]  part name
+#   ARGV[2]  the report (JSON)
+#   ARGV[3]  "1" for a success, "0" for a failure
+# Returns 1: this report completed the set (the caller publishes the
+# callback); 2: it failed a "fail" fan-in (the caller publishes the errback);
+# 0: recorded, not complete; -1: a part already reported (counted once);
+# -2: no such part; -3: no such context, or it is already closed.
+FAN_IN_REPORT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'open' then
+    return -3
+end
+if redis.call('HEXISTS', KEYS[1], 'e:' .. ARGV[1]) == 0 then
+    return -2
+end
+if redis.call('HSETNX', KEYS[1], 'p:' .. ARGV[1], ARGV[2]) == 0 then
+    return -1
+end
+local received = redis.call('HINCRBY', KEYS[1], 'received', 1)
+if ARGV[3] == '0' then
+    redis.call('HINCRBY', KEYS[1], 'failed', 1)
+    if redis.call('HGET', KEYS[1], 'policy') == 'fail' then
+        redis.call('HSET', KEYS[1], 'state', 'failed')
+        return 2
+    end
+end
+if received == tonumber(redis.call('HGET', KEYS[1], 'n')) then
+    redis.call('HSET', KEYS[1], 'state', 'completed')
+    return 1
+end
+return 0
+"""
+
+# Close a fan-in whose deadline passed, if it is still open.
+#   KEYS[1]  context hash
+# Returns the names of the parts that never reported, or false when the
+# context was no longer open (completed, failed, gone).
+FAN_IN_EXPIRE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then
+    return false
+end
+redis.call('HSET', KEYS[1], 'state', 'expired')
+local missing = {}
+local fields = redis.call('HKEYS', KEYS[1])
+for _, field in ipairs(fields) do
+    if string.sub(field, 1, 2) == 'e:' then
+        local part = string.sub(field, 3)
+        if redis.call('HEXISTS', KEYS[1], 'p:' .. part) == 0 then
+            table.insert(missing, part)
+        end
+    end
+end
+return missing
+"""
+
+# -- split contexts -------------------------------------------------------------
+
+# Replace the base of a split context with a compacted one and drop the
+# entries it absorbed, only while the compacting owner holds the lock.
+#   KEYS[1]  base   KEYS[2]  log (list)   KEYS[3]  compaction lock
+#   ARGV[1]  owner  ARGV[2]  new base     ARGV[3]  number of entries absorbed
+# Returns 1 when compacted, 0 when the lock was lost (nothing changed).
+CONTEXT_COMPACT = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then
+    return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[2], tonumber(ARGV[3]), -1)
+redis.call('DEL', KEYS[3])
+return 1
+"""

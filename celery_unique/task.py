@@ -497,6 +497,8 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     @staticmethod
     def _is_canvas_member(options: Mapping[str, Any]) -> bool:
+        if headers.FAN_IN_HEADER in (options.get("headers") or {}):
+            return True  # a dropped fan-in part would leave its fan-in waiting
         if "chain" in options or "parent_id" in options:
             # "chain" (even empty) and an explicit parent_id are passed only
             # by Celery's chain and callback dispatch.

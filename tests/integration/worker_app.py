@@ -234,3 +234,42 @@ def _after_idempotent_killed(
 
 
 signals.task_postrun.connect(_after_idempotent_killed, weak=False)
+
+
+# -- fan-in ------------------------------------------------------------------------
+
+
+@app.task(bind=True, name="tests.fan.part")
+def fan_part(self: Any, token: str, number: int, fail: bool = False) -> int:
+    if fail:
+        raise ValueError(f"part {number} failed")
+    return number * 2
+
+
+@app.task(bind=True, name="tests.fan.part_killed_once", acks_late=True, reject_on_worker_lost=True)
+def fan_part_killed_once(self: Any, token: str, number: int) -> int:
+    record(token, "part-start", number=number)  # also connects _events
+    assert _events is not None
+    if _events.set(f"killed-once:{token}", 1, nx=True):
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-part: the message is not acknowledged
+    return number * 2
+
+
+@app.task(name="tests.fan.key_info")
+def fan_key_info(token: str) -> dict[str, str]:
+    return {"key": f"k-{token}"}
+
+
+@app.task(name="tests.fan.worker")
+def fan_worker(token: str, which: int) -> str:
+    return f"worker{which} done"
+
+
+@app.task(name="tests.fan.collect")
+def fan_collect(results: dict[str, Any], token: str) -> None:
+    record(token, "callback", results=results)
+
+
+@app.task(name="tests.fan.errback")
+def fan_errback(info: dict[str, Any], token: str) -> None:
+    record(token, "errback", info=info)

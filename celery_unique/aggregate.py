@@ -100,8 +100,7 @@ class Aggregator:
             raise ConfigurationError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         key = self.key(token)
         fields: dict[str, Any] = {
-            "n": len(names),
-            "received": 0,
+            "remaining": len(names),
             "failed": 0,
             "state": "open",
             "policy": policy,
@@ -120,7 +119,14 @@ class Aggregator:
             self.app.tasks[DEADLINE_TASK].apply_async((token,), countdown=timeout)
         return FanIn(self.app, token)
 
-    def report(self, token: str, part: str, value: Any = None, error: BaseException | None = None) -> int:
+    def report(
+        self,
+        token: str,
+        part: str,
+        value: Any = None,
+        error: BaseException | None = None,
+        policy: str = "",
+    ) -> int:
         """Record a part (a success ``value`` or a failure ``error``); one round trip.
 
         When this report completes the set (or fails a ``fail`` fan-in), this
@@ -134,13 +140,13 @@ class Aggregator:
         if error is not None:
             failure = {"type": type(error).__name__, "message": str(error)}
             payload, ok = _json({"ok": False, "error": failure}), "0"
-        status = int(self._report(keys=[self.key(token)], args=[part, payload, ok]))
+        status = int(self._report(keys=[self.key(token)], args=[part, payload, ok, policy]))
         if status == COMPLETED:
             self._complete(token)
         elif status == FAILED:
             self._fail(token, "failed")
         elif status == UNKNOWN_PART:
-            logger.warning("fan-in %s has no part %r: report ignored", token, part)
+            logger.warning("fan-in %s has no part %r (or is gone): report ignored", token, part)
         elif status == CLOSED:
             logger.info("fan-in %s is closed or gone: report of part %r ignored", token, part)
         return status
@@ -232,7 +238,7 @@ def fan_in(
             member = signature(member, app=app).clone()
             member.options["headers"] = {
                 **(member.options.get("headers") or {}),
-                headers.FAN_IN_HEADER: {"token": token, "part": part},
+                headers.FAN_IN_HEADER: {"token": token, "part": part, "policy": policy},
             }
             member.apply_async(producer=producer)
     return handle
@@ -245,11 +251,12 @@ def report_from_worker(task: Any, state: str | None, retval: Any) -> None:
         return
     if state == states.REJECTED and getattr(retval, "requeue", False):
         return
+    policy = part.get("policy", "")
     if state == states.SUCCESS:
-        aggregator(task.app).report(part["token"], part["part"], value=retval)
+        aggregator(task.app).report(part["token"], part["part"], value=retval, policy=policy)
     else:
         error = retval if isinstance(retval, BaseException) else RuntimeError(f"part ended {state}")
-        aggregator(task.app).report(part["token"], part["part"], error=error)
+        aggregator(task.app).report(part["token"], part["part"], error=error, policy=policy)
 
 
 def _deadline(token: str) -> list[str] | None:

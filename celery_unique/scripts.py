@@ -147,42 +147,51 @@ return 0
 """
 
 # -- fan-in -------------------------------------------------------------------
-# A fan-in context is one hash (one slot): fields "n" (parts expected),
-# "received", "failed", "state" (open | completed | failed | expired),
-# "policy", "callback", "errback", "e:<part>" (expected) and "p:<part>" (the
-# part's report, JSON).
+# A fan-in context is one hash (one slot): fields "remaining" (parts still to
+# report; pushed far below zero once closed), "failed", "state" (open |
+# completed | failed | expired), "policy", "callback", "errback", "e:<part>"
+# (expected parts) and "p:<part>" (a part's report, JSON).
 
 # Record one part's report; tell the reporter whether it completed the set.
+# The success path costs three commands besides the call itself.
 #   KEYS[1]  context hash
 #   ARGV[1]  part name
 #   ARGV[2]  the report (JSON)
 #   ARGV[3]  "1" for a success, "0" for a failure
+#   ARGV[4]  the fan-in's policy when the reporter knows it ("" to look it up)
 # Returns 1: this report completed the set (the caller publishes the
 # callback); 2: it failed a "fail" fan-in (the caller publishes the errback);
 # 0: recorded, not complete; -1: a part already reported (counted once);
-# -2: no such part; -3: no such context, or it is already closed.
+# -2: no such part or context; -3: the fan-in is already closed.
 FAN_IN_REPORT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'open' then
-    return -3
-end
 if redis.call('HEXISTS', KEYS[1], 'e:' .. ARGV[1]) == 0 then
     return -2
 end
 if redis.call('HSETNX', KEYS[1], 'p:' .. ARGV[1], ARGV[2]) == 0 then
     return -1
 end
-local received = redis.call('HINCRBY', KEYS[1], 'received', 1)
 if ARGV[3] == '0' then
     redis.call('HINCRBY', KEYS[1], 'failed', 1)
-    if redis.call('HGET', KEYS[1], 'policy') == 'fail' then
-        redis.call('HSET', KEYS[1], 'state', 'failed')
-        return 2
+    local policy = ARGV[4]
+    if policy == '' then
+        policy = redis.call('HGET', KEYS[1], 'policy')
+    end
+    if policy == 'fail' then
+        -- Close it; the first failure finds it open (remaining was >= 0).
+        if redis.call('HINCRBY', KEYS[1], 'remaining', -1000000000) > -1000000001 then
+            redis.call('HSET', KEYS[1], 'state', 'failed')
+            return 2
+        end
+        return -3
     end
 end
-if received == tonumber(redis.call('HGET', KEYS[1], 'n')) then
+local remaining = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
+if remaining == 0 then
     redis.call('HSET', KEYS[1], 'state', 'completed')
     return 1
+end
+if remaining < 0 then
+    return -3
 end
 return 0
 """
@@ -196,6 +205,7 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'open' then
     return false
 end
 redis.call('HSET', KEYS[1], 'state', 'expired')
+redis.call('HINCRBY', KEYS[1], 'remaining', -1000000000)
 local missing = {}
 local fields = redis.call('HKEYS', KEYS[1])
 for _, field in ipairs(fields) do

@@ -16,10 +16,14 @@ class LockHeader(TypedDict, total=False):
     key: str
     owner: str
     timeout: float  # the lock_timeout in force for this message, in seconds
+    args: str  # an idempotent call's argument digest, as the producer computed it
 
 
-def lock_header(key: str, owner: str, timeout: float) -> LockHeader:
-    return {"key": key, "owner": owner, "timeout": timeout}
+def lock_header(key: str, owner: str, timeout: float, args: str | None = None) -> LockHeader:
+    header: LockHeader = {"key": key, "owner": owner, "timeout": timeout}
+    if args is not None:
+        header["args"] = args
+    return header
 
 
 def _valid(value: Any) -> LockHeader | None:

@@ -100,6 +100,16 @@ class UniqueRequest(Request):  # type: ignore[misc]
         if self._already_revoked or self._already_cancelled:
             return
         task = self.task
-        if task.acks_late and task.reject_on_worker_lost:
-            return  # requeued: the redelivery re-enters the lock
+        # As Celery decides (worker/request.py, on_failure): a lost worker's
+        # task is published again (retry_on_worker_lost) or requeued unless
+        # its retries are exhausted; that message re-enters the lock.
+        retries_left = task.max_retries is None or self._context.retries < task.max_retries
+        if getattr(task, "retry_on_worker_lost", False) and retries_left:
+            return
+        if (
+            task.acks_late
+            and task.reject_on_worker_lost
+            and (retries_left or not getattr(task, "retry_on_worker_lost", False))
+        ):
+            return
         self._release("worker lost")

@@ -95,6 +95,8 @@ def check_conflict(task_name: str, idempotency_key: str | None, stored: str, giv
 
 # Attribute of the request context holding the Outcome a run replays.
 REPLAY = "_celery_unique_replay"
+# Marks a run that is already wrapped (a subclass of a wrapped class).
+_WRAPPED = "_celery_unique_replaying"
 
 
 def replaying(run: Any) -> Any:
@@ -106,6 +108,8 @@ def replaying(run: Any) -> Any:
     """
     is_static = isinstance(run, staticmethod)
     func: Callable[..., Any] = run.__func__ if is_static else run
+    if getattr(func, _WRAPPED, False):
+        return run  # wrapped already (by a base class)
 
     @functools.wraps(func)
     def replay_or_run(*args: Any, **kwargs: Any) -> Any:
@@ -115,4 +119,5 @@ def replaying(run: Any) -> Any:
             return outcome.value()
         return func(*args, **kwargs)
 
+    setattr(replay_or_run, _WRAPPED, True)
     return staticmethod(replay_or_run) if is_static else replay_or_run

@@ -33,6 +33,8 @@ class Lease:
     ttl_ms: int
     fence: int | None = None
     lost: bool = False
+    #: Keys renewed along with the lock (an idempotent call's argument digest).
+    companions: tuple[str, ...] = ()
     due: float = field(default=0.0, repr=False)
 
     @property
@@ -47,6 +49,17 @@ class LeaseKeeper:
         self._leases: set[Lease] = set()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._renewing: Lease | None = None
+        self._pid = 0
+        # A fork while another thread holds the condition's lock would leave
+        # the child's copy locked forever: the child starts afresh.
+        os.register_at_fork(after_in_child=self._forget_parent)
+
+    def _forget_parent(self) -> None:
+        self._leases = set()
+        self._changed = threading.Condition()
+        self._thread = None
+        self._renewing = None
         self._pid = 0
 
     def keep(self, lease: Lease) -> None:
@@ -62,8 +75,11 @@ class LeaseKeeper:
             self._changed.notify()
 
     def drop(self, lease: Lease) -> None:
+        """Stop renewing; returns once no renewal of this lease is in flight."""
         with self._changed:
             self._leases.discard(lease)
+            while self._renewing is lease:
+                self._changed.wait()
 
     def _run(self) -> None:
         while True:
@@ -75,21 +91,36 @@ class LeaseKeeper:
                     self._changed.wait(max(wait, 0.01))
                     continue
             for lease in due:
-                self._renew(lease)
+                with self._changed:
+                    if lease not in self._leases:
+                        continue  # dropped meanwhile
+                    self._renewing = lease
+                try:
+                    kept = self._renew(lease)
+                finally:
+                    with self._changed:
+                        self._renewing = None
+                        still_kept = lease in self._leases
+                        if not kept and still_kept:
+                            self._leases.discard(lease)
+                        self._changed.notify_all()
+                if not kept and still_kept:
+                    self._report_lost(lease)
 
-    def _renew(self, lease: Lease) -> None:
+    def _renew(self, lease: Lease) -> bool:
+        """Extend one lease; False when the lock is no longer the owner's."""
         try:
-            kept = lease.store.extend(lease.key, lease.owner, lease.ttl_ms)
+            kept = lease.store.extend(lease.key, lease.owner, lease.ttl_ms, lease.companions)
         except redis.RedisError as exc:
             # Try again soon; the TTL still has two thirds left.
             lease.due = time.monotonic() + min(lease.interval, 1.0)
             logger.warning("could not renew lock %s: %r", digest_of_key(lease.key)[:12], exc)
-            return
-        if kept:
-            lease.due = time.monotonic() + lease.interval
-            return
+            return True
+        lease.due = time.monotonic() + lease.interval
+        return bool(kept)
+
+    def _report_lost(self, lease: Lease) -> None:
         lease.lost = True
-        self.drop(lease)
         logger.warning(
             "lock %s of %s was lost while the task ran (expired and taken, or released)",
             digest_of_key(lease.key)[:12],

@@ -292,13 +292,16 @@ class LockStore:
         holding = Acquisition(owner, _text(reply[1]), int(reply[2]), acquired=False)
         return holding, None, _text(reply[3])
 
-    def store_and_release(self, result: str, locks: list[str], owner: str, outcome: str, ttl_ms: int) -> bool:
-        """Store an outcome (unless one is stored) and release the owner's locks; True if stored."""
-        return bool(self._store_and_release(keys=[result, *locks], args=[owner, outcome, ttl_ms]))
+    def store_and_release(
+        self, result: str, args: str, locks: list[str], owner: str, outcome: str, ttl_ms: int
+    ) -> bool:
+        """Store an outcome (unless one is stored, or it is "") and release the owner's
+        locks and the argument digest; True if stored."""
+        return bool(self._store_and_release(keys=[result, args, *locks], args=[owner, outcome, ttl_ms]))
 
-    def extend(self, key: str, owner: str, ttl_ms: int) -> bool:
-        """Reset the lock's time to live if ``owner`` holds it."""
-        return bool(self._extend(keys=[key], args=[owner, ttl_ms]))
+    def extend(self, key: str, owner: str, ttl_ms: int, companions: tuple[str, ...] = ()) -> bool:
+        """Renew the lock (and companion keys) to at least ``ttl_ms`` if ``owner`` holds it."""
+        return bool(self._extend(keys=[key, *companions], args=[owner, ttl_ms]))
 
     def holder(self, key: str) -> tuple[str | None, float | None]:
         """Who holds the lock and for how many more seconds (for tools and tests)."""

@@ -38,7 +38,7 @@ from celery_unique.conf import (
     get_conf,
 )
 from celery_unique.exceptions import LockBackendError, LockConflictError
-from celery_unique.keys import digest_of_key, family_of, fence_key, lock_key, result_key, run_key
+from celery_unique.keys import args_key, digest_of_key, family_of, fence_key, lock_key, result_key, run_key
 from celery_unique.lease import Lease, keeper
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ WORKER_SIDE = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
 RELEASE_ATTEMPTS = 3
 STATE = "_celery_unique"  # attribute of the request context that holds the run's Lease
 PASSED_ON = "_celery_unique_passed_on"  # set when the run published its own lock onward
+RAN = "_celery_unique_ran"  # set when begin() let the task body run
 
 # What a run that did not start (conflict) or holds nothing leaves on its request.
 NOTHING_HELD = Lease(store=None, key="", owner="", ttl_ms=0)
@@ -96,6 +97,7 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
                 task_id,
                 exc,
             )
+            setattr(request, RAN, True)
             return
         raise LockBackendError(
             f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis ({exc!r})"
@@ -114,8 +116,10 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
         _conflict(task, family, start.holder, start.ttl)
         return
     held = lock_key(family) if lifetime == UNTIL_EXECUTED else run_key(family)
-    lease = Lease(store=store, key=held, owner=owner, ttl_ms=ttl_ms, fence=start.fence)
+    companions = (args_key(family),) if task.idempotent else ()
+    lease = Lease(store=store, key=held, owner=owner, ttl_ms=ttl_ms, fence=start.fence, companions=companions)
     setattr(request, STATE, lease)
+    setattr(request, RAN, True)
     if lifetime in HELD_WHILE_RUNNING and task.renew_lock:
         keeper.keep(lease)
 
@@ -167,37 +171,51 @@ def end(task: Any, state: str | None, retval: Any) -> None:
     requeued = state == states.REJECTED and getattr(retval, "requeue", False)
     keeps_queued_lock = state == states.RETRY or requeued or getattr(request, PASSED_ON, False)
     why = state or "aborted"
-    keys: list[str] = []
-    owner = header["owner"] if header is not None else request.id
-    if lease is NOTHING_HELD or lifetime == UNTIL_EXECUTED:
-        # until_executed holds its queued lock to the end. A run that did not
-        # start (conflict, Redis failure, replay) gives its queued lock back
-        # too; after a conflict that lock is another task's and the owner
-        # check leaves it alone.
-        if header is not None and not keeps_queued_lock and lifetime != UNTIL_EXPIRED:
-            keys.append(header["key"])
-    elif lease is not None:
-        # A running lock ends with the run, retried or not.
-        keys.append(lease.key)
-        owner = lease.owner
-    outcome = _outcome(task, state, retval, request)
-    if outcome is not None:
-        family = (
-            family_of(header["key"])
-            if header is not None
-            else family_of(task.unique_lock_key(request.args, request.kwargs))
-        )
-        _store(task, result_key(family), keys, owner, outcome, why)
-    elif keys:
-        release(task.app, keys, owner, why)
+    keys, owner = _ending_locks(lifetime, header, lease, keeps_queued_lock, request.id)
+    if not task.idempotent:
+        if keys:
+            release(task.app, keys, owner, why)
+        return
+    family = (
+        family_of(header["key"])
+        if header is not None
+        else family_of(task.unique_lock_key(request.args, request.kwargs))
+    )
+    outcome = _outcome(task, state, retval, request, header)
+    _store(task, family, keys, owner, outcome or "")
 
 
-def _outcome(task: Any, state: str | None, retval: Any, request: Any) -> str | None:
-    """The outcome to store for this run, if the task is idempotent and it ran."""
-    if not task.idempotent or getattr(request, idempotency.REPLAY, None) is not None:
+def _ending_locks(
+    lifetime: str,
+    header: headers.LockHeader | None,
+    lease: Lease | None,
+    keeps_queued_lock: bool,
+    task_id: str,
+) -> tuple[list[str], str]:
+    """The locks a run gives back at its end, and their owner."""
+    if lease is not None and lease is not NOTHING_HELD and lifetime != UNTIL_EXECUTED:
+        return [lease.key], lease.owner  # a running lock ends with the run, retried or not
+    if lifetime == UNTIL_EXPIRED or keeps_queued_lock:
+        return [], task_id
+    # until_executed holds its queued lock to the end; a run that did not
+    # start (conflict, Redis failure, replay) gives its queued lock back too.
+    # After a conflict that lock is another task's: the owner check keeps it.
+    if header is not None:
+        return [header["key"]], header["owner"]
+    if lease is not None and lease is not NOTHING_HELD:
+        return [lease.key], lease.owner  # a message sent by name took the lock in the worker
+    return [], task_id
+
+
+def _outcome(
+    task: Any, state: str | None, retval: Any, request: Any, header: headers.LockHeader | None
+) -> str | None:
+    """The outcome to store: only for a run whose body ran (not a replay, a
+    conflict or a lock error)."""
+    if not getattr(request, RAN, False) or getattr(request, idempotency.REPLAY, None) is not None:
         return None
-    header = headers.from_context(request)
-    digest_of_args = task.arguments_digest(request.args, request.kwargs)
+    # The producer's digest: JSON has turned tuples into lists since.
+    digest_of_args = (header or {}).get("args") or task.arguments_digest(request.args, request.kwargs)
     task_id = header["owner"] if header is not None else request.id
     if state == states.SUCCESS:
         try:
@@ -216,15 +234,17 @@ def _outcome(task: Any, state: str | None, retval: Any, request: Any) -> str | N
     return None
 
 
-def _store(task: Any, result: str, keys: list[str], owner: str, outcome: str, why: str) -> None:
+def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str) -> None:
     ttl_ms = int(task.unique_result_ttl * 1000)
     try:
-        get_conf(task.app).locks.store_and_release(result, keys, owner, outcome, ttl_ms)
+        get_conf(task.app).locks.store_and_release(
+            result_key(family), args_key(family), keys, owner, outcome, ttl_ms
+        )
     except redis.RedisError:
         logger.warning(
             "%s: could not store the outcome for key %s; locks expire after their timeout",
             task.name,
-            digest_of_key(result)[:12],
+            digest_of_key(family)[:12],
             exc_info=True,
         )
 

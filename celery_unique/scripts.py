@@ -25,16 +25,25 @@ end
 return {holder, redis.call('PTTL', KEYS[1])}
 """
 
-# Give the owner's lock a new time to live, only if the owner still holds it.
+# Renew the owner's lock (and its companion keys) to at least a time to live,
+# only if the owner still holds it. Never shortens a TTL: a renewal that
+# lands after a retry re-entered the lock with a longer TTL changes nothing.
 #   KEYS[1]  lock key
+#   KEYS[2…] companion keys of the family (an idempotent call's argument digest)
 #   ARGV[1]  owner token
 #   ARGV[2]  time to live in milliseconds
-# Returns 1 when extended, 0 when the lock was free or held by another.
+# Returns 1 when the owner holds the lock, 0 when it was free or held by another.
 EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
 end
-return 0
+local ttl = tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+    if redis.call('PTTL', key) < ttl then
+        redis.call('PEXPIRE', key, ttl)
+    end
+end
+return 1
 """
 
 # Start a run: check or take the locks a lifetime needs while the task runs,
@@ -126,19 +135,29 @@ end
 return {0, holder, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[3]) or ''}
 """
 
-# Store an outcome (first one wins) and release the owner's locks, atomically.
+# End an idempotent run: store its outcome (first one wins; "" stores
+# nothing) and release the owner's locks with the argument digest, atomically.
 #   KEYS[1]  stored outcome
-#   KEYS[2…] lock keys of the family
+#   KEYS[2]  argument digest of the call in flight
+#   KEYS[3…] lock keys of the family
 #   ARGV[1]  owner token
-#   ARGV[2]  the outcome (JSON)
+#   ARGV[2]  the outcome (JSON), or ""
 #   ARGV[3]  its time to live in milliseconds
-# Returns 1 when this call stored the outcome, 0 when one was already there.
+# Returns 1 when this call stored the outcome, else 0.
 STORE_AND_RELEASE = """
-local stored = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3])
-for i = 2, #KEYS do
+local stored = false
+if ARGV[2] ~= '' then
+    stored = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3])
+end
+local held = false
+for i = 3, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[1] then
         redis.call('DEL', KEYS[i])
+        held = true
     end
+end
+if held then
+    redis.call('DEL', KEYS[2])
 end
 if stored then
     return 1

@@ -10,6 +10,7 @@ releases it when the task ends (:mod:`celery_unique.hooks`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Mapping
 from datetime import datetime
@@ -24,6 +25,8 @@ from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
     ON_DUPLICATE,
+    UNTIL_EXECUTING,
+    UNTIL_EXPIRED,
     WHILE_EXECUTING,
     UniqueConf,
     check_choice,
@@ -120,15 +123,21 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "run" in cls.__dict__:
-            cls.run = idempotency.replaying(cls.__dict__["run"])
+        # Wrap the run this class resolves to (its own, or a mixin's) once.
+        cls.run = idempotency.replaying(inspect.getattr_static(cls, "run"))
 
     # -- resolved options ---------------------------------------------------
 
     @property
     def unique_lifetime(self) -> str:
         """The lock lifetime: the ``lock`` attribute, else ``unique_default_lock``."""
-        return check_choice(self.lock or get_conf(self._get_app()).default_lock, LIFETIMES, "lock")
+        lifetime = check_choice(self.lock or get_conf(self._get_app()).default_lock, LIFETIMES, "lock")
+        if self.idempotent and lifetime in (UNTIL_EXECUTING, UNTIL_EXPIRED):
+            # Neither holds a lock while the body runs: two runs could store.
+            raise ConfigurationError(
+                f"{self.name}: idempotent=True needs a lifetime that holds the lock while running"
+            )
+        return lifetime
 
     @property
     def unique_lock_timeout(self) -> float:
@@ -236,6 +245,12 @@ class UniqueTask(Task):  # type: ignore[misc]
             return result
 
         if self.unique_lifetime == WHILE_EXECUTING:
+            if idempotency_key is not None or unique_options.get("unique_on") is not None:
+                # The worker keys this lifetime on the arguments it receives.
+                raise ConfigurationError(
+                    f"{self.name}: idempotency_key and a per-call unique_on need a lifetime that "
+                    "locks at delay(), not while_executing"
+                )
             return publish()  # checked in the worker only
         current = self.request
         in_run = not current.called_directly
@@ -280,11 +295,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         # again, else the running task when it re-enqueues itself (handover).
         handover = task_id if republish else (current.id if passes_on else "")
         ttl_ms = int((timeout + _delay_seconds(app, options)) * 1000)
+        given = self.arguments_digest(args, kwargs) if self.idempotent else None
         locked_options = {
             **options,
             "headers": {
                 **(options.get("headers") or {}),
-                headers.HEADER: headers.lock_header(key, task_id, timeout),
+                headers.HEADER: headers.lock_header(key, task_id, timeout, given),
             },
         }
 
@@ -293,7 +309,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 args, kwargs, task_id, via, link, link_error, shadow, **locked_options
             )
 
-        if self.idempotent:
+        if given is not None:
             published, result = self._publish_idempotent(
                 conf,
                 key,
@@ -303,9 +319,9 @@ class UniqueTask(Task):  # type: ignore[misc]
                 republish,
                 on_duplicate,
                 idempotency_key,
-                args,
-                kwargs,
+                given,
                 send,
+                publish,
             )
         else:
             published, result = self._publish_locked(
@@ -388,22 +404,19 @@ class UniqueTask(Task):  # type: ignore[misc]
         republish: bool,
         on_duplicate: str,
         idempotency_key: str | None,
-        args: Any,
-        kwargs: Any,
+        given: str,
         send: Any,
+        publish_unlocked: Any,
     ) -> tuple[bool, Any]:
         """Replay a stored outcome, return the in-flight task, or take the lock and publish."""
         family = family_of(key)
-        given = self.arguments_digest(args, kwargs)
         store = conf.locks
         try:
             acquisition, stored, holder_digest = store.acquire_idempotent(
                 key, result_key(family), args_key(family), task_id, ttl_ms, handover, given
             )
         except redis.RedisError as exc:
-            raise LockBackendError(
-                f"{self.name}: could not reach Redis for idempotent task ({exc!r}); nothing was published"
-            ) from exc
+            return False, self._redis_failed(conf, key, exc, publish_unlocked)
         if stored is not None:
             outcome = idempotency.decode(stored)
             idempotency.check_conflict(self.name, idempotency_key, outcome.args_digest, given)

@@ -53,12 +53,14 @@ class OnCommitResult:
         except BaseException as exc:
             self.error = exc
             raise
-        finally:
-            self.published = True
+        self.published = True
 
     def __getattr__(self, name: str) -> Any:
         result = self.__dict__.get("result")
         if result is None:
+            error = self.__dict__.get("error")
+            if error is not None:
+                raise AttributeError(f"{name!r}: publishing at commit failed: {error!r}") from error
             raise AttributeError(f"{name!r}: the task is published when the transaction commits")
         return getattr(result, name)
 
@@ -78,11 +80,16 @@ class UniqueDjangoTask(UniqueTask, DjangoTask):  # type: ignore[misc]
     ) -> OnCommitResult:
         """``apply_async()`` when the transaction on ``using`` commits.
 
-        Outside an atomic block Django runs the callback at once. The callback
-        is registered ``robust``: if publishing fails it is logged (and kept on
-        the handle as ``error``) and the other on-commit callbacks still run.
+        Outside an atomic block it publishes at once, and errors
+        (``DuplicateTaskError``, ``LockBackendError``) propagate as from
+        ``apply_async()``. Inside one, the callback is registered ``robust``:
+        if publishing fails at commit it is logged (and kept on the handle as
+        ``error``) and the other on-commit callbacks still run.
         """
         handle = OnCommitResult(self)
+        if not transaction.get_connection(using).in_atomic_block:
+            handle._publish(args, kwargs, options)
+            return handle
 
         def publish() -> None:
             handle._publish(args, kwargs, options)

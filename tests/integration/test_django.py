@@ -318,3 +318,38 @@ def test_unique_locks_command_lists_and_releases(
         assert not job.delay(token).duplicate
         with pytest.raises(CommandError):
             call_command("unique_locks", release="some:other:key")
+
+
+def test_outside_a_transaction_errors_reach_the_caller(celery_app: Any, token: str) -> None:
+    from celery_unique import DuplicateTaskError
+
+    first = django_recompute.apply_async_on_commit((token,), countdown=30)
+    with pytest.raises(DuplicateTaskError):
+        django_recompute.apply_async_on_commit(
+            (token,), countdown=30, unique_options={"on_duplicate": "raise"}
+        )
+    django_recompute.AsyncResult(first.id).revoke()
+    django_recompute.unique_store().release(django_recompute.unique_lock_key((token,)), first.id)
+
+
+def test_a_failed_publish_at_commit_is_kept_on_the_handle(
+    django_databases: list[str], redis_url: str, token: str
+) -> None:
+    from django.db import transaction
+
+    from celery_unique.contrib.django import UniqueDjangoTask
+
+    app = Celery("dead-broker", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.update(unique_redis_url=redis_url, task_publish_retry=False, broker_connection_timeout=0.5)
+
+    @app.task(base=UniqueDjangoTask, shared=False, name="django.dead")
+    def job(value: str) -> None: ...
+
+    try:
+        with transaction.atomic():
+            handle = job.delay_on_commit(token)
+        assert handle.error is not None and not handle.published and handle.id is None
+        with pytest.raises(AttributeError, match="publishing at commit failed"):
+            handle.get()
+    finally:
+        get_conf(app).close()

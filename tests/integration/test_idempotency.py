@@ -141,3 +141,52 @@ def test_stored_outcomes_are_listed_with_the_locks(worker: Any, celery_app: Any,
     assert [(lock.holder, lock.digest) for lock in found if lock.holder == first.id] == [
         (first.id, digest_of_key(idempotent.unique_lock_key((token,))))
     ]
+
+
+def test_a_conflict_error_is_never_stored_as_the_outcome(worker: Any, token: str, events: Events) -> None:
+    from tests.integration.worker_app import idempotent_conflicting
+
+    first = idempotent_conflicting.delay(token, 1.5)
+    wait_for(lambda: starts(events) == 1)
+    second = idempotent_conflicting.delay(token, 1.5)  # queued lock free: published; conflicts at start
+    assert not second.duplicate
+    assert first.get(timeout=20) == "real result"
+    wait_for(lambda: idempotent_conflicting.stored_outcome((token,)) is not None, timeout=5)
+    stored = idempotent_conflicting.stored_outcome((token,))
+    assert stored is not None and stored.state == "SUCCESS" and stored.result == "real result"
+    assert idempotent_conflicting.delay(token, 1.5).get(timeout=5) == "real result"
+
+
+def test_identical_calls_with_tuples_replay_without_a_conflict(worker: Any, token: str) -> None:
+    from tests.integration.worker_app import idempotent_tuple
+
+    key = f"pair-{token}"
+    first = idempotent_tuple.apply_async((token, (1, 2)), idempotency_key=key)
+    assert first.get(timeout=20) == [1, 2]
+    wait_for(lambda: idempotent_tuple.stored_outcome(idempotency_key=key) is not None, timeout=5)
+    again = idempotent_tuple.apply_async((token, (1, 2)), idempotency_key=key)
+    assert again.replayed and again.get() == [1, 2]
+
+
+def test_conflicts_are_detected_for_the_whole_of_a_long_run(worker: Any, token: str) -> None:
+    from tests.integration.worker_app import idempotent_long
+
+    key = f"long-{token}"
+    first = idempotent_long.apply_async((token, 1, 3.0), idempotency_key=key)
+    time.sleep(2.2)  # twice the 1 s lock_timeout: renewed, with its argument digest
+    with pytest.raises(IdempotencyConflict):
+        idempotent_long.apply_async((token, 2, 3.0), idempotency_key=key)
+    assert first.get(timeout=20) == 1
+
+
+def test_by_name_idempotent_run_leaves_no_lock(
+    worker: Any, celery_app: Any, token: str, events: Events
+) -> None:
+    celery_app.send_task("tests.idempotent", (token, 1, 0.3, "fail"))
+    wait_for(lambda: starts(events) == 1, timeout=10)
+    # The worker took the lock itself (no header), so it must give it back.
+    assert idempotent.unique_store().holder(idempotent.unique_lock_key((token,)))[0] is not None
+    wait_for(
+        lambda: idempotent.unique_store().holder(idempotent.unique_lock_key((token,)))[0] is None, timeout=10
+    )
+    assert not idempotent.delay(token).duplicate

@@ -154,3 +154,13 @@ def test_acquire_reply_parser_raises_errors() -> None:
         _parse_acquire_reply(b"-ERR boom\r\n")
     with pytest.raises(redis.ResponseError):
         _parse_acquire_reply(b"+OK\r\n")
+
+
+def test_renewal_never_shortens_a_ttl(store: LockStore, key: str, redis_client: redis.Redis) -> None:
+    store.acquire(key, "a", 60_000)
+    assert store.extend(key, "a", 1_000)  # still the owner's ...
+    assert redis_client.pttl(key) > 50_000  # ... and its longer TTL stays
+    companion = key.replace(":lock", ":args")
+    redis_client.set(companion, "digest", px=500)
+    assert store.extend(key, "a", 30_000, companions=(companion,))
+    assert redis_client.pttl(companion) > 25_000

@@ -284,3 +284,66 @@ def test_a_duplicate_stopped_at_the_gate_leaves_no_result_subscription(
     stopped_key = app.backend.get_key_for_task(attempted[0]).decode()
     assert all((k.decode() if isinstance(k, bytes) else k) != stopped_key for k in consumer.subscribed_to)
     consumer.stop()
+
+
+# -- option combinations and idempotent calls on the producer ------------------------
+
+
+def test_while_executing_refuses_an_idempotency_key_and_per_call_unique_on(apps: Any, redis_url: str) -> None:
+    app = apps(redis_url, redis_url)
+
+    @app.task(base=UniqueTask, shared=False, name="producer.while", lock="while_executing", idempotent=True)
+    def while_job(item: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="while_executing"):
+        while_job.apply_async(("x",), idempotency_key="k")
+    with pytest.raises(ConfigurationError, match="while_executing"):
+        while_job.apply_async(("x",), unique_options={"unique_on": ("item",)})
+
+
+@pytest.mark.parametrize("lifetime", ["until_executing", "until_expired"])
+def test_idempotent_needs_a_lock_held_while_running(apps: Any, redis_url: str, lifetime: str) -> None:
+    app = apps(redis_url, redis_url)
+
+    @app.task(base=UniqueTask, shared=False, name=f"producer.idem.{lifetime}", lock=lifetime, idempotent=True)
+    def job(item: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="holds the lock while running"):
+        job.delay("x")
+
+
+def test_idempotent_call_honours_the_allow_policy(
+    apps: Any, redis_url: str, redis_client: redis.Redis
+) -> None:
+    app = apps(
+        redis_url, "redis://127.0.0.1:1/0", unique_on_redis_error="allow", unique_redis_connect_timeout=0.5
+    )
+
+    @app.task(base=UniqueTask, shared=False, name="producer.idem.allow", idempotent=True)
+    def job(item: str) -> None: ...
+
+    result = job.delay("x")
+    assert result.id in queued_ids(redis_client)
+
+
+def test_a_mixin_run_replays_a_stored_outcome(apps: Any, redis_url: str, item: str) -> None:
+    from celery_unique import idempotency
+
+    app = apps(redis_url, redis_url, task_always_eager=True)
+    runs: list[str] = []
+
+    class ChargeMixin:
+        def run(self, order: str) -> str:
+            runs.append(order)
+            return f"charged {order}"
+
+    class Charge(ChargeMixin, UniqueTask):
+        name = "producer.mixin_charge"
+        idempotent = True
+
+    charge = app.register_task(Charge())
+    family = charge.unique_lock_key((item,)).rpartition(":")[0]
+    stored = idempotency.encode_success("earlier-id", charge.arguments_digest((item,)), "charged before")
+    charge.unique_store().client.set(family + ":result", stored, px=60_000)
+    assert charge.apply((item,)).get() == "charged before"
+    assert runs == []

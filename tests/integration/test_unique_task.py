@@ -166,3 +166,17 @@ def test_settings_come_from_app_conf(celery_app: Any) -> None:
     conf = get_conf(celery_app)
     assert conf.redis_url == celery_app.conf.broker_url
     assert conf.lock_timeout == 3600.0
+
+
+def test_retry_on_worker_lost_keeps_the_lock_for_the_republished_message(
+    worker: Any, token: str, events: Events
+) -> None:
+    from tests.integration.worker_app import lost_then_retried
+
+    first = lost_then_retried.delay(token)
+    wait_for(lambda: events())  # the first run started and killed its child
+    time.sleep(0.8)  # the main process republished it (2 s countdown)
+    assert holder_of(lost_then_retried, token) == first.id
+    assert lost_then_retried.delay(token).id == first.id
+    wait_for(lambda: any(e["event"] == "end" for e in events()), timeout=20, worker=worker)
+    assert [e["retries"] for e in events() if e["event"] == "start"] == [0, 1]

@@ -273,3 +273,49 @@ def fan_collect(results: dict[str, Any], token: str) -> None:
 @app.task(name="tests.fan.errback")
 def fan_errback(info: dict[str, Any], token: str) -> None:
     record(token, "errback", info=info)
+
+
+@app.task(
+    base=UniqueTask,
+    bind=True,
+    name="tests.idempotent_conflicting",
+    idempotent=True,
+    idempotent_failures=True,
+    lock="until_and_while_executing",
+    on_conflict="raise",
+    unique_on=("token",),
+)
+def idempotent_conflicting(self: Any, token: str, seconds: float = 0.0) -> str:
+    record(token, "start", id=self.request.id)
+    time.sleep(seconds)
+    return "real result"
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.idempotent_tuple", idempotent=True)
+def idempotent_tuple(self: Any, token: str, pair: Any) -> list[Any]:
+    record(token, "start", id=self.request.id)
+    return list(pair)
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.idempotent_long", idempotent=True, lock_timeout=1)
+def idempotent_long(self: Any, token: str, amount: int, seconds: float) -> int:
+    record(token, "start", id=self.request.id)
+    time.sleep(seconds)
+    return amount
+
+
+@app.task(
+    base=UniqueTask,
+    bind=True,
+    name="tests.lost_then_retried",
+    retry_on_worker_lost=True,
+    default_retry_delay=2,
+    max_retries=3,
+    unique_on=("token",),
+)
+def lost_then_retried(self: Any, token: str) -> None:
+    record(token, "start", id=self.request.id, retries=self.request.retries)
+    assert _events is not None
+    if _events.set(f"lost-once:{token}", 1, nx=True):
+        os.kill(os.getpid(), signal.SIGKILL)
+    record(token, "end", id=self.request.id)

@@ -148,9 +148,10 @@ def _rescheduler_task(name: str, **options: Any) -> Any:
     def run(self: Any, token: str, times: int) -> None:
         record(token, "start", id=self.request.id)
         if times > 0:
-            again = self.apply_async((token, times - 1), countdown=0.3)
+            # Starts well after this run ends (a running lock would discard it).
+            again = self.apply_async((token, times - 1), countdown=0.8)
             record(token, "rescheduled", id=again.id, duplicate=again.duplicate)
-        time.sleep(0.3)
+        time.sleep(0.2)
         record(token, "end", id=self.request.id)
 
     return run

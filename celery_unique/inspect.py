@@ -25,6 +25,11 @@ class LockInfo:
     holder: str | None  # the holding task id (for "result": the task that stored it)
     ttl: float | None
 
+    def line(self) -> str:
+        """One line for a listing."""
+        ttl = "-" if self.ttl is None else f"{self.ttl:.1f}s"
+        return f"{self.key}  {self.kind}  holder={self.holder}  ttl={ttl}"
+
 
 def _task_of(key: str) -> str:
     tag = key[key.index("{") + 1 : key.rindex("}")]

@@ -156,6 +156,8 @@ def validate_token(token: str) -> str:
 
 
 def fan_in_key(prefix: str, token: str) -> str:
+    if token == "*":  # a SCAN pattern for every context
+        return f"{prefix}:{KEY_VERSION}:{{fanin:*}}:ctx"
     return f"{prefix}:{KEY_VERSION}:{{fanin:{validate_token(token)}}}:ctx"
 
 

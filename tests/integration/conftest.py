@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -99,6 +100,14 @@ def celery_app(redis_url: str) -> Iterator[Any]:
     app.conf.result_backend = redis_url
     get_conf(app).reload()
     yield app
+    # Results still referenced unsubscribe when collected: let them do it
+    # while Redis still runs, then stop the result consumer.
+    gc.collect()
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.stop()
+        # Results collected at exit would unsubscribe from a stopped Redis.
+        consumer.subscribed_to.clear()
     get_conf(app).close()
     app.close()
 

@@ -29,6 +29,5 @@ class Command(BaseCommand):  # type: ignore[misc]
         count = 0
         for lock in iter_locks(app, options["task"]):
             count += 1
-            ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}s"
-            self.stdout.write(f"{lock.key}  {lock.kind}  holder={lock.holder}  ttl={ttl}")
+            self.stdout.write(lock.line())
         self.stdout.write(f"{count} lock(s) and outcome(s)")

@@ -29,7 +29,7 @@ from typing import Any
 
 from celery import shared_task, signature, states
 
-from celery_unique import headers, scripts
+from celery_unique import headers, scripts, signals
 from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import fan_in_key
@@ -196,6 +196,7 @@ class Aggregator:
         callback.apply_async((results,), task_id=f"{token}-callback")
         self.client.delete(self.key(token))
         logger.info("fan-in %s completed: callback %s published", token, callback.task)
+        signals.fan_in_completed.send(sender=self.app, token=token, parts=len(parts))
 
     def _fail(self, token: str, reason: str, missing: list[str] | None = None) -> None:
         meta, parts = self._meta(token)
@@ -206,6 +207,7 @@ class Aggregator:
             errback.apply_async((info,), task_id=f"{token}-errback")
         self.client.delete(self.key(token))
         logger.warning("fan-in %s %s (failed parts: %s, missing: %s)", token, reason, sorted(failed), missing)
+        signals.fan_in_failed.send(sender=self.app, token=token, reason=reason)
 
 
 def aggregator(app: Any) -> Aggregator:

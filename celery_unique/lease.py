@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from celery_unique import signals
 from celery_unique.keys import digest_of_key
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class LeaseKeeper:
 
     def _report_lost(self, lease: Lease) -> None:
         lease.lost = True
+        signals.lock_lost.send(sender=None, owner=lease.owner, key_digest=digest_of_key(lease.key))
         logger.warning(
             "lock %s of %s was lost while the task ran (expired and taken, or released)",
             digest_of_key(lease.key)[:12],

@@ -28,7 +28,7 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from celery_unique import headers, idempotency
+from celery_unique import headers, idempotency, signals
 from celery_unique.conf import (
     UNTIL_AND_WHILE_EXECUTING,
     UNTIL_EXECUTED,
@@ -137,6 +137,9 @@ def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
         policy,
     )
     error = LockConflictError(task.name, key_digest, holder, ttl)
+    signals.lock_conflict.send(
+        sender=task, task_id=task.request.id, existing_id=holder, key_digest=key_digest, policy=policy
+    )
     if policy == "discard":
         raise Ignore(str(error))
     if policy == "retry":
@@ -282,5 +285,9 @@ def release(app: Any, keys: list[str], owner: str, why: str, attempts: int = REL
             time.sleep(0.05 * attempt)
         else:
             logger.debug("lock %s of %s: %d released (%s)", digest_of_key(keys[0])[:12], owner, released, why)
+            if released:
+                signals.lock_released.send(
+                    sender=app, owner=owner, key_digest=digest_of_key(keys[0]), why=why
+                )
             return released
     return 0

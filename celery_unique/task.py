@@ -20,7 +20,7 @@ import redis
 from celery import Task
 from celery.utils import uuid
 
-from celery_unique import headers, hooks, idempotency, runs
+from celery_unique import headers, hooks, idempotency, runs, signals
 from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
@@ -361,6 +361,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 raise
             _hints.free(key)
             result.duplicate = False
+            signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
             return result
 
         # A message published again is never dropped, so it needs the answer first.
@@ -436,6 +437,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             self._release_after_failed_publish(store, key, task_id)
             raise
         result.duplicate = result.replayed = False
+        signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
         return True, result
 
     def _forget_unpublished(self, task_id: str) -> None:
@@ -479,6 +481,7 @@ class UniqueTask(Task):  # type: ignore[misc]
     def _duplicate(self, key: str, acquisition: Acquisition, on_duplicate: str) -> Any:
         _hints.held(key, acquisition.ttl)
         key_digest = digest_of_key(key)
+        signals.duplicate_rejected.send(sender=self, existing_id=acquisition.holder, key_digest=key_digest)
         logger.info(
             "%s: duplicate of %s (key %s, lock ttl %ss): not published",
             self.name,

@@ -69,8 +69,13 @@ class DuplicateTaskError(_HeldLockError):
 
     ``existing_id`` is the task id that holds the lock, ``ttl`` the seconds the
     lock has left (``None`` when unknown) and ``key_digest`` the argument digest
-    (never the raw arguments).
+    (never the raw arguments). ``task_id`` is ``existing_id`` under the name
+    celery-singleton used.
     """
+
+    @property
+    def task_id(self) -> str:
+        return self.existing_id
 
     def describe(self) -> str:
         return (

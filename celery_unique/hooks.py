@@ -97,7 +97,7 @@ class UniqueRequest(Request):  # type: ignore[misc]
         exc = _unwrap(exc_info.exception)
         if not isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
             return  # failures in the task body are released by task_postrun
-        if self._already_revoked or self._already_cancelled:
+        if getattr(self, "_already_revoked", False) or getattr(self, "_already_cancelled", False):
             return
         task = self.task
         # As Celery decides (worker/request.py, on_failure): a lost worker's

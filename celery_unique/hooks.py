@@ -28,12 +28,16 @@ from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
-from celery import signals
+from celery import Task, signals
 from celery.worker.request import Request
 
 from celery_unique import aggregate, checks, headers, runs
 
 logger = logging.getLogger(__name__)
+
+# Celery 5.6+ can publish a lost worker's task again (Task.retry_on_worker_lost);
+# older versions ignore the option.
+CELERY_RETRIES_LOST_WORKERS = hasattr(Task, "retry_on_worker_lost")
 
 
 def _is_unique(task: Any) -> bool:
@@ -65,6 +69,16 @@ def _check_configuration(sender: Any = None, **_: Any) -> None:
 signals.worker_ready.connect(_check_configuration, weak=False, dispatch_uid="celery_unique.checks")
 signals.task_postrun.connect(_end_of_run, weak=False, dispatch_uid="celery_unique.end_of_run")
 signals.task_revoked.connect(_revoked, weak=False, dispatch_uid="celery_unique.revoked")
+
+
+def _retries_lost_workers(task: Any) -> bool:
+    """Whether Celery publishes this task again when its worker is lost (5.6+)."""
+    if not CELERY_RETRIES_LOST_WORKERS:
+        return False  # older Celery ignores the option
+    value = task.retry_on_worker_lost
+    if value is None:
+        value = task.app.conf.get("task_retry_on_worker_lost")
+    return bool(value)
 
 
 def _unwrap(exc: Any) -> Any:
@@ -104,12 +118,9 @@ class UniqueRequest(Request):  # type: ignore[misc]
         # task is published again (retry_on_worker_lost) or requeued unless
         # its retries are exhausted; that message re-enters the lock.
         retries_left = task.max_retries is None or self._context.retries < task.max_retries
-        if getattr(task, "retry_on_worker_lost", False) and retries_left:
+        retries_lost = _retries_lost_workers(task)
+        if retries_lost and retries_left:
             return
-        if (
-            task.acks_late
-            and task.reject_on_worker_lost
-            and (retries_left or not getattr(task, "retry_on_worker_lost", False))
-        ):
+        if task.acks_late and task.reject_on_worker_lost and (retries_left or not retries_lost):
             return
         self._release("worker lost")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from celery_unique.conf import get_conf
+from celery_unique.hooks import CELERY_RETRIES_LOST_WORKERS
 from tests.integration.conftest import Events, wait_for
 from tests.integration.worker_app import failing, flaky, hard_limited, sleeper, typed
 
@@ -168,6 +169,9 @@ def test_settings_come_from_app_conf(celery_app: Any) -> None:
     assert conf.lock_timeout == 3600.0
 
 
+@pytest.mark.skipif(
+    not CELERY_RETRIES_LOST_WORKERS, reason="this Celery has no Task.retry_on_worker_lost (5.6+)"
+)
 def test_retry_on_worker_lost_keeps_the_lock_for_the_republished_message(
     worker: Any, token: str, events: Events
 ) -> None:

@@ -19,10 +19,8 @@ from typing import Any
 
 import redis
 
-from celery_unique.conf import UNTIL_AND_WHILE_EXECUTING, UNTIL_EXECUTED, WHILE_EXECUTING, get_conf
+from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
 from celery_unique.exceptions import UniqueError
-
-_HELD_WHILE_RUNNING = (UNTIL_EXECUTED, WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ def check_timeouts(app: Any) -> list[Finding]:
         time_limit = task.time_limit or app.conf.task_time_limit
         if (
             time_limit
-            and task.unique_lifetime in _HELD_WHILE_RUNNING
+            and task.unique_lifetime in HELD_WHILE_RUNNING
             and not task.renew_lock
             and task.unique_lock_timeout < time_limit
         ):

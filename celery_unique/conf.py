@@ -29,6 +29,8 @@ WHILE_EXECUTING = "while_executing"
 UNTIL_AND_WHILE_EXECUTING = "until_and_while_executing"
 UNTIL_EXPIRED = "until_expired"
 LIFETIMES = (UNTIL_EXECUTED, UNTIL_EXECUTING, WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING, UNTIL_EXPIRED)
+# Lifetimes whose lock is held while the task runs (and so is renewed).
+HELD_WHILE_RUNNING = (UNTIL_EXECUTED, WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
 ON_CONFLICT = ("discard", "retry", "raise")
 ON_DUPLICATE = ("return_existing", "raise", "ignore")
 ON_REDIS_ERROR = ("raise", "allow")

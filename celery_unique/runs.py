@@ -30,6 +30,7 @@ from celery.exceptions import Ignore
 
 from celery_unique import headers, idempotency, signals
 from celery_unique.conf import (
+    HELD_WHILE_RUNNING,
     UNTIL_AND_WHILE_EXECUTING,
     UNTIL_EXECUTED,
     UNTIL_EXECUTING,
@@ -43,8 +44,6 @@ from celery_unique.lease import Lease, keeper
 
 logger = logging.getLogger(__name__)
 
-# Lifetimes whose lock is held while the task runs (and so is renewed).
-HELD_WHILE_RUNNING = (UNTIL_EXECUTED, WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
 # Lifetimes that take a lock in the worker even for messages sent by name.
 WORKER_SIDE = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
 

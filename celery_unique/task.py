@@ -295,7 +295,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         # again, else the running task when it re-enqueues itself (handover).
         handover = task_id if republish else (current.id if passes_on else "")
         ttl_ms = int((timeout + _delay_seconds(app, options)) * 1000)
-        given = self.arguments_digest(args, kwargs) if self.idempotent else None
+        given = None
+        if self.idempotent:
+            # A retry keeps the producer's digest: JSON has turned tuples into lists since.
+            given = (running_lock or {}).get("args") if of_current else None
+            given = given or self.arguments_digest(args, kwargs)
         locked_options = {
             **options,
             "headers": {

@@ -190,3 +190,13 @@ def test_by_name_idempotent_run_leaves_no_lock(
         lambda: idempotent.unique_store().holder(idempotent.unique_lock_key((token,)))[0] is None, timeout=10
     )
     assert not idempotent.delay(token).duplicate
+
+
+def test_a_retried_call_with_tuples_replays_without_a_conflict(worker: Any, token: str) -> None:
+    from tests.integration.worker_app import idempotent_retry_tuple
+
+    key = f"retried-{token}"
+    first = idempotent_retry_tuple.apply_async((token, (3, 4)), idempotency_key=key)
+    assert first.get(timeout=20) == [3, 4]
+    wait_for(lambda: idempotent_retry_tuple.stored_outcome(idempotency_key=key) is not None, timeout=5)
+    assert idempotent_retry_tuple.apply_async((token, (3, 4)), idempotency_key=key).replayed

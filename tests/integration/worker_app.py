@@ -320,3 +320,11 @@ def lost_then_retried(self: Any, token: str) -> None:
     if _events.set(f"lost-once:{token}", 1, nx=True):
         os.kill(os.getpid(), signal.SIGKILL)
     record(token, "end", id=self.request.id)
+
+
+@app.task(base=UniqueTask, bind=True, name="tests.idempotent_retry_tuple", idempotent=True, max_retries=2)
+def idempotent_retry_tuple(self: Any, token: str, pair: Any) -> list[Any]:
+    record(token, "start", id=self.request.id, retries=self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.2)
+    return list(pair)

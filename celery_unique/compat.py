@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from celery import states
 from celery.result import EagerResult
 
-from celery_unique.conf import UNTIL_EXECUTING
+from celery_unique.conf import UNTIL_EXECUTING, check_lock_timeout
 from celery_unique.exceptions import DuplicateTaskError
 from celery_unique.task import UniqueTask
 
@@ -33,6 +33,7 @@ class QueueOnce(UniqueTask):
     """celery-once's ``QueueOnce`` on celery-unique."""
 
     once: ClassVar[dict[str, Any]] = {}
+    on_duplicate = "raise"  # translated to AlreadyQueued, or graceful, below
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -57,7 +58,6 @@ class QueueOnce(UniqueTask):
     ) -> Any:
         once = {**self.once, **(options.pop("once", None) or {})}
         unique_options = dict(options.pop("unique_options", None) or {})
-        unique_options.setdefault("on_duplicate", "raise")
         if once.get("timeout"):
             unique_options.setdefault("lock_timeout", once["timeout"])
         try:
@@ -79,39 +79,25 @@ class QueueOnce(UniqueTask):
 
 
 class Singleton(UniqueTask):
-    """celery-singleton's ``Singleton`` on celery-unique."""
+    """celery-singleton's ``Singleton`` on celery-unique.
+
+    Its options feed UniqueTask's own resolution (per-call ``unique_options``
+    still win), so no publishing code of its own is needed.
+    """
 
     raise_on_duplicate: bool | None = None
     lock_expiry: float | None = None
 
-    def apply_async(
-        self,
-        args: Any = None,
-        kwargs: Any = None,
-        task_id: str | None = None,
-        producer: Any = None,
-        link: Any = None,
-        link_error: Any = None,
-        shadow: str | None = None,
-        **options: Any,
-    ) -> Any:
-        conf = self._get_app().conf
-        unique_options = dict(options.pop("unique_options", None) or {})
+    @property
+    def on_duplicate(self) -> str:  # type: ignore[override]  # derived from celery-singleton's options
         raise_on_duplicate = self.raise_on_duplicate
         if raise_on_duplicate is None:
-            raise_on_duplicate = bool(conf.get("singleton_raise_on_duplicate"))
-        unique_options.setdefault("on_duplicate", "raise" if raise_on_duplicate else "return_existing")
-        expiry = self.lock_expiry if self.lock_expiry is not None else conf.get("singleton_lock_expiry")
-        if expiry:
-            unique_options.setdefault("lock_timeout", expiry)
-        return super().apply_async(
-            args,
-            kwargs,
-            task_id,
-            producer,
-            link,
-            link_error,
-            shadow,
-            unique_options=unique_options,
-            **options,
-        )
+            raise_on_duplicate = bool(self._get_app().conf.get("singleton_raise_on_duplicate"))
+        return "raise" if raise_on_duplicate else "return_existing"
+
+    @property
+    def unique_lock_timeout(self) -> float:
+        expiry = self.lock_expiry
+        if expiry is None:
+            expiry = self._get_app().conf.get("singleton_lock_expiry")
+        return check_lock_timeout(expiry) if expiry else super().unique_lock_timeout

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from celery_unique.clients import is_cluster
 from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
 from celery_unique.exceptions import UniqueError
 
@@ -58,7 +59,9 @@ def check_timeouts(app: Any) -> list[Finding]:
 
 def check_visibility_timeout(app: Any) -> list[Finding]:
     broker = app.conf.broker_url or ""
-    if not isinstance(broker, str) or not broker.startswith(("redis://", "rediss://", "redis+socket://")):
+    if not isinstance(broker, str) or not broker.startswith(
+        ("redis://", "rediss://", "redis+socket://", "sentinel://")
+    ):
         return []
     visibility = (app.conf.broker_transport_options or {}).get("visibility_timeout", 3600)
     tasks = _unique_tasks(app)
@@ -79,12 +82,19 @@ def check_visibility_timeout(app: Any) -> list[Finding]:
 
 def check_eviction(app: Any) -> list[Finding]:
     try:
-        policy = get_conf(app).locks.client.config_get("maxmemory-policy").get("maxmemory-policy")
+        client = get_conf(app).locks.client
+        if is_cluster(client):
+            # Every primary holds locks: each must keep them.
+            replies = [
+                client.config_get("maxmemory-policy", target_nodes=node) for node in client.get_primaries()
+            ]
+        else:
+            replies = [client.config_get("maxmemory-policy")]
     except (redis.RedisError, UniqueError):
         return []  # unreachable or CONFIG not allowed: nothing to say here
-    if isinstance(policy, bytes):
-        policy = policy.decode()
-    if policy and policy != "noeviction":
+    policies = {_text(reply.get("maxmemory-policy") or "") for reply in replies}
+    policy = next((found for found in sorted(policies) if found and found != "noeviction"), None)
+    if policy:
         return [
             Finding(
                 "eviction",
@@ -93,6 +103,10 @@ def check_eviction(app: Any) -> list[Finding]:
             )
         ]
     return []
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def check_app(app: Any) -> list[Finding]:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import redis
-
+from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, make_client
 from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import validate_prefix
 from celery_unique.locks import LockStore
@@ -39,6 +38,7 @@ ON_CANVAS = ("bypass", "dedupe", "raise")
 DEFAULTS: dict[str, Any] = {
     "unique_lock_timeout": 3600.0,
     "unique_redis_url": None,
+    "unique_redis_transport_options": None,
     "unique_key_prefix": "celery_unique",
     "unique_default_on_duplicate": "return_existing",
     "unique_default_lock": UNTIL_EXECUTED,
@@ -49,8 +49,6 @@ DEFAULTS: dict[str, Any] = {
     "unique_redis_socket_timeout": 5.0,
     "unique_redis_connect_timeout": 5.0,
 }
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
 
 
 def check_lock_timeout(value: Any, name: str = "lock_timeout") -> float:
@@ -66,12 +64,15 @@ def check_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
 
 
 def _first_url(url: Any) -> str | None:
+    """The Redis URL in a broker or backend setting (a string or a list, maybe ``;``-joined)."""
     if isinstance(url, (list, tuple)):
-        url = url[0] if url else None
+        url = ";".join(part for part in url if isinstance(part, str))
     if isinstance(url, str):
         first = url.split(";")[0].strip()
-        if first.startswith(_REDIS_SCHEMES):
-            return first
+        if first.startswith(SENTINEL_SCHEMES):
+            return url  # every Sentinel of the list
+        if first.startswith(SCHEMES):
+            return first  # a failover list of servers: the first, as Celery starts with it
     return None
 
 
@@ -144,15 +145,33 @@ class UniqueConf:
     @property
     def redis_url(self) -> str:
         """``unique_redis_url``, else the broker or result backend URL when it is Redis."""
+        return self.redis_target[0]
+
+    @property
+    def redis_target(self) -> tuple[str, dict[str, Any]]:
+        """The Redis URL and its transport options (a Sentinel master's name).
+
+        Without ``unique_redis_url``, the broker's or result backend's Redis,
+        with the transport options Celery has for it.
+        """
         url = self._get("unique_redis_url")
+        options = self._get("unique_redis_transport_options")
+        if options is not None and not isinstance(options, dict):
+            raise ConfigurationError(f"unique_redis_transport_options must be a dict, got {options!r}")
         if url:
             if not isinstance(url, str):
-                raise ConfigurationError(f"unique_redis_url must be a string, got {url!r}")
-            return url
-        for candidate in (self.app.conf.broker_url, self.app.conf.result_backend):
+                raise ConfigurationError(f"unique_redis_url must be a string, got {type(url).__name__}")
+            check_target(url, options or {})
+            return url, options or {}
+        conf = self.app.conf
+        for candidate, their_options in (
+            (conf.broker_url, conf.broker_transport_options),
+            (conf.result_backend, conf.result_backend_transport_options),
+        ):
             found = _first_url(candidate)
             if found:
-                return found
+                check_target(found, options or their_options or {})
+                return found, options or their_options or {}
         raise ConfigurationError(
             "celery-unique needs a Redis: set unique_redis_url "
             "(CELERY_UNIQUE_REDIS_URL under Django), or use a Redis broker"
@@ -163,18 +182,16 @@ class UniqueConf:
         """The lock store for the configured Redis (one client per URL and timeouts)."""
         store: LockStore | None = self._values.get("_locks")
         if store is None:
-            ident = (
-                self.redis_url,
-                self._get("unique_redis_socket_timeout"),
-                self._get("unique_redis_connect_timeout"),
-            )
+            url, options = self.redis_target
+            timeouts = {
+                "socket_timeout": self._get("unique_redis_socket_timeout"),
+                "socket_connect_timeout": self._get("unique_redis_connect_timeout"),
+            }
+            ident = (url, repr(sorted(options.items())), *timeouts.values())
             with self._lock:
                 store = self._stores.get(ident)
                 if store is None:
-                    client = redis.Redis.from_url(
-                        ident[0], socket_timeout=ident[1], socket_connect_timeout=ident[2]
-                    )
-                    store = self._stores[ident] = LockStore(client)
+                    store = self._stores[ident] = LockStore(make_client(url, options, **timeouts))
             self._values["_locks"] = store
         return store
 

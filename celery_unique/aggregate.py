@@ -77,6 +77,7 @@ class Aggregator:
         self.app = app
         self.conf = get_conf(app)
         self.client = self.conf.locks.client
+        self._create = self.client.register_script(scripts.FAN_IN_CREATE)
         self._report = self.client.register_script(scripts.FAN_IN_REPORT)
         self._expire = self.client.register_script(scripts.FAN_IN_EXPIRE)
 
@@ -108,13 +109,10 @@ class Aggregator:
             "errback": _json(dict(signature(errback, app=self.app))) if errback is not None else "",
         }
         fields.update({f"e:{name}": 1 for name in names})
-        if self.client.exists(key):
+        ttl_ms = int(((timeout or DEFAULT_TTL) + 3600) * 1000)
+        pairs = [item for field in fields.items() for item in field]
+        if not self._create(keys=[key], args=[ttl_ms, *pairs]):
             raise ConfigurationError(f"a fan-in context for token {token!r} exists already")
-        ttl = (timeout or DEFAULT_TTL) + 3600
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(key, mapping=fields)
-        pipe.pexpire(key, int(ttl * 1000))
-        pipe.execute()
         if timeout is not None:
             self.app.tasks[DEADLINE_TASK].apply_async((token,), countdown=timeout)
         return FanIn(self.app, token)

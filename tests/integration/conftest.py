@@ -94,8 +94,9 @@ def require_service(name: str, host: str, port: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def celery_app(redis_url: str) -> Iterator[Any]:
+def celery_app(redis_url: str, unique_redis: Any) -> Iterator[Any]:
     app = worker_app.app
+    unique_redis.apply(app)
     app.conf.broker_url = redis_url
     app.conf.result_backend = redis_url
     get_conf(app).reload()

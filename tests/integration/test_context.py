@@ -16,8 +16,9 @@ from celery_unique.exceptions import ConfigurationError
 
 
 @pytest.fixture
-def app(redis_url: str) -> Iterator[Celery]:
+def app(redis_url: str, unique_redis: Any) -> Iterator[Celery]:
     app = Celery("context-tests", broker=redis_url, set_as_current=False)
+    unique_redis.apply(app)
     yield app
     get_conf(app).close()
 
@@ -29,17 +30,23 @@ def context(app: Celery) -> Iterator[Context]:
     found.delete()
 
 
-def _append_many(url: str, name: str, writer: int, count: int) -> None:
+def _append_many(url: str, unique_redis: Any, name: str, writer: int, count: int) -> None:
     app = Celery("context-writer", broker=url, set_as_current=False)
+    unique_redis.apply(app)
     shared = Context(app, name)
     for n in range(count):
         shared.append({f"w{writer}-{n}": n})
     get_conf(app).close()
 
 
-def test_parallel_appends_from_processes_are_all_kept(redis_url: str, context: Context) -> None:
+def test_parallel_appends_from_processes_are_all_kept(
+    redis_url: str, unique_redis: Any, context: Context
+) -> None:
     spawn = multiprocessing.get_context("spawn")
-    writers = [spawn.Process(target=_append_many, args=(redis_url, context.name, w, 200)) for w in range(4)]
+    writers = [
+        spawn.Process(target=_append_many, args=(redis_url, unique_redis, context.name, w, 200))
+        for w in range(4)
+    ]
     for process in writers:
         process.start()
     for process in writers:

@@ -11,7 +11,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from redis.sentinel import SentinelConnectionPool
 
+from celery_unique.clients import is_cluster
 from celery_unique.conf import get_conf
 from celery_unique.hooks import CELERY_RETRIES_LOST_WORKERS
 from tests.integration.conftest import Events, wait_for
@@ -163,10 +165,14 @@ def test_keyword_and_positional_calls_are_one_key(worker: Any, token: str, event
     wait_for(ended(events))
 
 
-def test_settings_come_from_app_conf(celery_app: Any) -> None:
+def test_settings_come_from_app_conf(celery_app: Any, unique_redis: Any) -> None:
     conf = get_conf(celery_app)
-    assert conf.redis_url == celery_app.conf.broker_url
+    assert conf.redis_url == (unique_redis.url or celery_app.conf.broker_url)
     assert conf.lock_timeout == 3600.0
+    # The locks are where this run (--unique-redis) puts them.
+    pool = getattr(conf.locks.client, "connection_pool", None)
+    assert is_cluster(conf.locks.client) == (unique_redis.topology == "cluster")
+    assert isinstance(pool, SentinelConnectionPool) == (unique_redis.topology == "sentinel")
 
 
 @pytest.mark.skipif(

@@ -28,6 +28,11 @@ app.conf.update(
     task_publish_retry=False,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # Set by the test run to put the locks on a Redis Cluster or behind a Sentinel.
+    unique_redis_url=os.environ.get("UNIQUE_REDIS_URL") or None,
+    unique_redis_transport_options=(
+        {"master_name": os.environ["UNIQUE_REDIS_MASTER"]} if os.environ.get("UNIQUE_REDIS_MASTER") else None
+    ),
 )
 
 _events: redis.Redis | None = None

@@ -6,6 +6,7 @@ import pickle
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 import celery_unique
@@ -107,3 +108,43 @@ def test_missing_redis_is_a_configuration_error() -> None:
 def test_invalid_settings_are_configuration_errors(setting: str, value: Any, attribute: str) -> None:
     with pytest.raises(exceptions.ConfigurationError, match=setting.removeprefix("unique_")):
         getattr(get_conf(_app(**{setting: value})), attribute)
+
+
+def test_a_sentinel_broker_is_used_with_its_master_name() -> None:
+    app = Celery(
+        "x",
+        broker="sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380",
+        set_as_current=False,
+    )
+    app.conf.broker_transport_options = {"master_name": "mymaster"}
+    url, options = get_conf(app).redis_target
+    assert url == "sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380"
+    assert options == {"master_name": "mymaster"}
+
+
+def test_a_sentinel_url_without_a_master_name_is_a_configuration_error() -> None:
+    app = _app(unique_redis_url="sentinel://127.0.0.1:26379")
+    with pytest.raises(exceptions.ConfigurationError, match="master_name"):
+        _ = get_conf(app).redis_url
+
+
+def test_clients_match_the_url_scheme() -> None:
+    from redis.sentinel import SentinelConnectionPool
+
+    from celery_unique.clients import make_client
+
+    # Neither connects yet (a cluster client would: it is tested on a real cluster).
+    sentinel = make_client("sentinel://:secret@127.0.0.1:26379/2", {"master_name": "m"})
+    assert isinstance(sentinel.connection_pool, SentinelConnectionPool)
+    assert sentinel.connection_pool.connection_kwargs["db"] == 2
+    assert sentinel.connection_pool.connection_kwargs["password"] == "secret"
+    assert isinstance(make_client("redis://127.0.0.1:1/0"), redis.Redis)
+    with pytest.raises(exceptions.ConfigurationError, match="database 0"):
+        make_client("redis+cluster://127.0.0.1:1/3")
+
+
+def test_an_unknown_scheme_is_reported_without_the_url() -> None:
+    app = _app(unique_redis_url="mongodb://user:secret@host/db")
+    with pytest.raises(exceptions.ConfigurationError) as raised:
+        _ = get_conf(app).redis_url
+    assert "'mongodb'" in str(raised.value) and "secret" not in str(raised.value)

@@ -1,0 +1,151 @@
+"""Redis Cluster and Sentinel: what differs from one Redis, on real servers.
+
+The worker tests run against both topologies with ``--unique-redis=cluster``
+or ``--unique-redis=sentinel``; here are the checks only a topology has: one
+slot per key family, SCAN over every primary, a failover.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_unique import Context, LockBackendError, UniqueTask
+from celery_unique.aggregate import aggregator
+from celery_unique.checks import check_eviction
+from celery_unique.clients import is_cluster
+from celery_unique.conf import get_conf
+from celery_unique.inspect import iter_locks
+from celery_unique.testing import ClusterServers, SentinelServers
+
+
+def _app(broker: str, url: str, **conf: Any) -> Celery:
+    app = Celery(f"topology-{uuid.uuid4().hex[:6]}", broker=broker, set_as_current=False)
+    # A queue no worker reads: these tests look at the producer side only.
+    app.conf.update(unique_redis_url=url, task_default_queue=f"topology-{uuid.uuid4().hex}", **conf)
+    return app
+
+
+def _task(app: Celery) -> Any:
+    @app.task(base=UniqueTask, name="topology.job", shared=False)
+    def job(n: int) -> int:
+        return n
+
+    return job
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterServers]:
+    with ClusterServers() as servers:
+        yield servers
+
+
+@pytest.fixture
+def cluster_app(cluster: ClusterServers, redis_url: str) -> Iterator[Celery]:
+    app = _app(redis_url, cluster.url)
+    yield app
+    get_conf(app).close()
+    app.close()
+
+
+def test_every_key_family_lives_in_one_slot(cluster_app: Celery) -> None:
+    client = get_conf(cluster_app).locks.client
+    assert is_cluster(client)
+    job = _task(cluster_app)
+    lock = job.unique_lock_key((1,))
+    family = lock.removesuffix(":lock")
+    keys = [family + suffix for suffix in (":lock", ":run", ":fence", ":result", ":args")]
+    assert len({client.keyslot(key) for key in keys}) == 1
+    context = Context(cluster_app, "shared")
+    assert len({client.keyslot(key) for key in (context.base_key, context.log_key, context.lock_key)}) == 1
+
+
+def test_duplicates_are_stopped_and_locks_spread_over_every_primary(cluster_app: Celery) -> None:
+    job = _task(cluster_app)
+    calls = range(60)
+    firsts = [job.delay(n).id for n in calls]
+    assert [job.delay(n).id for n in calls] == firsts  # every second call is a duplicate
+    client = get_conf(cluster_app).locks.client
+    keys = [job.unique_lock_key((n,)) for n in calls]
+    primaries = {client.get_node_from_key(key).name for key in keys}
+    assert len(primaries) == 3
+    # The listing SCANs every primary: it finds each lock with its holder.
+    found = {info.key: info.holder for info in iter_locks(cluster_app, task_name="topology.job")}
+    assert found == dict(zip(keys, firsts, strict=True))
+    for key, owner in zip(keys, firsts, strict=True):
+        assert get_conf(cluster_app).locks.release(key, owner)
+
+
+def test_a_fan_in_completes_on_a_cluster(cluster_app: Celery) -> None:
+    job = _task(cluster_app)
+    agg = aggregator(cluster_app)
+    token = uuid.uuid4().hex
+    agg.create(token, ["a", "b"], job.s())
+    assert agg.report(token, "a", 1) == 0
+    assert agg.report(token, "a", 1) == -1  # counted once
+    assert agg.report(token, "b", 2) == 1  # completed: the callback was published
+    assert not agg.client.exists(agg.key(token))
+
+
+def test_the_eviction_check_asks_every_primary(cluster: ClusterServers, cluster_app: Celery) -> None:
+    assert check_eviction(cluster_app) == []
+    last = redis.Redis(port=cluster.primaries[-1].port)
+    last.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        [finding] = check_eviction(cluster_app)
+        assert finding.id == "eviction" and "allkeys-lru" in finding.message
+    finally:
+        last.config_set("maxmemory-policy", "noeviction")
+        last.close()
+
+
+@pytest.fixture
+def sentinel() -> Iterator[SentinelServers]:
+    with SentinelServers() as servers:
+        yield servers
+
+
+def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelServers, redis_url: str) -> None:
+    app = _app(
+        redis_url,
+        sentinel.url,
+        unique_redis_transport_options=sentinel.transport_options,
+        unique_redis_socket_timeout=1.0,
+        unique_redis_connect_timeout=1.0,
+    )
+    job = _task(app)
+    store = get_conf(app).locks
+    before = job.delay("before")
+    # WAIT: the lock is on the replica before the primary fails, so it survives.
+    assert store.client.execute_command("WAIT", 1, 5000) == 1
+    old_port = sentinel.master_port()
+    sentinel.primary.stop()
+
+    raised = published = 0
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the Sentinel did not promote the replica in time"
+        try:
+            job.delay(f"during-{raised + published}")
+        except LockBackendError:
+            raised += 1  # said plainly, nothing published: the caller knows
+            time.sleep(0.1)
+            continue
+        published += 1
+        if sentinel.master_port() != old_port:
+            break
+
+    assert sentinel.master_port() == sentinel.replica.port
+    # After the switch: the replicated lock still holds, new locks dedupe.
+    assert job.delay("before").id == before.id
+    after = job.delay("after")
+    assert job.delay("after").id == after.id
+    print(f"failover: {raised} calls raised LockBackendError, {published} published during the switch")
+    get_conf(app).close()
+    app.close()

@@ -10,7 +10,11 @@ mean anything). Two cases:
 Then each contender makes a few calls under ``MONITOR`` to count Redis round
 trips (commands sent by the client, not the ones a Lua script runs inside).
 
-    python benchmarks/bench_delay.py [--calls 2000] [--rounds 5]
+    python benchmarks/bench_delay.py [--calls 2000] [--rounds 5] [--locks cluster|sentinel]
+
+``--locks`` puts UniqueTask's locks on a private Redis Cluster (3 primaries)
+or behind a Sentinel, the broker and the peers staying on the one Redis (the
+peers support neither); round trips are then counted on the broker only.
 
 A private redis-server is started unless REDIS_URL is set. Needs the ``bench``
 extra (``pip install -e '.[bench]'``) for the peers.
@@ -33,11 +37,14 @@ import redis
 from celery import Celery
 
 from celery_unique import UniqueTask
-from celery_unique.testing import RedisServer
+from celery_unique.testing import ClusterServers, RedisServer, SentinelServers
 
 
-def build_app(url: str) -> tuple[Celery, dict[str, Any]]:
+def build_app(url: str, locks: Any = None) -> tuple[Celery, dict[str, Any]]:
     app = Celery("bench", broker=url, set_as_current=False)
+    if locks is not None:
+        app.conf.unique_redis_url = locks.url
+        app.conf.unique_redis_transport_options = getattr(locks, "transport_options", None)
     app.conf.update(
         ONCE={"backend": "celery_once.backends.Redis", "settings": {"url": url, "default_timeout": 3600}},
         singleton_backend_url=url,
@@ -118,11 +125,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per contender per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--locks", choices=("single", "cluster", "sentinel"), default="single")
     options = parser.parse_args()
 
     with ExitStack() as stack:
         url = os.environ.get("REDIS_URL") or stack.enter_context(RedisServer()).url
-        app, tasks = build_app(url)
+        locks = None
+        if options.locks != "single":
+            servers = ClusterServers() if options.locks == "cluster" else SentinelServers()
+            locks = stack.enter_context(servers)
+        app, tasks = build_app(url, locks)
         fresh_numbers = count(10_000_000)
         for task in tasks.values():
             task.delay(-1)  # warm up connections, scripts and the duplicate key
@@ -143,7 +155,7 @@ def main() -> None:
     plain_fresh = statistics.median(results[("plain", "fresh")])
     print(
         f"delay() cost, median of {options.rounds} rounds x {options.calls} calls; "
-        f"ratio = cost / plain Celery delay() ({plain_fresh:.0f} us)"
+        f"ratio = cost / plain Celery delay() ({plain_fresh:.0f} us); UniqueTask's locks: {options.locks}"
     )
     print(f"{'task':<18}{'case':<11}{'us/call':>9}{'ratio':>8}{'round trips':>13}")
     for (name, case), samples in results.items():

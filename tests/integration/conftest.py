@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Worker:
-    """A ``celery worker`` subprocess and its log."""
+    """A ``celery worker`` subprocess and its log.
 
-    def __init__(self, redis_url: str, name: str, *extra: str) -> None:
+    ``app`` names the module of the Celery app it runs (``tests.integration.worker_app``
+    unless given) and ``env`` adds to its environment.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        name: str,
+        *extra: str,
+        app: str = "tests.integration.worker_app",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+        self.app = importlib.import_module(app).app
         # Kept open for the worker's lifetime; stop() closes and removes it.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="celery-worker-", suffix=".log", delete=False
         )
-        env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **(env or {})}
         command = [
-            sys.executable, "-m", "celery", "-A", "tests.integration.worker_app", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "--pool", "prefork", "--concurrency", "2", "--hostname", self.name,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", "INFO", *extra,
@@ -50,7 +63,7 @@ class Worker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_text()}")
-            if worker_app.app.control.ping(destination=[self.name], timeout=0.5):
+            if self.app.control.ping(destination=[self.name], timeout=0.5):
                 return
         raise RuntimeError(f"worker did not answer ping within {timeout}s:\n{self.log_text()}")
 

@@ -57,6 +57,9 @@ def django_databases() -> Iterator[list[str]]:
                 "tests.django_app",
             ],
             DATABASES=databases,
+            # Django 4.2's AdminEmailHandler renders the settings (SECRET_KEY
+            # included) for every logged error, even with no ADMINS.
+            SECRET_KEY="celery-unique-tests",
             USE_TZ=True,
             DEFAULT_AUTO_FIELD="django.db.models.AutoField",
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import importlib
 import json
 import os
@@ -22,6 +21,7 @@ import redis
 
 from celery_unique.conf import get_conf
 from tests.integration import worker_app
+from tests.integration.results import polling_backend_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,17 +111,10 @@ def celery_app(redis_url: str, unique_redis: Any) -> Iterator[Any]:
     app = worker_app.app
     unique_redis.apply(app)
     app.conf.broker_url = redis_url
-    app.conf.result_backend = redis_url
+    # The worker stores results in Redis; this process polls for them.
+    app.conf.result_backend = polling_backend_url(redis_url)
     get_conf(app).reload()
     yield app
-    # Results still referenced unsubscribe when collected: let them do it
-    # while Redis still runs, then stop the result consumer.
-    gc.collect()
-    consumer = getattr(app.backend, "result_consumer", None)
-    if consumer is not None:
-        consumer.stop()
-        # Results collected at exit would unsubscribe from a stopped Redis.
-        consumer.subscribed_to.clear()
     get_conf(app).close()
     app.close()
 

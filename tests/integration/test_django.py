@@ -23,7 +23,7 @@ from django.conf import settings
 
 from celery_unique.conf import get_conf
 from tests.integration.conftest import Events, require_service, service_reachable, wait_for
-from tests.integration.worker_app import django_recompute
+from tests.integration.worker_app import django_recompute, gate_key
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 
@@ -148,7 +148,7 @@ def test_savepoints_follow_django_on_commit_semantics(celery_app: Any, alias: st
 
 
 def test_concurrent_requests_run_the_recompute_once(
-    worker: Any, alias: str, token: str, events: Events
+    worker: Any, alias: str, token: str, events: Events, redis_client: redis.Redis
 ) -> None:
     from django.db import connections, transaction
 
@@ -165,7 +165,8 @@ def test_concurrent_requests_run_the_recompute_once(
             start.wait()
             with transaction.atomic(using=alias):
                 Account.objects.using(alias).filter(pk=account.pk).update(balance=models_f("balance") + 1)
-                handle = django_recompute.apply_async_on_commit((token, 1.0), using=alias)
+                # Gated: the run, and so its lock, lasts until every request has committed.
+                handle = django_recompute.apply_async_on_commit((token, 0.0, True), using=alias)
             with lock:
                 handles.append(handle)
         except BaseException as exc:
@@ -178,6 +179,7 @@ def test_concurrent_requests_run_the_recompute_once(
         thread.start()
     for thread in threads:
         thread.join()
+    redis_client.set(gate_key(token), 1, ex=60)  # every request has committed: let the run end
 
     assert errors == []
     assert Account.objects.using(alias).get(pk=account.pk).balance == 50

@@ -175,9 +175,23 @@ def replacer(self: Any, token: str, replace: bool = True) -> Any:
     return None
 
 
+def gate_key(token: str) -> str:
+    return f"test-gate:{token}"
+
+
+def wait_at_gate(token: str, timeout: float = 60.0) -> None:
+    """Block until the test sets the token's gate key (a run that outlasts the test's calls)."""
+    assert _events is not None  # record() connected it
+    deadline = time.monotonic() + timeout
+    while not _events.exists(gate_key(token)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @app.task(base=UniqueDjangoTask, bind=True, name="tests.django_recompute", unique_on=("token",))
-def django_recompute(self: Any, token: str, seconds: float = 0.0) -> None:
+def django_recompute(self: Any, token: str, seconds: float = 0.0, gated: bool = False) -> None:
     record(token, "start", id=self.request.id)
+    if gated:
+        wait_at_gate(token)
     time.sleep(seconds)
     record(token, "end", id=self.request.id)
 

@@ -17,7 +17,7 @@ from celery_unique.clients import is_cluster
 from celery_unique.conf import get_conf
 from celery_unique.hooks import CELERY_RETRIES_LOST_WORKERS
 from tests.integration.conftest import Events, wait_for
-from tests.integration.worker_app import failing, flaky, hard_limited, sleeper, typed
+from tests.integration.worker_app import failing, flaky, sleeper, typed
 
 pytestmark = pytest.mark.worker
 
@@ -115,13 +115,6 @@ def test_revoking_a_queued_task_frees_its_lock(worker: Any, token: str, events: 
     for busy_token in busy:
         wait_for(lambda t=busy_token: any(e["event"] == "end" for e in events(t)))  # type: ignore[misc]
     assert events() == []  # the revoked task never ran
-
-
-def test_hard_time_limit_frees_its_lock(worker: Any, token: str, events: Events) -> None:
-    hard_limited.delay(token)
-    wait_for(lambda: events())
-    assert holder_of(hard_limited, token) is not None
-    wait_for(lambda: holder_of(hard_limited, token) is None, timeout=10, worker=worker)
 
 
 def test_killed_pool_child_frees_its_lock(worker: Any, token: str, events: Events) -> None:

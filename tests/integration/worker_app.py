@@ -73,15 +73,6 @@ def failing(self: Any, token: str) -> None:
     raise ValueError("this task always fails")
 
 
-@app.task(base=UniqueTask, bind=True, name="tests.hard_limited", time_limit=1)
-def hard_limited(self: Any, token: str) -> None:
-    # Ignore the pool's SIGTERM so that only its SIGKILL ends the child: no
-    # task_postrun runs in the child, the main process must release.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    record(token, "start", id=self.request.id)
-    time.sleep(30)
-
-
 @app.task(base=UniqueTask, bind=True, name="tests.typed", unique_on=("token", "value", "when", "ident"))
 def typed(
     self: Any, token: str, value: Any = None, when: Any = None, ident: Any = None, seconds: float = 1.0

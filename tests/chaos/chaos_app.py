@@ -1,0 +1,158 @@
+"""The Celery app of the chaos suite's workers and producer processes.
+
+It is configured from the environment, so each scenario can give its workers
+their own broker, lock Redis, key prefix and broker transport options:
+
+* ``CHAOS_BROKER_URL``: the broker (a private redis-server that is never
+  stopped; the tasks' events are recorded there too);
+* ``CHAOS_LOCK_URL``: the Redis that holds the locks (may be stopped,
+  restarted, or be a TLS/ACL server);
+* ``CHAOS_KEY_PREFIX``: ``unique_key_prefix``;
+* ``CHAOS_VISIBILITY_TIMEOUT``: the Redis broker's visibility timeout (a
+  message not acknowledged within it is delivered again).
+
+Each task records what happened (start, end, its id, pid and retries) in a
+Redis list per test token, so tests compare what producers believe with what
+workers ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from celery_unique import UniqueTask
+from celery_unique import signals as unique_signals
+
+app = Celery("celery_unique_chaos", set_as_current=False)
+app.conf.update(
+    broker_url=os.environ.get("CHAOS_BROKER_URL"),
+    unique_redis_url=os.environ.get("CHAOS_LOCK_URL"),
+    unique_key_prefix=os.environ.get("CHAOS_KEY_PREFIX", "celery_unique"),
+    broker_transport_options={
+        "visibility_timeout": float(os.environ.get("CHAOS_VISIBILITY_TIMEOUT", "3600")),
+        # Look for messages to deliver again every second, not every 100 s.
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    },
+    task_ignore_result=True,
+    worker_prefetch_multiplier=1,
+    task_publish_retry=False,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    # The logger's name on every line, so tests can pick celery-unique's lines.
+    worker_log_format="[%(asctime)s: %(levelname)s/%(processName)s %(name)s] %(message)s",
+    worker_task_log_format="[%(asctime)s: %(levelname)s/%(processName)s %(name)s] %(message)s",
+)
+
+_events: redis.Redis | None = None
+
+
+def events_key(token: str) -> str:
+    return f"chaos-events:{token}"
+
+
+def release_key(token: str) -> str:
+    return f"chaos-release:{token}"
+
+
+def broker_client() -> redis.Redis:
+    global _events
+    if _events is None:
+        _events = redis.Redis.from_url(app.conf.broker_url)
+    return _events
+
+
+def record(token: str, event: str, **data: Any) -> None:
+    entry = {"event": event, "pid": os.getpid(), "time": time.time(), **data}
+    broker_client().rpush(events_key(token), json.dumps(entry))
+
+
+def wait_released(token: str, limit: float = 120.0) -> None:
+    """Block until the test sets the token's release key (or ``limit`` passes)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not broker_client().exists(release_key(token)):
+        time.sleep(0.02)
+
+
+def _task(name: str, **options: Any) -> Any:
+    """A unique task keyed on ``token`` and ``item``: records its start (under
+    the token), runs ``seconds`` or until released, records its end."""
+
+    @app.task(base=UniqueTask, bind=True, name=name, unique_on=("token", "item"), shared=False, **options)
+    def run(self: Any, token: str, seconds: float | None = None, item: str = "") -> None:
+        record(token, "start", id=self.request.id, item=item, retries=self.request.retries)
+        if seconds is None:
+            wait_released(token)
+        else:
+            time.sleep(seconds)
+        record(token, "end", id=self.request.id, item=item)
+
+    return run
+
+
+# Held until the test releases it (load, revoke).
+hold = _task("chaos.hold", lock_timeout=60)
+# Redelivered when its pool child is killed.
+killable = _task("chaos.killable", acks_late=True, reject_on_worker_lost=True, lock_timeout=5)
+# Short work, many keys (Redis outage, warm shutdown).
+work = _task("chaos.work", lock_timeout=60, conflict_retry_countdown=0.5, max_retries=20)
+# Lost with its worker and delivered again after the visibility timeout,
+# its 1 s lock long expired: one per on_conflict policy.
+REDELIVERED = {
+    policy: _task(
+        f"chaos.redelivered.{policy}",
+        acks_late=True,
+        lock_timeout=1,
+        on_conflict=policy,
+        conflict_retry_countdown=0.5,
+        max_retries=20,
+    )
+    for policy in ("discard", "retry")
+}
+
+
+@app.task(base=UniqueTask, bind=True, name="chaos.hard_limited", unique_on=("token",), time_limit=1)
+def hard_limited(self: Any, token: str) -> None:
+    # Only the pool's SIGKILL ends the child: no task_postrun runs in it,
+    # the worker's main process must release the lock.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    record(token, "start", id=self.request.id)
+    time.sleep(60)
+
+
+def _retried(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    """Record a retry with its reason, in the pool child that decided it."""
+    if sender is None or request is None or not str(sender.name).startswith("chaos."):
+        return
+    args = request.args or ()
+    token = args[0] if args else (request.kwargs or {}).get("token")
+    if token:
+        cause = getattr(reason, "exc", None) or reason  # the error a Retry carries
+        record(str(token), "retry", id=request.id, reason=type(cause).__name__)
+
+
+def _failed(sender: Any = None, task_id: str = "", exception: Any = None, args: Any = None, **_: Any) -> None:
+    """Record a run that failed (in the body, or before it: a lock it could not check)."""
+    if sender is not None and str(sender.name).startswith("chaos.") and args:
+        record(str(args[0]), "failure", id=task_id, reason=type(exception).__name__)
+
+
+def _conflict(
+    sender: Any = None, task_id: str = "", existing_id: str = "", policy: str = "", **_: Any
+) -> None:
+    """Record a run that found its lock held by another task (the policy decides)."""
+    args = (sender.request.args or ()) if sender is not None else ()
+    if args:
+        record(str(args[0]), "conflict", id=task_id, holder=existing_id, policy=policy)
+
+
+signals.task_retry.connect(_retried, weak=False)
+signals.task_failure.connect(_failed, weak=False)
+unique_signals.lock_conflict.connect(_conflict, weak=False)

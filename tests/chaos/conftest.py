@@ -1,0 +1,251 @@
+"""The chaos suite: real worker subprocesses, private redis-servers, faults injected.
+
+Two private redis-servers for the session: the broker (never stopped; the
+tasks' events are recorded there) and the lock Redis. A scenario that stops a
+server or a worker starts its own. Each scenario reports its figures (load
+held, faults injected, duplicates observed, tasks lost) and the suite prints
+them at the end.
+
+``CHAOS_SCALE`` (default 1) multiplies the load and the number of faults; the
+``chaos-soak`` tox env runs the suite with a larger one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+
+from celery_unique.conf import get_conf
+from celery_unique.testing import RedisServer
+from tests.chaos import chaos_app, producers
+from tests.integration.conftest import ROOT, Worker, wait_for
+
+SCALE = max(int(os.environ.get("CHAOS_SCALE", "1")), 1)
+
+
+@dataclass(frozen=True)
+class Figures:
+    scenario: str
+    load: str
+    faults: str
+    duplicates: int
+    lost: int
+    note: str = ""
+
+
+_reported: list[Figures] = []
+
+Report = Callable[..., None]
+
+
+@pytest.fixture
+def report() -> Report:
+    """Record a scenario's figures for the summary (call it before asserting on them)."""
+
+    def add(scenario: str, load: str, faults: str, duplicates: int, lost: int, note: str = "") -> None:
+        _reported.append(Figures(scenario, load, faults, duplicates, lost, note))
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _reported:
+        return
+    terminalreporter.section(f"celery-unique chaos summary (CHAOS_SCALE={SCALE})")
+    for f in _reported:
+        terminalreporter.write_line(f"{f.scenario}")
+        terminalreporter.write_line(f"    load held        {f.load}")
+        terminalreporter.write_line(f"    faults injected  {f.faults}")
+        terminalreporter.write_line(f"    duplicates       {f.duplicates}")
+        terminalreporter.write_line(f"    tasks lost       {f.lost}")
+        if f.note:
+            terminalreporter.write_line(f"    observed         {f.note}")
+    terminalreporter.write_line(
+        f"total: {len(_reported)} scenarios, {sum(f.duplicates for f in _reported)} duplicates, "
+        f"{sum(f.lost for f in _reported)} tasks lost"
+    )
+
+
+# -- servers, app, worker ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def lock_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def broker_client(broker: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(broker.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def lock_client(lock_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(lock_redis.url)
+    yield client
+    client.close()
+
+
+def chaos_env(broker_url: str, lock_url: str, **extra: str) -> dict[str, str]:
+    """The environment that points a chaos worker or producer at its servers."""
+    return {"CHAOS_BROKER_URL": broker_url, "CHAOS_LOCK_URL": lock_url, **extra}
+
+
+def configure(broker_url: str, lock_url: str, prefix: str = "celery_unique") -> Any:
+    """Point this process's chaos app (the producer side) at the servers."""
+    app = chaos_app.app
+    conf = get_conf(app)
+    conf.close()
+    app.conf.broker_url = broker_url
+    app.conf.unique_redis_url = lock_url
+    app.conf.unique_key_prefix = prefix
+    conf.reload()
+    return app
+
+
+@pytest.fixture(scope="session")
+def app(broker: RedisServer, lock_redis: RedisServer) -> Iterator[Any]:
+    app = configure(broker.url, lock_redis.url)
+    yield app
+    get_conf(app).close()
+    app.close()
+
+
+@pytest.fixture(scope="session")
+def worker(app: Any, broker: RedisServer, lock_redis: RedisServer) -> Iterator[Worker]:
+    """A worker (prefork, -c 2) on the default queue, shared by the scenarios that keep it alive."""
+    started = Worker(
+        broker.url, "chaos", app="tests.chaos.chaos_app", env=chaos_env(broker.url, lock_redis.url)
+    )
+    try:
+        started.wait_ready()
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def token() -> str:
+    return uuid.uuid4().hex
+
+
+Events = Callable[..., list[dict[str, Any]]]
+
+
+@pytest.fixture
+def events(broker_client: redis.Redis, token: str) -> Events:
+    """The events the workers recorded for a token (this test's unless given)."""
+
+    def read(of: str | None = None) -> list[dict[str, Any]]:
+        raw = broker_client.lrange(chaos_app.events_key(of or token), 0, -1)
+        return [json.loads(item) for item in raw]
+
+    return read
+
+
+def starts(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in seen if e["event"] == "start"]
+
+
+def ends(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in seen if e["event"] == "end"]
+
+
+class Producers:
+    """Producer processes (:mod:`tests.chaos.producers`) of one token.
+
+    They start, connect, and wait until :meth:`go`; :meth:`reports` collects
+    what each one saw.
+    """
+
+    def __init__(self, env: dict[str, str], token: str, processes: int, *options: str) -> None:
+        self.token = token
+        # Their logs go to files: a pipe nobody reads while they run would fill and block them.
+        self.logs = [tempfile.TemporaryFile("w+") for _ in range(processes)]  # noqa: SIM115
+        command = [
+            sys.executable,
+            "-m",
+            "tests.chaos.producers",
+            "--token",
+            token,
+            "--processes",
+            str(processes),
+        ]
+        self.processes = [
+            subprocess.Popen(
+                [*command, "--index", str(index), *options],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+            for index, log in enumerate(self.logs)
+        ]
+
+    def log_text(self, index: int) -> str:
+        self.logs[index].seek(0)
+        return self.logs[index].read()[-3000:]
+
+    def go(self, client: redis.Redis) -> None:
+        """Wait until every process is ready, then let them all call at once."""
+
+        def ready() -> bool:
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    pytest.fail(f"a producer exited early:\n{self.log_text(index)}")
+            return int(client.get(producers.ready_key(self.token)) or 0) == len(self.processes)
+
+        wait_for(ready, timeout=60)
+        client.set(producers.go_key(self.token), 1)
+
+    def stop(self, client: redis.Redis) -> None:
+        client.set(producers.stop_key(self.token), 1)
+
+    def reports(self, timeout: float = 120) -> list[dict[str, Any]]:
+        found = []
+        for index, process in enumerate(self.processes):
+            out, _ = process.communicate(timeout=timeout)
+            if process.returncode != 0:
+                pytest.fail(f"a producer failed ({process.returncode}):\n{self.log_text(index)}")
+            found.append(json.loads(out.strip().splitlines()[-1]))
+        return found
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        for log in self.logs:
+            log.close()
+
+
+def settle(predicate: Callable[[], Any], timeout: float = 60.0) -> bool:
+    """Poll until ``predicate()`` holds; False after ``timeout`` (the test then
+    reports what it saw before it fails)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

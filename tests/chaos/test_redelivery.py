@@ -1,0 +1,134 @@
+"""Scenario 6: a message delivered again after its lock was taken by another task.
+
+Two ``acks_late`` tasks (``on_conflict="discard"`` and ``"retry"``) run on a
+worker that is killed with ``SIGKILL`` (main process and children): their
+messages stay unacknowledged in the Redis broker, their 1 s locks expire, and
+a new ``delay()`` of each key (B) takes the lock. A second worker, whose
+broker ``visibility_timeout`` is 2 s, delivers the lost messages (A) again.
+They find their lock held by B:
+
+* ``discard``: A ends without running, logged with B's id; B does the key's
+  work (nothing is lost silently);
+* ``retry``: A is retried until B has finished, then runs; never beside B.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from tests.chaos import chaos_app
+from tests.chaos.conftest import Events, Report, chaos_env, ends, starts
+from tests.integration.conftest import Worker, wait_for
+
+pytestmark = pytest.mark.worker
+
+QUEUE = "chaos-redelivery"
+LATER = "chaos-redelivery-later"  # B waits here until the test lets it run
+
+
+def overlapping(seen: list[dict[str, Any]], killed_at: float) -> int:
+    """Runs that started while another run of the same key was still going.
+
+    A run lasts from its start to its end, or to the kill for runs of the
+    killed worker (they have no end; a later delivery of the same id does).
+    """
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for start in starts(seen):
+        end = (
+            killed_at
+            if start["time"] < killed_at
+            else next(
+                (e["time"] for e in ends(seen) if e["id"] == start["id"] and e["time"] >= start["time"]), 0
+            )
+        )
+        spans.setdefault(start["item"], []).append((start["time"], end))
+    return sum(
+        1
+        for item_spans in spans.values()
+        for n, (begin, _) in enumerate(item_spans)
+        if any(b < begin < e for b, e in item_spans[:n])
+    )
+
+
+def test_redelivered_message_meets_the_new_holder_by_policy(
+    app: Any, broker_client: redis.Redis, lock_client: redis.Redis, token: str, events: Events, report: Report
+) -> None:
+    tasks = chaos_app.REDELIVERED
+    keys = {policy: str(task.unique_lock_key((token,), {"item": policy})) for policy, task in tasks.items()}
+    env = chaos_env(app.conf.broker_url, app.conf.unique_redis_url)
+
+    first = Worker(app.conf.broker_url, "doomed", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env)
+    try:
+        first.wait_ready()
+        lost = {p: task.apply_async((token,), {"item": p}, queue=QUEUE) for p, task in tasks.items()}
+        wait_for(lambda: len(starts(events())) == 2, worker=first)
+        os.killpg(first.process.pid, signal.SIGKILL)  # the whole worker: nothing acknowledges or releases
+        first.process.wait()
+        killed_at = time.time()
+    finally:
+        first.stop()
+    wait_for(lambda: all(lock_client.get(key) is None for key in keys.values()), timeout=5)  # 1 s locks
+
+    taken = {
+        p: task.apply_async(
+            (token,), {"item": p, "seconds": 0.5}, queue=LATER, unique_options={"lock_timeout": 60}
+        )
+        for p, task in tasks.items()
+    }
+    assert not any(handle.duplicate for handle in taken.values())
+    second = Worker(
+        app.conf.broker_url,
+        "redelivers",
+        "--queues",
+        QUEUE,
+        app="tests.chaos.chaos_app",
+        env={**env, "CHAOS_VISIBILITY_TIMEOUT": "2"},
+    )
+    try:
+        second.wait_ready()
+
+        def conflicts(policy: str) -> list[dict[str, Any]]:
+            return [e for e in events() if e["event"] == "conflict" and e["policy"] == policy]
+
+        # Both lost messages come back and meet B's locks; "retry" keeps retrying.
+        wait_for(lambda: conflicts("discard") and len(conflicts("retry")) >= 2, timeout=30, worker=second)
+        assert all(lock_client.get(keys[p]) == taken[p].id.encode() for p in tasks)
+        broker_client.set(chaos_app.release_key(token), 1)  # A's next run does not wait
+        app.control.add_consumer(LATER, destination=[second.name], reply=True)  # now B runs
+        wait_for(lambda: len(ends(events())) == 3, timeout=30, worker=second)
+        wait_for(lambda: all(lock_client.get(key) is None for key in keys.values()))
+        log = second.log_text()
+    finally:
+        second.stop()
+
+    seen = events()
+    runs = [(e["item"], e["id"]) for e in starts(seen)]
+    finished = [(e["item"], e["id"]) for e in ends(seen)]
+    retry_runs = [e for e in starts(seen) if e["item"] == "retry"]
+    beside = overlapping(seen, killed_at)
+    report(
+        "6 redelivery after the lock changed hands",
+        "2 acks_late tasks (on_conflict discard and retry) lost with their worker",
+        "1 SIGKILL of the whole worker; 2 redeliveries (visibility timeout) after new holders took the locks",
+        duplicates=beside,
+        lost=sum(1 for p in tasks if not any(item == p for item, _ in finished)),
+        note=f"discard: dropped and logged, the new holder ran; retry: {len(conflicts('retry'))} "
+        "conflicts, then ran after the holder",
+    )
+    assert beside == 0
+    # discard: the redelivered A never ran again; the conflict names B and is logged.
+    assert [e["holder"] for e in conflicts("discard")] == [taken["discard"].id]
+    assert f"is held by {taken['discard'].id}" in log
+    assert ("discard", taken["discard"].id) in finished
+    assert runs.count(("discard", lost["discard"].id)) == 1  # its first run, on the killed worker
+    # retry: A ran after B had finished, never beside it.
+    assert [e["id"] for e in retry_runs] == [lost["retry"].id, taken["retry"].id, lost["retry"].id]
+    b_end = next(e["time"] for e in ends(seen) if e["id"] == taken["retry"].id)
+    assert retry_runs[2]["time"] >= b_end
+    assert ("retry", lost["retry"].id) in finished

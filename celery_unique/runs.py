@@ -98,9 +98,22 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
             )
             setattr(request, RAN, True)
             return
-        raise LockBackendError(
+        error = LockBackendError(
             f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis ({exc!r})"
-        ) from exc
+        )
+        error.__cause__ = exc
+        # Failing here would lose a message that was published and counted on
+        # (a Redis restart, a failover): the run is retried instead, like a
+        # conflict under on_conflict="retry", and fails with the error only
+        # once its retries are spent.
+        logger.warning(
+            "%s[%s]: Redis failed (%r); the run is retried in %ss",
+            task.name,
+            task_id,
+            exc,
+            task.conflict_retry_countdown,
+        )
+        raise task.retry(countdown=task.conflict_retry_countdown, exc=error) from exc
     if start.outcome is not None:
         # Already ran for this key (a redelivery, or a call sent by name):
         # the body is skipped and the stored outcome is the result.

@@ -378,6 +378,8 @@ class UniqueTask(Task):  # type: ignore[misc]
             else:
                 pending = store.begin_acquire(key, task_id, ttl_ms, handover)
         except redis.RedisError as exc:
+            if republish:
+                return True, self._republish_unchecked(key, task_id, exc, send)
             return False, self._redis_failed(conf, key, exc, publish_unlocked)
         if pending is None:
             if not acquisition.acquired:
@@ -421,6 +423,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                 key, result_key(family), args_key(family), task_id, ttl_ms, handover, given
             )
         except redis.RedisError as exc:
+            if republish:
+                return True, self._republish_unchecked(key, task_id, exc, send)
             return False, self._redis_failed(conf, key, exc, publish_unlocked)
         if stored is not None:
             outcome = idempotency.decode(stored)
@@ -499,6 +503,24 @@ class UniqueTask(Task):  # type: ignore[misc]
             return None
         result = self.AsyncResult(acquisition.holder)
         result.duplicate = True
+        return result
+
+    def _republish_unchecked(self, key: str, task_id: str, error: BaseException, send: Any) -> Any:
+        """Publish a message again (a retry) although Redis failed.
+
+        A message published again is never dropped: Celery would turn a
+        retry that cannot publish into a rejection and lose the task. It
+        keeps its lock header, and its run checks the lock when it starts.
+        """
+        logger.warning(
+            "%s[%s]: Redis failed (%r); published again without renewing lock %s (its run checks the lock)",
+            self.name,
+            task_id,
+            error,
+            digest_of_key(key)[:12],
+        )
+        result = send()
+        result.duplicate = result.replayed = False
         return result
 
     def _redis_failed(self, conf: UniqueConf, key: str, error: BaseException, publish: Any) -> Any:

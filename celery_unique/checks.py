@@ -17,9 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
-from celery_unique.clients import is_cluster
+from celery_unique.clients import REDIS_ERRORS, is_cluster
 from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
 from celery_unique.exceptions import UniqueError
 
@@ -90,7 +88,7 @@ def check_eviction(app: Any) -> list[Finding]:
             ]
         else:
             replies = [client.config_get("maxmemory-policy")]
-    except (redis.RedisError, UniqueError):
+    except (*REDIS_ERRORS, UniqueError):  # type: ignore[misc]
         return []  # unreachable or CONFIG not allowed: nothing to say here
     policies = {_text(reply.get("maxmemory-policy") or "") for reply in replies}
     policy = next((found for found in sorted(policies) if found and found != "noeviction"), None)

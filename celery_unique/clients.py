@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
 from celery_unique.exceptions import ConfigurationError
@@ -114,6 +115,11 @@ def make_client(url: str, transport_options: dict[str, Any] | None = None, **opt
     if url.startswith(SENTINEL_SCHEMES):
         return sentinel_client(url, transport_options, **options)
     return redis.Redis.from_url(url, **options)
+
+
+# What a Redis call can raise when Redis fails: RedisCluster raises some errors
+# (no reachable node, an uncovered slot) outside redis-py's RedisError.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 
 
 def is_cluster(client: Any) -> bool:

@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from celery_unique import signals
+from celery_unique.clients import REDIS_ERRORS
 from celery_unique.keys import digest_of_key
 
 logger = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ class LeaseKeeper:
         """Extend one lease; False when the lock is no longer the owner's."""
         try:
             kept = lease.store.extend(lease.key, lease.owner, lease.ttl_ms, lease.companions)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Try again soon; the TTL still has two thirds left.
             lease.due = time.monotonic() + min(lease.interval, 1.0)
             logger.warning("could not renew lock %s: %r", digest_of_key(lease.key)[:12], exc)

@@ -9,7 +9,10 @@ redis-py's command machinery (pool bookkeeping, retries, instrumentation cost
 more than the round trip itself). It keeps a few connections of its own, made
 by the client's pool so they share its settings (TLS, ACL, database), sends a
 pre-encoded ``EVALSHA`` and reads the reply, whose shape it knows, itself.
-Anything unexpected falls back to the client's own script call.
+On a Redis Cluster it keeps connections per primary and sends to the one its
+slot table names for the key. Anything unexpected (a ``MOVED`` after a
+resharding, a ``READONLY`` after a failover, a dropped connection) falls back
+to the client's own script call, which knows how to follow it.
 :meth:`LockStore.begin_acquire` sends without waiting: the caller does its own
 work (Celery builds the message) and reads the reply only when it needs it.
 """
@@ -21,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from celery_unique import scripts
+from celery_unique.clients import REDIS_ERRORS
 
 
 @dataclass(frozen=True)
@@ -130,12 +135,13 @@ class PendingAcquire:
         self._store = store
         self._call = (key, owner, ttl_ms, handover)
         self._result: Acquisition | None = None
-        self._connection: Any = store._take_connection()
+        self._node, self._connection = "", None
         try:
+            self._node, self._connection = store._take_connection(key)
             self._connection.send_packed_command(
                 [store._encode_acquire(key, owner, ttl_ms, handover)], check_health=False
             )
-        except redis.RedisError:
+        except REDIS_ERRORS:
             # A kept connection may be stale (the server restarted): the
             # result is then asked for again through the client.
             self._drop()
@@ -154,15 +160,15 @@ class PendingAcquire:
                 reply = _read_acquire_reply(connection)
             except NoScriptError:
                 self._connection = None
-                self._store._give_back(connection)
-            except redis.RedisError:
+                self._store._give_back(self._node, connection)
+            except REDIS_ERRORS:
                 self._drop()
             except BaseException:
                 self._drop()
                 raise
             else:
                 self._connection = None
-                self._store._give_back(connection)
+                self._store._give_back(self._node, connection)
                 self._result = _acquisition(self._call[1], reply)
                 return self._result
         # Acquiring is idempotent for one owner, so asking again is safe; the
@@ -182,31 +188,37 @@ class LockStore:
         self._begin_run = client.register_script(scripts.BEGIN_RUN)
         self._acquire_idempotent = client.register_script(scripts.ACQUIRE_IDEMPOTENT)
         self._store_and_release = client.register_script(scripts.STORE_AND_RELEASE)
-        # The lean path needs a plain client with a connection pool.
-        self.lean = isinstance(client, redis.Redis) and hasattr(client, "connection_pool")
+        # The lean path needs a client whose pools it can copy connections from.
+        self.cluster = isinstance(client, RedisCluster)
+        self.lean = self.cluster or (isinstance(client, redis.Redis) and hasattr(client, "connection_pool"))
         self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
-        self._idle: list[Any] = []
+        self._idle: dict[str, list[Any]] = {}  # by cluster node ("" for one server)
         self._pid = os.getpid()
 
     # -- connections of the lean path ------------------------------------
 
-    def _take_connection(self) -> Any:
+    def _take_connection(self, key: str) -> tuple[Any, Any]:
+        """(the node, a connection to it) for ``key``."""
         if self._pid != os.getpid():
             # After a fork the parent's sockets are not ours to use or close.
-            self._idle = []
+            self._idle = {}
             self._pid = os.getpid()
+        if self.cluster:
+            node = self.client.get_node_from_key(key)
+            name, pool = node.name, node.redis_connection.connection_pool
+        else:
+            name, pool = "", self.client.connection_pool
         try:
-            return self._idle.pop()
-        except IndexError:
+            return name, self._idle[name].pop()
+        except (KeyError, IndexError):
             # Built like the pool's own connections (same class and settings)
             # but not counted against its max_connections: these never return
             # to it.
-            pool = self.client.connection_pool
-            return pool.connection_class(**pool.connection_kwargs)
+            return name, pool.connection_class(**pool.connection_kwargs)
 
-    def _give_back(self, connection: Any) -> None:
+    def _give_back(self, node: str, connection: Any) -> None:
         if self._pid == os.getpid():
-            self._idle.append(connection)
+            self._idle.setdefault(node, []).append(connection)
 
     def _encode_acquire(self, key: str, owner: str, ttl_ms: int, handover: str) -> bytes:
         return b"".join(
@@ -221,9 +233,10 @@ class LockStore:
 
     def close(self) -> None:
         """Disconnect the kept connections and the client's pool."""
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.disconnect()
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.disconnect()
         self.client.close()
 
     # -- the operations ---------------------------------------------------

@@ -24,11 +24,11 @@ import logging
 import time
 from typing import Any
 
-import redis
 from celery import states
 from celery.exceptions import Ignore
 
 from celery_unique import headers, idempotency, signals
+from celery_unique.clients import REDIS_ERRORS
 from celery_unique.conf import (
     HELD_WHILE_RUNNING,
     UNTIL_AND_WHILE_EXECUTING,
@@ -76,8 +76,8 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     timeout = (header or {}).get("timeout") or task.unique_lock_timeout
     ttl_ms = int(timeout * 1000)
     conf = get_conf(task.app)
-    store = conf.locks
     try:
+        store = conf.locks
         start = store.begin_run(
             lock_key(family),
             run_key(family),
@@ -87,7 +87,7 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
             ttl_ms,
             result=result_key(family) if checks_outcome else None,
         )
-    except redis.RedisError as exc:
+    except REDIS_ERRORS as exc:
         setattr(request, STATE, NOTHING_HELD)
         if conf.on_redis_error == "allow":
             logger.warning(
@@ -255,7 +255,7 @@ def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str) ->
         get_conf(task.app).locks.store_and_release(
             result_key(family), args_key(family), keys, owner, outcome, ttl_ms
         )
-    except redis.RedisError:
+    except REDIS_ERRORS:
         logger.warning(
             "%s: could not store the outcome for key %s; locks expire after their timeout",
             task.name,
@@ -284,7 +284,7 @@ def release(app: Any, keys: list[str], owner: str, why: str, attempts: int = REL
     for attempt in range(1, attempts + 1):
         try:
             released = get_conf(app).locks.release_all(keys, owner)
-        except redis.RedisError:
+        except REDIS_ERRORS:
             if attempt == attempts:
                 logger.warning(
                     "could not release lock %s of %s (%s); it expires after its timeout",

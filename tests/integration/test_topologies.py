@@ -149,3 +149,34 @@ def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelSer
     print(f"failover: {raised} calls raised LockBackendError, {published} published during the switch")
     get_conf(app).close()
     app.close()
+
+
+def _move_slot(cluster: ClusterServers, slot: int, source: int, target: int) -> None:
+    """Move an empty slot between primaries, as a resharding does."""
+    nodes = [redis.Redis(port=server.port) for server in cluster.primaries]
+    try:
+        ids = [node.execute_command("CLUSTER MYID").decode() for node in nodes]
+        nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        for node in nodes:
+            node.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_the_fast_path_follows_a_moved_slot(cluster: ClusterServers, cluster_app: Celery) -> None:
+    job = _task(cluster_app)
+    store = get_conf(cluster_app).locks
+    assert store.lean  # acquires go straight to the primary the slot table names
+    key = job.unique_lock_key(("moved",))
+    client = store.client
+    source = [server.port for server in cluster.primaries].index(client.get_node_from_key(key).port)
+    first = job.delay("warm-up")  # a kept connection to every primary used so far
+    _move_slot(cluster, client.keyslot(key), source, (source + 1) % 3)
+    # The client's slot table is stale now: Redis answers MOVED, the client follows.
+    moved = job.delay("moved")
+    assert job.delay("moved").id == moved.id
+    holder = redis.Redis(port=cluster.primaries[(source + 1) % 3].port).get(key)
+    assert holder == moved.id.encode()
+    assert store.release(key, moved.id) and first.id

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from django.core import checks
 
 from celery_unique import checks as core_checks
+from celery_unique.clients import REDIS_ERRORS
 from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError
 
@@ -70,7 +70,7 @@ def check_redis(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
         conf.locks.client.ping()
     except ConfigurationError:
         return []  # reported by E004
-    except redis.RedisError as exc:
+    except REDIS_ERRORS as exc:
         return [
             checks.Error(
                 f"the Redis for celery-unique locks cannot be reached: {exc!r}",

@@ -37,13 +37,11 @@ def recompute_schedule(loan_id: int) -> str:
     payment = (
         loan.principal * rate / (1 - (1 + rate) ** -loan.months) if rate else loan.principal / loan.months
     )
+    computed = {"monthly_payment": payment.quantize(Decimal("0.01")), "payments_seen": loan.payments}
     with transaction.atomic():
-        schedule, _ = Schedule.objects.get_or_create(
-            loan=loan, defaults={"monthly_payment": Decimal(0), "payments_seen": 0}
-        )
-        Schedule.objects.filter(pk=schedule.pk).update(
-            monthly_payment=payment.quantize(Decimal("0.01")),
-            payments_seen=loan.payments,
-            runs=F("runs") + 1,
-        )
+        # Write first: SQLite then waits for the write lock, where a read
+        # followed by a write fails at once if another connection writes
+        # (Django < 5.1 cannot BEGIN IMMEDIATE).
+        if not Schedule.objects.filter(loan=loan).update(runs=F("runs") + 1, **computed):
+            Schedule.objects.create(loan=loan, runs=1, **computed)
     return str(payment)

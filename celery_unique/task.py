@@ -10,6 +10,7 @@ releases it when the task ends (:mod:`celery_unique.hooks`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ import redis
 from celery import Task
 from celery.utils import uuid
 
-from celery_unique import headers, hooks, idempotency, runs, signals
+from celery_unique import headers, hooks, idempotency, orphans, runs, signals
 from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
@@ -63,9 +64,22 @@ _CANVAS_OPTIONS = ("chord", "group_id")
 _hints = DuplicateHints()
 
 
-def _acquired_or_unknown(pending: PendingAcquire) -> bool:
+def _ours(acquisition: Acquisition, fresh: bool) -> Acquisition:
+    """The acquisition, taken when it names our own freshly made id as holder.
+
+    Nobody else knows a fresh id: when a reply was lost (a timeout) and the
+    acquire was asked again, the first attempt, run late by Redis, took the
+    lock for us. Read as a duplicate, the call would return a handle to a
+    task that was never published.
+    """
+    if fresh and not acquisition.acquired and acquisition.holder == acquisition.owner:
+        return dataclasses.replace(acquisition, acquired=True)
+    return acquisition
+
+
+def _acquired_or_unknown(pending: PendingAcquire, fresh: bool) -> bool:
     try:
-        return pending.result().acquired
+        return _ours(pending.result(), fresh).acquired
     except redis.RedisError:
         return True
 
@@ -289,6 +303,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             key = running_lock["key"]
         else:
             key = self.unique_lock_key(args, kwargs, unique_options, idempotency_key)
+        fresh = task_id is None  # an id made here: no other call can hold a lock under it
         task_id = task_id or uuid()
         passes_on = running_lock is not None and running_lock["key"] == key
         # Who the lock may be taken from: the message itself when published
@@ -321,6 +336,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 ttl_ms,
                 handover,
                 republish,
+                fresh,
                 on_duplicate,
                 idempotency_key,
                 given,
@@ -329,7 +345,18 @@ class UniqueTask(Task):  # type: ignore[misc]
             )
         else:
             published, result = self._publish_locked(
-                app, conf, key, task_id, ttl_ms, handover, republish, on_duplicate, producer, send, publish
+                app,
+                conf,
+                key,
+                task_id,
+                ttl_ms,
+                handover,
+                republish,
+                fresh,
+                on_duplicate,
+                producer,
+                send,
+                publish,
             )
         if published and passes_on:
             runs.passed_on(current)
@@ -344,6 +371,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         ttl_ms: int,
         handover: str,
         republish: bool,
+        fresh: bool,
         on_duplicate: str,
         producer: Any,
         send: Any,
@@ -360,8 +388,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                 raise
             except BaseException:
                 # Read the acquire reply first, so the release cannot overtake it.
-                if pending is None or _acquired_or_unknown(pending):
-                    self._release_after_failed_publish(store, key, task_id)
+                if pending is None or _acquired_or_unknown(pending, fresh):
+                    self._release_after_failed_publish(store, key, task_id, fresh)
                 raise
             _hints.free(key)
             result.duplicate = False
@@ -374,12 +402,14 @@ class UniqueTask(Task):  # type: ignore[misc]
         )
         try:
             if sequential:
-                acquisition = store.acquire(key, task_id, ttl_ms, handover)
+                acquisition = _ours(store.acquire(key, task_id, ttl_ms, handover), fresh)
             else:
                 pending = store.begin_acquire(key, task_id, ttl_ms, handover)
         except redis.RedisError as exc:
             if republish:
                 return True, self._republish_unchecked(key, task_id, exc, send)
+            if fresh:
+                orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
             return False, self._redis_failed(conf, key, exc, publish_unlocked)
         if pending is None:
             if not acquisition.acquired:
@@ -394,7 +424,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 )
             return True, publish()
         try:
-            return True, self._publish_gated(app, pending, producer, publish)
+            return True, self._publish_gated(app, pending, fresh, producer, publish)
         except DuplicateFound as found:
             self._forget_unpublished(task_id)
             return False, self._duplicate(key, found.acquisition, on_duplicate)
@@ -409,6 +439,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         ttl_ms: int,
         handover: str,
         republish: bool,
+        fresh: bool,
         on_duplicate: str,
         idempotency_key: str | None,
         given: str,
@@ -425,7 +456,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         except redis.RedisError as exc:
             if republish:
                 return True, self._republish_unchecked(key, task_id, exc, send)
+            if fresh:
+                orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
             return False, self._redis_failed(conf, key, exc, publish_unlocked)
+        acquisition = _ours(acquisition, fresh)
         if stored is not None:
             outcome = idempotency.decode(stored)
             idempotency.check_conflict(self.name, idempotency_key, outcome.args_digest, given)
@@ -442,7 +476,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             result = send()
         except BaseException:
-            self._release_after_failed_publish(store, key, task_id)
+            self._release_after_failed_publish(store, key, task_id, fresh)
             raise
         result.duplicate = result.replayed = False
         signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
@@ -456,12 +490,12 @@ class UniqueTask(Task):  # type: ignore[misc]
                 consumer.cancel_for(task_id)
 
     @staticmethod
-    def _publish_gated(app: Any, pending: PendingAcquire, producer: Any, publish: Any) -> Any:
+    def _publish_gated(app: Any, pending: PendingAcquire, fresh: bool, producer: Any, publish: Any) -> Any:
         """Publish while the acquire reply is in flight; the producer reads it last."""
 
         def gate() -> None:
             try:
-                acquisition = pending.result()
+                acquisition = _ours(pending.result(), fresh)
             except redis.RedisError as exc:
                 raise GateFailed(exc) from exc
             if not acquisition.acquired:
@@ -475,14 +509,17 @@ class UniqueTask(Task):  # type: ignore[misc]
             with contextlib.suppress(redis.RedisError):
                 pending.result()
 
-    def _release_after_failed_publish(self, store: LockStore, key: str, owner: str) -> None:
+    def _release_after_failed_publish(self, store: LockStore, key: str, owner: str, fresh: bool) -> None:
         try:
             store.release(key, owner)
         except redis.RedisError:
+            if fresh:
+                orphans.releaser.release_later(store, key, owner)
             logger.warning(
-                "%s: publishing failed and the lock %s could not be released; it expires after its timeout",
+                "%s: publishing failed and the lock %s could not be released; %s",
                 self.name,
                 digest_of_key(key)[:12],
+                "retried in the background" if fresh else "it expires after its timeout",
                 exc_info=True,
             )
 

@@ -8,6 +8,7 @@ their own broker, lock Redis, key prefix and broker transport options:
 * ``CHAOS_LOCK_URL``: the Redis that holds the locks (may be stopped,
   restarted, or be a TLS/ACL server);
 * ``CHAOS_KEY_PREFIX``: ``unique_key_prefix``;
+* ``CHAOS_SOCKET_TIMEOUT``: the lock client's socket and connect timeouts;
 * ``CHAOS_VISIBILITY_TIMEOUT``: the Redis broker's visibility timeout (a
   message not acknowledged within it is delivered again).
 
@@ -35,6 +36,8 @@ app.conf.update(
     broker_url=os.environ.get("CHAOS_BROKER_URL"),
     unique_redis_url=os.environ.get("CHAOS_LOCK_URL"),
     unique_key_prefix=os.environ.get("CHAOS_KEY_PREFIX", "celery_unique"),
+    unique_redis_socket_timeout=float(os.environ.get("CHAOS_SOCKET_TIMEOUT", "5")),
+    unique_redis_connect_timeout=float(os.environ.get("CHAOS_SOCKET_TIMEOUT", "5")),
     broker_transport_options={
         "visibility_timeout": float(os.environ.get("CHAOS_VISIBILITY_TIMEOUT", "3600")),
         # Look for messages to deliver again every second, not every 100 s.

@@ -1,19 +1,28 @@
-"""Scenario 4: the lock Redis crashes and comes back while producers enqueue.
+"""Scenario 4: the lock Redis fails while producers enqueue.
 
-Producer processes call ``delay()`` with a new key each time; the lock Redis
-(not the broker) is killed with ``SIGKILL`` while a backlog waits in the
-queue, and restarted empty once producers and the worker have both met the
-outage. Every ``delay()`` must either have published exactly once (and that
-task ran exactly once) or have raised ``LockBackendError`` (and nothing of it
-ran): lost = believed published - ran = 0.
+Producer processes call ``delay()`` with a new key each time while a backlog
+waits in the queue, and the lock Redis (not the broker) fails:
+
+* 4a, a crash: killed with ``SIGKILL`` and restarted empty once producers and
+  the worker have both met the outage;
+* 4b, a stall: frozen with ``SIGSTOP`` past the lock client's socket timeout,
+  then resumed (``SIGCONT``) either once a ``delay()`` gave up or while
+  callers wait for the reply of asking again. Redis then runs the commands it
+  had buffered, among them acquires whose callers gave up or asked again.
+
+Every ``delay()`` must either have published exactly once (and that task ran
+exactly once) or have raised ``LockBackendError`` (and nothing of it ran):
+lost = believed published - ran = 0; and no lock is left to a task id that was
+never published.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,9 +36,11 @@ from tests.integration.conftest import Worker, wait_for
 pytestmark = pytest.mark.worker
 
 QUEUE = "chaos-outage"
-OUTAGES = SCALE
-PUBLISHED_BETWEEN = 100  # messages published before each outage, and after the last
-BACKLOG = 20  # messages waiting when the Redis goes down, so the worker meets the outage too
+CRASHES = SCALE
+FREEZES = 4 * SCALE
+PUBLISHED_BETWEEN = 100  # messages published before each fault, and after the last
+BACKLOG = 20  # messages waiting when the Redis fails, so the worker meets the outage too
+SOCKET_TIMEOUT = "0.5"  # the lock client's, in producers and worker: a freeze outlasts it
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +50,13 @@ def outage_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def outage_worker(app: Any, outage_redis: RedisServer) -> Iterator[Worker]:
-    broker_url = app.conf.broker_url
-    started = Worker(
-        broker_url,
-        "outage",
-        "--queues",
-        QUEUE,
-        app="tests.chaos.chaos_app",
-        env=chaos_env(broker_url, outage_redis.url),
-    )
+def env(app: Any, outage_redis: RedisServer) -> dict[str, str]:
+    return chaos_env(app.conf.broker_url, outage_redis.url, CHAOS_SOCKET_TIMEOUT=SOCKET_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def outage_worker(app: Any, env: dict[str, str]) -> Iterator[Worker]:
+    started = Worker(app.conf.broker_url, "outage", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env)
     try:
         started.wait_ready()
         yield started
@@ -56,84 +64,168 @@ def outage_worker(app: Any, outage_redis: RedisServer) -> Iterator[Worker]:
         started.stop()
 
 
-def crash(server: RedisServer) -> None:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGKILL)
-    server.process.wait()
-    server.stop()  # removes its directory; start() makes a new, empty one
+class Run:
+    """Producers calling ``delay()`` with new keys while faults are injected."""
+
+    def __init__(self, env: dict[str, str], broker: redis.Redis, token: str, events: Events) -> None:
+        self.broker, self.token, self.events = broker, token, events
+        self.group = Producers(
+            env, token, 2,
+            "--task", "chaos.work", "--queue", QUEUE, "--threads", "2", "--until-stopped",
+            "--seconds", "0.05", "--pause", "0.02",
+        )  # fmt: skip
+
+    def count(self, key: str) -> int:
+        return int(self.broker.get(key) or 0)
+
+    def published(self) -> int:
+        return self.count(producers.published_key(self.token))
+
+    def raised(self) -> int:
+        return self.count(producers.raised_key(self.token))
+
+    def met_outage(self) -> int:
+        """Runs that could not check their lock (and were retried, or failed)."""
+        return sum(
+            1
+            for e in self.events()
+            if e["event"] in ("retry", "failure") and e["reason"] == "LockBackendError"
+        )
+
+    def go(self, faults: int, inject: Callable[[], None]) -> list[dict[str, Any]]:
+        """Between stretches of publishing, inject ``faults`` faults; the producers' reports."""
+        try:
+            self.group.go(self.broker)
+            for _ in range(faults):
+                self.publishing()
+                wait_for(lambda: self.broker.llen(QUEUE) >= BACKLOG, timeout=60)
+                inject()
+            self.publishing()
+            self.group.stop(self.broker)
+            return self.group.reports()
+        finally:
+            self.group.kill()
+
+    def publishing(self) -> None:
+        mark = self.published()
+        wait_for(lambda: self.published() >= mark + PUBLISHED_BETWEEN, timeout=60)
+
+
+def account(
+    seen: list[dict[str, Any]], events: Events, lock_client: redis.Redis
+) -> tuple[dict[str, Any], Counter[str]]:
+    """What producers believe against what workers ran, once the backlog has run."""
+    published = Counter(task_id for r in seen for _, task_id in r["published"])
+    believed = {task_id for r in seen for _, task_id, _ in r["returned"]}
+    raised = sum((Counter(r["raised"]) for r in seen), Counter())
+    settle(lambda: believed <= {e["id"] for e in starts(events())})
+    ran = Counter(e["id"] for e in starts(events()))
+
+    def orphans() -> set[str]:
+        """Lock holders that were never published."""
+        holders = {lock_client.get(key) for key in lock_client.scan_iter("celery_unique:*:lock")}
+        return {h.decode() for h in holders if h is not None} - set(published)
+
+    settle(lambda: not orphans(), timeout=45)  # the orphan releaser's schedule
+    figures = {
+        "calls": sum(len(r["returned"]) for r in seen) + sum(raised.values()),
+        "duplicates": sum(n - 1 for n in ran.values()) + sum(n - 1 for n in published.values()),
+        "lost": len(believed - set(ran)),
+        "handles without a message": len(believed - set(published)),
+        "ran although raised": len(
+            {i for r in seen for i in r["raised_items"]} & {e["item"] for e in starts(events())}
+        ),
+        "orphan locks": len(orphans()),
+        "ran unpublished": len(set(ran) - believed),
+    }
+    return figures, raised
+
+
+def check(figures: dict[str, Any], raised: Counter[str]) -> None:
+    assert set(raised) == {"LockBackendError"}
+    assert figures["lost"] == 0
+    assert figures["duplicates"] == 0
+    assert figures["handles without a message"] == 0
+    assert figures["ran although raised"] == 0
+    assert figures["orphan locks"] == 0
+    assert figures["ran unpublished"] == 0
 
 
 def test_lock_redis_crash_loses_nothing_and_runs_nothing_twice(
-    app: Any,
     outage_worker: Worker,
     outage_redis: RedisServer,
+    env: dict[str, str],
     broker_client: redis.Redis,
     token: str,
     events: Events,
     report: Report,
 ) -> None:
-    group = Producers(
-        chaos_env(app.conf.broker_url, outage_redis.url),
-        token,
-        2,
-        "--task", "chaos.work", "--queue", QUEUE, "--threads", "2", "--until-stopped",
-        "--seconds", "0.05", "--pause", "0.02",
-    )  # fmt: skip
+    run = Run(env, broker_client, token, events)
 
-    def count(key: str) -> int:
-        return int(broker_client.get(key) or 0)
+    def crash() -> None:
+        raised, met = run.raised(), run.met_outage()
+        assert outage_redis.process is not None
+        os.kill(outage_redis.process.pid, signal.SIGKILL)
+        outage_redis.process.wait()
+        outage_redis.stop()  # removes its directory; start() makes a new, empty one
+        # Down until a producer's delay() and a worker's run have both failed on it.
+        wait_for(lambda: run.raised() > raised and run.met_outage() > met, timeout=90, worker=outage_worker)
+        outage_redis.start()
 
-    def met_outage() -> int:
-        return sum(
-            1 for e in events() if e["event"] in ("retry", "failure") and e["reason"] == "LockBackendError"
-        )
-
-    try:
-        group.go(broker_client)
-        for _ in range(OUTAGES):
-            mark = count(producers.published_key(token))
-            wait_for(
-                lambda m=mark: count(producers.published_key(token)) >= m + PUBLISHED_BETWEEN, timeout=60
-            )
-            wait_for(lambda: broker_client.llen(QUEUE) >= BACKLOG, timeout=60)
-            raised, worker_met = count(producers.raised_key(token)), met_outage()
-            crash(outage_redis)
-            # Down until a producer's delay() and a worker's run have both failed on it.
-            wait_for(
-                lambda r=raised, w=worker_met: count(producers.raised_key(token)) > r and met_outage() > w,
-                timeout=90,
-                worker=outage_worker,
-            )
-            outage_redis.start()
-        mark = count(producers.published_key(token))
-        wait_for(lambda: count(producers.published_key(token)) >= mark + PUBLISHED_BETWEEN, timeout=60)
-        group.stop(broker_client)
-        seen = group.reports()
-    finally:
-        group.kill()
-
-    published = Counter(task_id for r in seen for _, task_id in r["published"])
-    believed = {task_id for r in seen for _, task_id, _ in r["returned"]}
-    raised_items = {item for r in seen for item in r["raised_items"]}
-    raised_by_type = sum((Counter(r["raised"]) for r in seen), Counter())
-    calls = sum(len(r["returned"]) for r in seen) + sum(raised_by_type.values())
-    settle(lambda: believed <= {e["id"] for e in starts(events())})
-    ran = Counter(e["id"] for e in starts(events()))
-    ran_items = {e["item"] for e in starts(events())}
-    twice = sum(n - 1 for n in ran.values()) + sum(n - 1 for n in published.values())
-    lost = len(believed - set(ran))
+    seen = run.go(CRASHES, crash)
+    with redis.Redis.from_url(outage_redis.url) as lock_client:
+        figures, raised = account(seen, events, lock_client)
     report(
-        "4 lock Redis crash and restart",
-        f"{calls:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
-        f"{OUTAGES} SIGKILL + restart of the lock Redis (empty)",
-        duplicates=twice,
-        lost=lost,
-        note=f"{sum(raised_by_type.values())} delay() raised {dict(raised_by_type)}, "
-        f"{met_outage()} runs met the outage",
+        "4a lock Redis crash and restart",
+        f"{figures['calls']:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
+        f"{CRASHES} SIGKILL + restart of the lock Redis (empty)",
+        duplicates=figures["duplicates"],
+        lost=figures["lost"],
+        note=f"{sum(raised.values())} delay() raised {dict(raised)}, {run.met_outage()} runs met the outage",
     )
-    assert set(raised_by_type) == {"LockBackendError"}
-    assert lost == 0
-    assert twice == 0
-    assert believed == set(published)  # every handle a producer got is a message that left
-    assert not raised_items & ran_items  # a delay() that raised published nothing
-    assert set(ran) <= believed
+    check(figures, raised)
+
+
+def test_lock_redis_stall_loses_nothing_and_leaves_no_orphan_lock(
+    outage_worker: Worker,
+    outage_redis: RedisServer,
+    env: dict[str, str],
+    broker_client: redis.Redis,
+    token: str,
+    events: Events,
+    report: Report,
+) -> None:
+    run = Run(env, broker_client, token, events)
+
+    frozen = 0
+
+    def freeze() -> None:
+        nonlocal frozen
+        raised = run.raised()
+        assert outage_redis.process is not None
+        os.kill(outage_redis.process.pid, signal.SIGSTOP)
+        try:
+            if frozen % 2:
+                # Resumed while callers wait for the reply of asking again: it
+                # comes after their first acquire, which Redis had buffered.
+                time.sleep(1.5 * float(SOCKET_TIMEOUT))
+            else:
+                # Until a delay() gave up: its acquires run late, after it raised.
+                wait_for(lambda: run.raised() > raised, timeout=60, worker=outage_worker)
+        finally:
+            os.kill(outage_redis.process.pid, signal.SIGCONT)
+            frozen += 1
+
+    seen = run.go(FREEZES, freeze)
+    with redis.Redis.from_url(outage_redis.url) as lock_client:
+        figures, raised = account(seen, events, lock_client)
+    report(
+        "4b lock Redis frozen past the socket timeout",
+        f"{figures['calls']:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
+        f"{FREEZES} SIGSTOP/SIGCONT of the lock Redis (socket timeout {SOCKET_TIMEOUT}s)",
+        duplicates=figures["duplicates"],
+        lost=figures["lost"],
+        note=f"{sum(raised.values())} delay() raised {dict(raised)}, {run.met_outage()} runs met the outage, "
+        f"{figures['orphan locks']} orphan locks left",
+    )
+    check(figures, raised)

@@ -1,0 +1,101 @@
+"""Locks that may have been taken for a message that was never published.
+
+When ``delay()`` cannot read the acquire reply (a socket timeout while Redis
+stalls, a dropped connection), it raises ``LockBackendError`` and publishes
+nothing. But the command may already sit in Redis's socket buffer and run
+once Redis answers again, leaving a lock whose owner will never run: every
+``delay()`` of that key would be its duplicate until the lock expires.
+
+The owner is a task id made for that call and never published, so freeing
+its lock is always right. :data:`releaser` does that from one daemon thread,
+owner-checked, at growing intervals until Redis answers, and once more a
+second later: Redis runs what it had buffered before it answers a new
+connection. A process that exits first leaves the lock to its TTL.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+
+from celery_unique.keys import digest_of_key
+
+logger = logging.getLogger(__name__)
+
+#: Seconds after the failure at which the release is tried, until Redis answers.
+DELAYS = (0.5, 1.5, 3.5, 7.5, 15.0, 30.0)
+#: Seconds after the first answer at which it is tried a last time.
+CONFIRM_AFTER = 1.0
+#: Releases waiting at most; beyond this the TTL frees the locks.
+MAX_PENDING = 10_000
+
+_CONFIRMING = -1  # the attempt number of the last, confirming release
+
+
+class OrphanReleaser:
+    """Retries owner-checked releases of unconfirmed locks from one daemon thread."""
+
+    def __init__(self) -> None:
+        self._forget_parent()
+        # A fork copies neither the thread nor a usable condition: start afresh.
+        os.register_at_fork(after_in_child=self._forget_parent)
+
+    def _forget_parent(self) -> None:
+        # (when, order, store, key, owner, attempt, failed at)
+        self._due: list[tuple[float, int, Any, str, str, int, float]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def release_later(self, store: Any, key: str, owner: str) -> None:
+        """Release ``key`` if ``owner`` holds it, soon and until Redis answers."""
+        now = time.monotonic()
+        with self._changed:
+            if len(self._due) >= MAX_PENDING:
+                return
+            self._push(now + DELAYS[0], store, key, owner, 0, now)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="celery-unique-orphans", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _push(self, when: float, store: Any, key: str, owner: str, attempt: int, failed_at: float) -> None:
+        heapq.heappush(self._due, (when, next(self._order), store, key, owner, attempt, failed_at))
+
+    def pending(self) -> int:
+        """Releases still to try (for tests and tools)."""
+        with self._changed:
+            return len(self._due)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, store, key, owner, attempt, failed_at = heapq.heappop(self._due)
+            try:
+                released = store.release(key, owner)
+            except redis.RedisError:
+                if 0 <= attempt < len(DELAYS) - 1:
+                    with self._changed:
+                        self._push(failed_at + DELAYS[attempt + 1], store, key, owner, attempt + 1, failed_at)
+                continue  # else the TTL frees it
+            if released:
+                logger.warning(
+                    "lock %s taken for %s, which was never published, released",
+                    digest_of_key(key)[:12],
+                    owner,
+                )
+            if attempt != _CONFIRMING:
+                with self._changed:
+                    self._push(time.monotonic() + CONFIRM_AFTER, store, key, owner, _CONFIRMING, failed_at)
+
+
+releaser = OrphanReleaser()

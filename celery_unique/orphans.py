@@ -23,8 +23,7 @@ import threading
 import time
 from typing import Any
 
-import redis
-
+from celery_unique.clients import REDIS_ERRORS
 from celery_unique.keys import digest_of_key
 
 logger = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class OrphanReleaser:
                 _, _, store, key, owner, attempt, failed_at = heapq.heappop(self._due)
             try:
                 released = store.release(key, owner)
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 if 0 <= attempt < len(DELAYS) - 1:
                     with self._changed:
                         self._push(failed_at + DELAYS[attempt + 1], store, key, owner, attempt + 1, failed_at)

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import redis
 from celery import Task
 from celery.utils import uuid
 
 from celery_unique import headers, hooks, idempotency, orphans, runs, signals
+from celery_unique.clients import REDIS_ERRORS
 from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
@@ -80,7 +80,7 @@ def _ours(acquisition: Acquisition, fresh: bool) -> Acquisition:
 def _acquired_or_unknown(pending: PendingAcquire, fresh: bool) -> bool:
     try:
         return _ours(pending.result(), fresh).acquired
-    except redis.RedisError:
+    except REDIS_ERRORS:
         return True
 
 
@@ -378,7 +378,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         publish_unlocked: Any,
     ) -> tuple[bool, Any]:
         """Take the lock and publish; (whether a locked message went out, what to return)."""
-        store = conf.locks
+        store: LockStore | None = None  # built at first use: a cluster client connects then
         pending: PendingAcquire | None = None
 
         def publish(via: Any = producer) -> Any:
@@ -389,26 +389,27 @@ class UniqueTask(Task):  # type: ignore[misc]
             except BaseException:
                 # Read the acquire reply first, so the release cannot overtake it.
                 if pending is None or _acquired_or_unknown(pending, fresh):
-                    self._release_after_failed_publish(store, key, task_id, fresh)
+                    self._release_after_failed_publish(conf.locks, key, task_id, fresh)
                 raise
             _hints.free(key)
             result.duplicate = False
             signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
             return result
 
-        # A message published again is never dropped, so it needs the answer first.
-        sequential = (
-            republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
-        )
         try:
+            store = conf.locks
+            # A message published again is never dropped, so it needs the answer first.
+            sequential = (
+                republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
+            )
             if sequential:
                 acquisition = _ours(store.acquire(key, task_id, ttl_ms, handover), fresh)
             else:
                 pending = store.begin_acquire(key, task_id, ttl_ms, handover)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if republish:
                 return True, self._republish_unchecked(key, task_id, exc, send)
-            if fresh:
+            if fresh and store is not None:
                 orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
             return False, self._redis_failed(conf, key, exc, publish_unlocked)
         if pending is None:
@@ -448,15 +449,16 @@ class UniqueTask(Task):  # type: ignore[misc]
     ) -> tuple[bool, Any]:
         """Replay a stored outcome, return the in-flight task, or take the lock and publish."""
         family = family_of(key)
-        store = conf.locks
+        store: LockStore | None = None  # built at first use: a cluster client connects then
         try:
+            store = conf.locks
             acquisition, stored, holder_digest = store.acquire_idempotent(
                 key, result_key(family), args_key(family), task_id, ttl_ms, handover, given
             )
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if republish:
                 return True, self._republish_unchecked(key, task_id, exc, send)
-            if fresh:
+            if fresh and store is not None:
                 orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
             return False, self._redis_failed(conf, key, exc, publish_unlocked)
         acquisition = _ours(acquisition, fresh)
@@ -496,7 +498,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         def gate() -> None:
             try:
                 acquisition = _ours(pending.result(), fresh)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 raise GateFailed(exc) from exc
             if not acquisition.acquired:
                 raise DuplicateFound(acquisition)
@@ -506,13 +508,13 @@ class UniqueTask(Task):  # type: ignore[misc]
                 return publish(GatedProducer(real_producer, gate))
         finally:
             # Every path must read the reply: that returns the connection to the pool.
-            with contextlib.suppress(redis.RedisError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 pending.result()
 
     def _release_after_failed_publish(self, store: LockStore, key: str, owner: str, fresh: bool) -> None:
         try:
             store.release(key, owner)
-        except redis.RedisError:
+        except REDIS_ERRORS:
             if fresh:
                 orphans.releaser.release_later(store, key, owner)
             logger.warning(

@@ -180,3 +180,18 @@ def test_the_fast_path_follows_a_moved_slot(cluster: ClusterServers, cluster_app
     holder = redis.Redis(port=cluster.primaries[(source + 1) % 3].port).get(key)
     assert holder == moved.id.encode()
     assert store.release(key, moved.id) and first.id
+
+
+def test_a_cluster_that_cannot_be_reached_raises_lock_backend_error(redis_url: str) -> None:
+    with ClusterServers(primaries=3, replicas=0) as gone:
+        url = gone.url
+    app = _app(redis_url, url, unique_redis_connect_timeout=0.5, unique_redis_socket_timeout=0.5)
+    job = _task(app)
+    broker = redis.Redis.from_url(redis_url)
+    queue = app.conf.task_default_queue
+    with pytest.raises(LockBackendError) as raised:
+        job.delay(1)
+    assert raised.value.__cause__ is not None
+    assert broker.llen(queue) == 0  # nothing was published
+    broker.close()
+    app.close()

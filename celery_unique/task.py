@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -62,6 +62,21 @@ CALL_OPTIONS = frozenset({"unique_on", "lock_timeout", "on_duplicate"})
 _CANVAS_OPTIONS = ("chord", "group_id")
 
 _hints = DuplicateHints()
+
+
+@dataclasses.dataclass(frozen=True)
+class _LockedCall:
+    """One ``apply_async`` that takes a lock: what the lock and the message need."""
+
+    key: str
+    task_id: str
+    ttl_ms: int
+    handover: str  # the owner the lock may be taken from ("" for none)
+    republish: bool  # the message is published again (a retry): never dropped
+    fresh: bool  # the task id was made here, so nobody else can hold it
+    on_duplicate: str
+    send: Callable[..., Any]  # publish the locked message
+    publish_unlocked: Callable[..., Any]  # publish without a lock (unique_on_redis_error = "allow")
 
 
 def _ours(acquisition: Acquisition, fresh: bool) -> Acquisition:
@@ -328,56 +343,21 @@ class UniqueTask(Task):  # type: ignore[misc]
                 args, kwargs, task_id, via, link, link_error, shadow, **locked_options
             )
 
+        call = _LockedCall(key, task_id, ttl_ms, handover, republish, fresh, on_duplicate, send, publish)
         if given is not None:
-            published, result = self._publish_idempotent(
-                conf,
-                key,
-                task_id,
-                ttl_ms,
-                handover,
-                republish,
-                fresh,
-                on_duplicate,
-                idempotency_key,
-                given,
-                send,
-                publish,
-            )
+            published, result = self._publish_idempotent(conf, call, idempotency_key, given)
         else:
-            published, result = self._publish_locked(
-                app,
-                conf,
-                key,
-                task_id,
-                ttl_ms,
-                handover,
-                republish,
-                fresh,
-                on_duplicate,
-                producer,
-                send,
-                publish,
-            )
+            published, result = self._publish_locked(app, conf, call, producer)
         if published and passes_on:
             runs.passed_on(current)
         return result
 
     def _publish_locked(
-        self,
-        app: Any,
-        conf: UniqueConf,
-        key: str,
-        task_id: str,
-        ttl_ms: int,
-        handover: str,
-        republish: bool,
-        fresh: bool,
-        on_duplicate: str,
-        producer: Any,
-        send: Any,
-        publish_unlocked: Any,
+        self, app: Any, conf: UniqueConf, call: _LockedCall, producer: Any
     ) -> tuple[bool, Any]:
         """Take the lock and publish; (whether a locked message went out, what to return)."""
+        key, task_id, ttl_ms, handover = call.key, call.task_id, call.ttl_ms, call.handover
+        republish, fresh, send = call.republish, call.fresh, call.send
         store: LockStore | None = None  # built at first use: a cluster client connects then
         pending: PendingAcquire | None = None
 
@@ -411,11 +391,11 @@ class UniqueTask(Task):  # type: ignore[misc]
                 return True, self._republish_unchecked(key, task_id, exc, send)
             if fresh and store is not None:
                 orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
-            return False, self._redis_failed(conf, key, exc, publish_unlocked)
+            return False, self._redis_failed(conf, key, exc, call.publish_unlocked)
         if pending is None:
             if not acquisition.acquired:
                 if not republish:
-                    return False, self._duplicate(key, acquisition, on_duplicate)
+                    return False, self._duplicate(key, acquisition, call.on_duplicate)
                 logger.warning(
                     "%s[%s]: published again although lock %s is held by %s (never dropped)",
                     self.name,
@@ -428,26 +408,16 @@ class UniqueTask(Task):  # type: ignore[misc]
             return True, self._publish_gated(app, pending, fresh, producer, publish)
         except DuplicateFound as found:
             self._forget_unpublished(task_id)
-            return False, self._duplicate(key, found.acquisition, on_duplicate)
+            return False, self._duplicate(key, found.acquisition, call.on_duplicate)
         except GateFailed as failed:
-            return False, self._redis_failed(conf, key, failed.error, publish_unlocked)
+            return False, self._redis_failed(conf, key, failed.error, call.publish_unlocked)
 
     def _publish_idempotent(
-        self,
-        conf: UniqueConf,
-        key: str,
-        task_id: str,
-        ttl_ms: int,
-        handover: str,
-        republish: bool,
-        fresh: bool,
-        on_duplicate: str,
-        idempotency_key: str | None,
-        given: str,
-        send: Any,
-        publish_unlocked: Any,
+        self, conf: UniqueConf, call: _LockedCall, idempotency_key: str | None, given: str
     ) -> tuple[bool, Any]:
         """Replay a stored outcome, return the in-flight task, or take the lock and publish."""
+        key, task_id, ttl_ms, handover = call.key, call.task_id, call.ttl_ms, call.handover
+        republish, fresh, send = call.republish, call.fresh, call.send
         family = family_of(key)
         store: LockStore | None = None  # built at first use: a cluster client connects then
         try:
@@ -460,7 +430,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 return True, self._republish_unchecked(key, task_id, exc, send)
             if fresh and store is not None:
                 orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
-            return False, self._redis_failed(conf, key, exc, publish_unlocked)
+            return False, self._redis_failed(conf, key, exc, call.publish_unlocked)
         acquisition = _ours(acquisition, fresh)
         if stored is not None:
             outcome = idempotency.decode(stored)
@@ -471,7 +441,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             return False, outcome.handle()
         idempotency.check_conflict(self.name, idempotency_key, holder_digest, given)
         if not acquisition.acquired and not republish:
-            in_flight = self._duplicate(key, acquisition, on_duplicate)
+            in_flight = self._duplicate(key, acquisition, call.on_duplicate)
             if in_flight is not None:
                 in_flight.replayed = False
             return False, in_flight

@@ -127,8 +127,8 @@ def _read_acquire_reply(connection: Any) -> int | tuple[bytes, int]:
 class PendingAcquire:
     """An acquire that was sent and not yet read.
 
-    :meth:`result` must be called in every path (it gives the connection back);
-    it is idempotent.
+    :meth:`result` or :meth:`reply` must be called in every path (they give
+    the connection back); both are idempotent.
     """
 
     def __init__(self, store: LockStore, key: str, owner: str, ttl_ms: int, handover: str):
@@ -151,11 +151,14 @@ class PendingAcquire:
         if connection is not None:
             connection.disconnect()
 
-    def result(self) -> Acquisition:
-        if self._result is not None:
-            return self._result
+    def reply(self) -> Acquisition | None:
+        """The reply if it was read or can be read now; None when it is unknown.
+
+        Unlike :meth:`result` it never asks again: once the caller has given
+        up, a second acquire could take a lock for a message never published.
+        """
         connection = self._connection
-        if connection is not None:
+        if self._result is None and connection is not None:
             try:
                 reply = _read_acquire_reply(connection)
             except NoScriptError:
@@ -170,11 +173,19 @@ class PendingAcquire:
                 self._connection = None
                 self._store._give_back(self._node, connection)
                 self._result = _acquisition(self._call[1], reply)
-                return self._result
-        # Acquiring is idempotent for one owner, so asking again is safe; the
-        # script call loads the script when the server lost it.
-        self._result = self._store.acquire_via_client(*self._call)
         return self._result
+
+    def result(self) -> Acquisition:
+        """The reply, asking again through the client when it cannot be read.
+
+        The script call loads the script when the server lost it. The first
+        attempt may still have run: the answer then names the owner itself
+        as the holder (the caller knows whether that owner is its own).
+        """
+        found = self.reply()
+        if found is None:
+            found = self._result = self._store.acquire_via_client(*self._call)
+        return found
 
 
 class LockStore:

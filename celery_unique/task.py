@@ -93,10 +93,8 @@ def _ours(acquisition: Acquisition, fresh: bool) -> Acquisition:
 
 
 def _acquired_or_unknown(pending: PendingAcquire, fresh: bool) -> bool:
-    try:
-        return _ours(pending.result(), fresh).acquired
-    except REDIS_ERRORS:
-        return True
+    found = pending.reply()  # never asked again: that could take the lock now
+    return found is None or _ours(found, fresh).acquired
 
 
 def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:
@@ -477,9 +475,10 @@ class UniqueTask(Task):  # type: ignore[misc]
             with app.producer_or_acquire(producer) as real_producer:
                 return publish(GatedProducer(real_producer, gate))
         finally:
-            # Every path must read the reply: that returns the connection to the pool.
-            with contextlib.suppress(*REDIS_ERRORS):
-                pending.result()
+            # Every path must read the reply: that returns the connection to
+            # the pool. Not asked again: after a failure, that would take a
+            # lock for a message that is not published.
+            pending.reply()
 
     def _release_after_failed_publish(self, store: LockStore, key: str, owner: str, fresh: bool) -> None:
         try:

@@ -1,4 +1,4 @@
-"""The Celery app of the chaos suite's workers and producer processes.
+"""The Celery app of the chaos and security suites' workers and producer processes.
 
 It is configured from the environment, so each scenario can give its workers
 their own broker, lock Redis, key prefix and broker transport options:
@@ -106,6 +106,8 @@ hold = _task("chaos.hold", lock_timeout=60)
 killable = _task("chaos.killable", acks_late=True, reject_on_worker_lost=True, lock_timeout=5)
 # Short work, many keys (Redis outage, warm shutdown).
 work = _task("chaos.work", lock_timeout=60, conflict_retry_countdown=0.5, max_retries=20)
+# Stores its outcome and replays it (the security tests' stored-data checks).
+idempotent = _task("chaos.idempotent", idempotent=True, lock_timeout=60)
 # Lost with its worker and delivered again after the visibility timeout,
 # its 1 s lock long expired: one per on_conflict policy.
 REDELIVERED = {

@@ -12,6 +12,7 @@ them at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -111,24 +112,34 @@ def chaos_env(broker_url: str, lock_url: str, **extra: str) -> dict[str, str]:
     return {"CHAOS_BROKER_URL": broker_url, "CHAOS_LOCK_URL": lock_url, **extra}
 
 
-def configure(broker_url: str, lock_url: str, prefix: str = "celery_unique") -> Any:
-    """Point this process's chaos app (the producer side) at the servers."""
+@contextlib.contextmanager
+def producing(broker_url: str, lock_url: str, prefix: str = "celery_unique") -> Iterator[Any]:
+    """Point this process's chaos app (the producer side) at the servers, then back."""
     app = chaos_app.app
+    names = ("broker_url", "unique_redis_url", "unique_key_prefix")
+    before = {name: app.conf.get(name) for name in names}
     conf = get_conf(app)
-    conf.close()
-    app.conf.broker_url = broker_url
-    app.conf.unique_redis_url = lock_url
-    app.conf.unique_key_prefix = prefix
-    conf.reload()
-    return app
+
+    def close() -> None:
+        conf.close()  # the lock client
+        # The broker connections (app.close() keeps the producer pool): the
+        # next use opens new ones, to the broker configured then.
+        app.close()
+        app.amqp._producer_pool = None
+
+    close()
+    app.conf.update(broker_url=broker_url, unique_redis_url=lock_url, unique_key_prefix=prefix)
+    try:
+        yield app
+    finally:
+        close()
+        app.conf.update(before)
 
 
 @pytest.fixture(scope="session")
 def app(broker: RedisServer, lock_redis: RedisServer) -> Iterator[Any]:
-    app = configure(broker.url, lock_redis.url)
-    yield app
-    get_conf(app).close()
-    app.close()
+    with producing(broker.url, lock_redis.url) as app:
+        yield app
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
-"""Configuration checks, logged as warnings when a worker starts (see hooks).
+"""Configuration checks, run when a worker starts (see hooks).
 
-Each finds a setting that lets a duplicate run or a lock vanish:
+:func:`configuration_errors` finds settings and task options that cannot
+work; the worker refuses to start with them. The other checks are logged as
+warnings; each finds a setting that lets a duplicate run or a lock vanish:
 
 * a lock held while the task runs, not renewed, shorter than the task's hard
   ``time_limit``: the lock expires while the task still runs;
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_unique.clients import REDIS_ERRORS, is_cluster
-from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
-from celery_unique.exceptions import UniqueError
+from celery_unique.conf import HELD_WHILE_RUNNING, ON_DUPLICATE, check_choice, get_conf
+from celery_unique.exceptions import ConfigurationError, UniqueError
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,28 @@ class Finding:
 
 
 def _unique_tasks(app: Any) -> list[Any]:
-    return [task for task in app.tasks.values() if hasattr(task, "unique_lifetime")]
+    # On the class: the instance's property would check the option (and may raise).
+    return [task for task in app.tasks.values() if hasattr(type(task), "unique_lifetime")]
+
+
+def configuration_errors(app: Any) -> list[ConfigurationError]:
+    """Invalid settings, and unique tasks whose options cannot work (none without unique tasks)."""
+    tasks = _unique_tasks(app)
+    if not tasks:
+        return []
+    errors = get_conf(app).errors()
+    for task in tasks:
+        try:
+            # Each property checks the option it resolves.
+            names = ["unique_lifetime", "unique_lock_timeout", "unique_on_conflict"]
+            for name in names + (["unique_result_ttl"] if task.idempotent else []):
+                getattr(task, name)
+            if task.on_duplicate is not None:
+                check_choice(task.on_duplicate, ON_DUPLICATE, "on_duplicate")
+            task._argument_key(task.unique_on)  # unique_on names the task's parameters
+        except ConfigurationError as exc:
+            errors.append(ConfigurationError(f"{task.name}: {exc}"))
+    return errors
 
 
 def check_timeouts(app: Any) -> list[Finding]:

@@ -178,15 +178,32 @@ class UniqueConf:
         )
 
     @property
+    def socket_timeout(self) -> float:
+        value = self._get("unique_redis_socket_timeout")
+        return check_lock_timeout(value, "unique_redis_socket_timeout")
+
+    @property
+    def connect_timeout(self) -> float:
+        value = self._get("unique_redis_connect_timeout")
+        return check_lock_timeout(value, "unique_redis_connect_timeout")
+
+    def errors(self) -> list[ConfigurationError]:
+        """What is wrong with the settings: one error per invalid setting."""
+        found = []
+        for name in _VALIDATED:
+            try:
+                getattr(self, name)
+            except ConfigurationError as exc:
+                found.append(exc)
+        return found
+
+    @property
     def locks(self) -> LockStore:
         """The lock store for the configured Redis (one client per URL and timeouts)."""
         store: LockStore | None = self._values.get("_locks")
         if store is None:
             url, options = self.redis_target
-            timeouts = {
-                "socket_timeout": self._get("unique_redis_socket_timeout"),
-                "socket_connect_timeout": self._get("unique_redis_connect_timeout"),
-            }
+            timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
             ident = (url, repr(sorted(options.items())), *timeouts.values())
             with self._lock:
                 store = self._stores.get(ident)
@@ -194,6 +211,22 @@ class UniqueConf:
                     store = self._stores[ident] = LockStore(make_client(url, options, **timeouts))
             self._values["_locks"] = store
         return store
+
+
+# The properties that read and check a setting (what errors() looks at).
+_VALIDATED = (
+    "lock_timeout",
+    "result_ttl",
+    "key_prefix",
+    "default_on_duplicate",
+    "default_lock",
+    "default_on_conflict",
+    "on_redis_error",
+    "on_canvas",
+    "redis_target",
+    "socket_timeout",
+    "connect_timeout",
+)
 
 
 def get_conf(app: Any) -> UniqueConf:

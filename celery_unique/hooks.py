@@ -12,6 +12,8 @@ hook                       process                      does
                                                         ``terminate=True``
 ``UniqueRequest``          worker main process          hard time limit, killed pool child
                                                         (no postrun runs there)
+``worker_init``            worker main process          refuse to start with settings or
+                                                        task options that cannot work
 ``worker_ready``           worker main process          log :mod:`checks` findings
 =========================  ===========================  ==================================
 
@@ -60,12 +62,29 @@ def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         runs.release_abandoned(sender, header, request.id, request.args, request.kwargs, "revoked")
 
 
+def _refuse_invalid_configuration(sender: Any = None, **_: Any) -> None:
+    """A worker does not start with settings or task options that cannot work.
+
+    Raised as SystemExit: Celery's signal dispatch would log and swallow any
+    Exception, and the worker would then fail every unique task instead.
+    """
+    app = getattr(sender, "app", None)
+    errors = checks.configuration_errors(app) if app is not None else []
+    for error in errors:
+        logger.critical("celery-unique: %s", error)
+    if errors:
+        raise SystemExit(f"celery-unique: invalid configuration: {'; '.join(map(str, errors))}")
+
+
 def _check_configuration(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     for finding in checks.check_app(app) if app is not None else []:
         logger.warning("celery-unique check %s: %s", finding.id, finding.message)
 
 
+signals.worker_init.connect(
+    _refuse_invalid_configuration, weak=False, dispatch_uid="celery_unique.configuration"
+)
 signals.worker_ready.connect(_check_configuration, weak=False, dispatch_uid="celery_unique.checks")
 signals.task_postrun.connect(_end_of_run, weak=False, dispatch_uid="celery_unique.end_of_run")
 signals.task_revoked.connect(_revoked, weak=False, dispatch_uid="celery_unique.revoked")

@@ -10,7 +10,8 @@ their own broker, lock Redis, key prefix and broker transport options:
 * ``CHAOS_KEY_PREFIX``: ``unique_key_prefix``;
 * ``CHAOS_SOCKET_TIMEOUT``: the lock client's socket and connect timeouts;
 * ``CHAOS_VISIBILITY_TIMEOUT``: the Redis broker's visibility timeout (a
-  message not acknowledged within it is delivered again).
+  message not acknowledged within it is delivered again);
+* ``CHAOS_SETTINGS``: more settings, as a JSON object.
 
 Each task records what happened (start, end, its id, pid and retries) in a
 Redis list per test token, so tests compare what producers believe with what
@@ -53,6 +54,7 @@ app.conf.update(
     worker_log_format="[%(asctime)s: %(levelname)s/%(processName)s %(name)s] %(message)s",
     worker_task_log_format="[%(asctime)s: %(levelname)s/%(processName)s %(name)s] %(message)s",
 )
+app.conf.update(json.loads(os.environ.get("CHAOS_SETTINGS", "{}")))
 
 _events: redis.Redis | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from celery_unique.checks import check_app
 from celery_unique.conf import get_conf
 from celery_unique.hooks import _check_configuration
 from celery_unique.testing import RedisServer
+from tests.integration.conftest import Worker
 
 
 @pytest.fixture
@@ -70,3 +72,18 @@ def test_worker_start_logs_the_findings(evicting_redis: str, caplog: pytest.LogC
     finally:
         get_conf(app).close()
     assert "celery-unique check eviction" in caplog.text
+
+
+@pytest.mark.worker
+def test_a_worker_with_invalid_settings_refuses_to_start(redis_url: str) -> None:
+    settings = {"unique_on_redis_error": "ignore", "unique_redis_socket_timeout": "5s"}
+    env = {"CHAOS_BROKER_URL": redis_url, "CHAOS_LOCK_URL": redis_url, "CHAOS_SETTINGS": json.dumps(settings)}
+    worker = Worker(redis_url, "misconfigured", app="tests.chaos.chaos_app", env=env)
+    try:
+        with pytest.raises(RuntimeError, match="worker exited with 1") as info:
+            worker.wait_ready(timeout=60)
+    finally:
+        worker.stop()
+    assert "celery-unique: invalid configuration" in str(info.value)
+    assert "unique_on_redis_error must be one of raise, allow; got 'ignore'" in str(info.value)
+    assert "unique_redis_socket_timeout must be a positive number of seconds, got '5s'" in str(info.value)

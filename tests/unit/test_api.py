@@ -103,6 +103,9 @@ def test_missing_redis_is_a_configuration_error() -> None:
         ("unique_on_redis_error", "ignore", "on_redis_error"),
         ("unique_key_prefix", "a{b}", "key_prefix"),
         ("unique_redis_url", 5, "redis_url"),
+        ("unique_result_ttl", -1, "result_ttl"),
+        ("unique_redis_socket_timeout", "5s", "socket_timeout"),
+        ("unique_redis_connect_timeout", 0, "connect_timeout"),
     ],
 )
 def test_invalid_settings_are_configuration_errors(setting: str, value: Any, attribute: str) -> None:
@@ -148,3 +151,35 @@ def test_an_unknown_scheme_is_reported_without_the_url() -> None:
     with pytest.raises(exceptions.ConfigurationError) as raised:
         _ = get_conf(app).redis_url
     assert "'mongodb'" in str(raised.value) and "secret" not in str(raised.value)
+
+
+def test_errors_lists_every_invalid_setting() -> None:
+    conf = get_conf(_app(unique_default_lock="sometimes", unique_redis_socket_timeout="5s"))
+    assert sorted(str(e).split()[0] for e in conf.errors()) == [
+        "unique_default_lock",
+        "unique_redis_socket_timeout",
+    ]
+    assert get_conf(_app()).errors() == []
+
+
+def test_configuration_errors_name_each_task_and_its_option() -> None:
+    from celery_unique import UniqueTask
+    from celery_unique.checks import configuration_errors
+
+    app = _app()
+    assert configuration_errors(app) == []  # an app without unique tasks has nothing to check
+
+    def task(name: str, **options: Any) -> None:
+        @app.task(base=UniqueTask, name=name, shared=False, **options)
+        def run(order_id: int) -> None: ...
+
+    task("fine")
+    task("lifetime", lock="until_execute")
+    task("duplicate", on_duplicate="drop")
+    task("names", unique_on=("order",))
+    task("timeout", lock_timeout=-5)
+    task("stored", idempotent=True, lock="until_expired")
+    found = {str(error).split(":")[0]: str(error) for error in configuration_errors(app)}
+    assert sorted(found) == ["duplicate", "lifetime", "names", "stored", "timeout"]
+    assert "until_execute" in found["lifetime"] and "'drop'" in found["duplicate"]
+    assert "['order']" in found["names"] and "-5" in found["timeout"]

@@ -28,16 +28,6 @@ from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError
 
 TAG = "celery_unique"
-_SETTINGS = (
-    "lock_timeout",
-    "key_prefix",
-    "default_on_duplicate",
-    "default_lock",
-    "default_on_conflict",
-    "on_redis_error",
-    "on_canvas",
-    "redis_url",
-)
 
 
 def celery_app() -> Any:
@@ -47,20 +37,10 @@ def celery_app() -> Any:
 
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
-    conf = get_conf(celery_app())
-    errors: list[checks.CheckMessage] = []
-    for name in _SETTINGS:
-        try:
-            getattr(conf, name)
-        except ConfigurationError as exc:
-            errors.append(
-                checks.Error(
-                    str(exc),
-                    hint="See the settings table in celery-unique's README.",
-                    id="celery_unique.E004",
-                )
-            )
-    return errors
+    hint = "See the settings table in celery-unique's README."
+    return [
+        checks.Error(str(exc), hint=hint, id="celery_unique.E004") for exc in get_conf(celery_app()).errors()
+    ]
 
 
 def check_redis(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:

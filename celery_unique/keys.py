@@ -105,7 +105,9 @@ def canonical_json(value: Any) -> str:
     try:
         return _dumps(_encode(value))
     except RecursionError as exc:
-        raise UniqueKeyError("cannot build a lock key from a self-referencing value") from exc
+        raise UniqueKeyError(
+            "cannot build a lock key from a self-referencing or too deeply nested value"
+        ) from exc
 
 
 def digest(value: Any) -> str:

@@ -135,6 +135,10 @@ def test_killed_pool_child_frees_its_lock(worker: Any, token: str, events: Event
             {"when": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)},
             id="datetime",
         ),
+        pytest.param({"value": "{tag}:lock\n}{"}, {"value": "{tag}:lock\n}{"}, id="braces-colons-newline"),
+        pytest.param({"value": "x" * 1_000_000}, {"value": "x" * 1_000_000}, id="one-megabyte"),
+        pytest.param({"value": "\udcff"}, {"value": "\udcff"}, id="lone-surrogate"),
+        pytest.param({"value": b"\xff\xfe"}, {"value": b"\xff\xfe"}, id="non-utf8-bytes"),
     ],
 )
 def test_typed_arguments_deduplicate_across_the_worker_boundary(

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from celery_unique.exceptions import ConfigurationError, UniqueKeyError
@@ -121,6 +121,69 @@ def test_large_and_odd_arguments_give_fixed_length_keys() -> None:
     for value in ("x" * 1_000_000, "{}:\n\udcff", b"\xff\xfe"):
         key = lock_key(family_key("p", "t", digest(value)))
         assert len(key) == len(lock_key(family_key("p", "t", digest(1))))
+
+
+# Strings full of what a key's syntax uses: braces (the hash tag), colons, newlines, NUL, a lone surrogate.
+odd_text = st.text(alphabet=st.sampled_from(["{", "}", ":", "\n", "\r", "\x00", "a", "é", "\udcff", " "]))
+arguments = st.recursive(
+    st.one_of(scalars, odd_text),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(odd_text, inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+def shaped(order_id: Any, note: Any = None, *rest: Any, flag: bool = False, **extra: Any) -> None: ...
+
+
+FIXED_LENGTH = len(lock_key(family_key("app", "proj.shaped", "0" * 64)))
+
+
+@given(
+    st.lists(arguments, max_size=4),
+    st.dictionaries(odd_text, arguments, max_size=3),
+    st.sampled_from([None, "args", "kwargs"]),
+)
+def test_any_call_gives_a_fixed_length_key_with_one_hash_tag_or_a_key_error(
+    args: list[Any], kwargs: dict[str, Any], unserialisable: str | None
+) -> None:
+    if unserialisable == "args":
+        args = [*args, object()]
+    elif unserialisable == "kwargs":
+        kwargs = {**kwargs, "unserialisable": object()}
+    key = ArgumentKey("proj.shaped", shaped, None)
+    try:
+        argument_digest = key.digest(args, kwargs)
+    except UniqueKeyError:
+        # Unserialisable, or not a call of this signature: refused, nothing else.
+        assert unserialisable is not None or not args or set(kwargs) & {"order_id", "note", "flag"}
+        return
+    assert unserialisable is None
+    built = lock_key(family_key("app", "proj.shaped", argument_digest))
+    assert len(built) == FIXED_LENGTH and built.isascii()
+    assert built.count("{") == 1 and built.count("}") == 1
+    assert digest_of_key(built) == argument_digest
+
+
+@given(arguments, arguments, st.dictionaries(odd_text, arguments, max_size=3))
+def test_positional_and_keyword_spellings_are_one_key(
+    order_id: Any, note: Any, extra: dict[str, Any]
+) -> None:
+    assume(not set(extra) & {"order_id", "note", "flag"})
+    key = ArgumentKey("proj.shaped", shaped, None)
+    spellings = [
+        key.digest((order_id, note), extra),
+        key.digest((order_id,), {"note": note, **extra}),
+        key.digest((), {"order_id": order_id, "note": note, "flag": False, **extra}),
+    ]
+    assert len(set(spellings)) == 1
+
+
+def test_deep_nesting_is_a_key_error_not_a_crash() -> None:
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(UniqueKeyError, match="deeply nested"):
+        digest(deep)
 
 
 def run(loan_id: int, force: bool = False, *, reason: str = "") -> None: ...

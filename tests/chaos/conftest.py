@@ -40,6 +40,7 @@ class Figures:
     scenario: str
     load: str
     faults: str
+    injected: int
     duplicates: int
     lost: int
     note: str = ""
@@ -54,8 +55,10 @@ Report = Callable[..., None]
 def report() -> Report:
     """Record a scenario's figures for the summary (call it before asserting on them)."""
 
-    def add(scenario: str, load: str, faults: str, duplicates: int, lost: int, note: str = "") -> None:
-        _reported.append(Figures(scenario, load, faults, duplicates, lost, note))
+    def add(
+        scenario: str, load: str, faults: str, injected: int, duplicates: int, lost: int, note: str = ""
+    ) -> None:
+        _reported.append(Figures(scenario, load, faults, injected, duplicates, lost, note))
 
     return add
 
@@ -64,7 +67,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _reported:
         return
     terminalreporter.section(f"celery-unique chaos summary (CHAOS_SCALE={SCALE})")
-    for f in _reported:
+    for f in sorted(_reported, key=lambda f: f.scenario):
         terminalreporter.write_line(f"{f.scenario}")
         terminalreporter.write_line(f"    load held        {f.load}")
         terminalreporter.write_line(f"    faults injected  {f.faults}")
@@ -73,8 +76,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         if f.note:
             terminalreporter.write_line(f"    observed         {f.note}")
     terminalreporter.write_line(
-        f"total: {len(_reported)} scenarios, {sum(f.duplicates for f in _reported)} duplicates, "
-        f"{sum(f.lost for f in _reported)} tasks lost"
+        f"total: {len(_reported)} scenarios, {sum(f.injected for f in _reported)} faults injected, "
+        f"{sum(f.duplicates for f in _reported)} duplicates, {sum(f.lost for f in _reported)} tasks lost"
     )
 
 

@@ -116,6 +116,7 @@ def test_redelivered_message_meets_the_new_holder_by_policy(
         "6 redelivery after the lock changed hands",
         "2 acks_late tasks (on_conflict discard and retry) lost with their worker",
         "1 SIGKILL of the whole worker; 2 redeliveries (visibility timeout) after new holders took the locks",
+        injected=1,
         duplicates=beside,
         lost=sum(1 for p in tasks if not any(item == p for item, _ in finished)),
         note=f"discard: dropped and logged, the new holder ran; retry: {len(conflicts('retry'))} "

@@ -13,7 +13,8 @@ waits in the queue, and the lock Redis (not the broker) fails:
 Every ``delay()`` must either have published exactly once (and that task ran
 exactly once) or have raised ``LockBackendError`` (and nothing of it ran):
 lost = believed published - ran = 0; and no lock is left to a task id that was
-never published.
+never published. A release that fails in the worker is tried a few times,
+logged, and left to the lock's TTL.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from typing import Any
 import pytest
 import redis
 
+from celery_unique.keys import digest_of_key
 from celery_unique.testing import RedisServer
-from tests.chaos import producers
-from tests.chaos.conftest import SCALE, Events, Producers, Report, chaos_env, settle, starts
+from tests.chaos import chaos_app, producers
+from tests.chaos.conftest import SCALE, Events, Producers, Report, chaos_env, producing, settle, starts
 from tests.integration.conftest import Worker, wait_for
 
 pytestmark = pytest.mark.worker
@@ -179,6 +181,7 @@ def test_lock_redis_crash_loses_nothing_and_runs_nothing_twice(
         "4a lock Redis crash and restart",
         f"{figures['calls']:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
         f"{CRASHES} SIGKILL + restart of the lock Redis (empty)",
+        injected=CRASHES,
         duplicates=figures["duplicates"],
         lost=figures["lost"],
         note=f"{sum(raised.values())} delay() raised {dict(raised)}, {run.met_outage()} runs met the outage",
@@ -223,9 +226,37 @@ def test_lock_redis_stall_loses_nothing_and_leaves_no_orphan_lock(
         "4b lock Redis frozen past the socket timeout",
         f"{figures['calls']:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
         f"{FREEZES} SIGSTOP/SIGCONT of the lock Redis (socket timeout {SOCKET_TIMEOUT}s)",
+        injected=FREEZES,
         duplicates=figures["duplicates"],
         lost=figures["lost"],
         note=f"{sum(raised.values())} delay() raised {dict(raised)}, {run.met_outage()} runs met the outage, "
         f"{figures['orphan locks']} orphan locks left",
     )
     check(figures, raised)
+
+
+def test_a_release_that_fails_is_retried_then_left_to_the_ttl(
+    app: Any,
+    outage_worker: Worker,
+    outage_redis: RedisServer,
+    broker_client: redis.Redis,
+    token: str,
+    events: Events,
+) -> None:
+    with producing(app.conf.broker_url, outage_redis.url):
+        first = chaos_app.hold.apply_async((token,), queue=QUEUE)
+        key = chaos_app.hold.unique_lock_key((token,))
+    wait_for(lambda: starts(events()), worker=outage_worker)
+    assert outage_redis.process is not None
+    os.kill(outage_redis.process.pid, signal.SIGKILL)  # down while the task ends and releases
+    outage_redis.process.wait()
+    outage_redis.stop()
+    broker_client.set(chaos_app.release_key(token), 1)
+    warning = f"could not release lock {digest_of_key(key)[:12]} of {first.id} (SUCCESS)"
+    wait_for(lambda: warning in outage_worker.log_text(), worker=outage_worker)
+    outage_redis.start()
+    # The worker gave up after its few attempts and goes on with the next task.
+    with producing(app.conf.broker_url, outage_redis.url):
+        chaos_app.work.apply_async((token,), {"seconds": 0, "item": "next"}, queue=QUEUE)
+    wait_for(lambda: [e for e in starts(events()) if e["item"] == "next"], worker=outage_worker)
+    assert outage_worker.log_text().count(warning) == 1

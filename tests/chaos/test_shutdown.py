@@ -73,6 +73,7 @@ def test_warm_shutdown_restores_queued_tasks_with_their_locks(
         "5 warm shutdown (SIGTERM)",
         f"{TASKS} unique tasks queued, {SECONDS}s each",
         f"{shutdowns} SIGTERM of the worker while it ran and held reserved tasks",
+        injected=shutdowns,
         duplicates=sum(n - 1 for n in runs.values()),
         lost=len({h.id for h in handles.values()} - set(runs)),
     )

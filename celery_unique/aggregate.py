@@ -111,7 +111,8 @@ class Aggregator:
         fields.update({f"e:{name}": 1 for name in names})
         ttl_ms = int(((timeout or DEFAULT_TTL) + 3600) * 1000)
         pairs = [item for field in fields.items() for item in field]
-        if not self._create(keys=[key], args=[ttl_ms, *pairs]):
+        # The creator's id makes a retried call (its reply lost) find its own context.
+        if not self._create(keys=[key], args=[ttl_ms, uuid.uuid4().hex, *pairs]):
             raise ConfigurationError(f"a fan-in context for token {token!r} exists already")
         if timeout is not None:
             self.app.tasks[DEADLINE_TASK].apply_async((token,), countdown=timeout)

@@ -8,18 +8,22 @@ The URL schemes are those Celery users know:
   with ``;`` as Celery joins broker URLs;
 * ``sentinel://host:port;sentinel://host2:port2``: Redis Sentinel, spelled as
   Celery's Redis transport spells it, with the master's name in the
-  transport options (``{"master_name": "mymaster"}``). Credentials and the
-  database in the URL are the master's; ``sentinel_kwargs`` in the transport
-  options (a password, say) are the Sentinels' own.
+  transport options (``{"master_name": "mymaster"}``).
+
+The first URL's credentials, database and query options (``ssl_ca_certs``,
+say) are parsed by redis-py and apply to every cluster node, or to the
+Sentinel's master; ``sentinel_kwargs`` in the transport options (a password,
+say) are the Sentinels' own.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import SSLConnection, parse_url
 from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
@@ -31,57 +35,69 @@ SENTINEL_SCHEMES = ("sentinel://",)
 SCHEMES = SINGLE_SCHEMES + CLUSTER_SCHEMES + SENTINEL_SCHEMES
 
 
-def _nodes(url: str) -> list[Any]:
-    """The parsed parts of a ``;``-joined URL list, each with a host and a port."""
-    parts = [urlsplit(part.strip()) for part in url.split(";") if part.strip()]
-    for part in parts:
-        if not part.hostname or not part.port:
-            # Not the URL itself: it may hold a password.
-            raise ConfigurationError("every node of unique_redis_url needs a host and a port")
-    return parts
-
-
-def _credentials(part: Any) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    if part.username:
-        found["username"] = unquote(part.username)
-    if part.password:
-        found["password"] = unquote(part.password)
+def _nodes(url: str) -> list[tuple[str, int]]:
+    """(host, port) of every node in a ``;``-joined URL list."""
+    found = []
+    for part in url.split(";"):
+        if not part.strip():
+            continue
+        try:
+            parsed = urlsplit(part.strip())
+            host, port = parsed.hostname, parsed.port
+        except ValueError:
+            host = port = None  # a port that is no number (a password with an unquoted "/"?)
+        if not host or not port:
+            # Never the URL itself in the message: it may hold a password.
+            raise ConfigurationError(
+                "every node of unique_redis_url needs a host and a port "
+                "(percent-encode special characters in a password)"
+            )
+        found.append((host, port))
     return found
 
 
-def _database(part: Any) -> int:
-    path = part.path.strip("/")
-    if not path:
-        return 0
-    if not path.isdigit():
-        raise ConfigurationError(f"the database in a Sentinel URL must be a number, got {path!r}")
-    return int(path)
+def _first_node_options(url: str) -> dict[str, Any]:
+    """Credentials, database and query options of the first node, parsed by redis-py.
+
+    They apply to every node (a cluster) or to the master (Sentinel).
+    """
+    first = url.split(";")[0].strip()
+    as_redis = "rediss://" if first.startswith("rediss+") else "redis://"
+    try:
+        options: dict[str, Any] = parse_url(as_redis + first.partition("://")[2])  # type: ignore[no-untyped-call]
+    except ValueError:
+        raise ConfigurationError("unique_redis_url has an invalid option or database") from None
+    options.pop("host", None)
+    options.pop("port", None)
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return options
 
 
 def cluster_client(url: str, **options: Any) -> RedisCluster:
     nodes = _nodes(url)
-    first = nodes[0]
-    if _database(first):
+    node_options = _first_node_options(url)
+    if node_options.pop("db", 0):
         raise ConfigurationError("Redis Cluster has only database 0")
     return RedisCluster(
-        startup_nodes=[ClusterNode(node.hostname, node.port) for node in nodes],  # type: ignore[no-untyped-call]
-        ssl=url.startswith("rediss+"),
-        **_credentials(first),
-        **options,
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
+        **{**node_options, **options},
     )
 
 
 def sentinel_client(url: str, transport_options: dict[str, Any], **options: Any) -> redis.Redis:
     nodes = _nodes(url)
-    first = nodes[0]
+    sentinel_kwargs = transport_options.get("sentinel_kwargs")
+    if sentinel_kwargs is not None:
+        # The Sentinels keep our timeouts unless the options set their own:
+        # discovery must not hang on an unreachable Sentinel.
+        timeouts = {name: value for name, value in options.items() if name.startswith("socket_")}
+        sentinel_kwargs = {**timeouts, **sentinel_kwargs}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        [(node.hostname, node.port) for node in nodes],
+        nodes,
         # None: the Sentinels get the timeouts of the master's connections.
-        sentinel_kwargs=transport_options.get("sentinel_kwargs"),
-        db=_database(first),
-        **_credentials(first),
-        **options,
+        sentinel_kwargs=sentinel_kwargs,
+        **{**_first_node_options(url), **options},
     )
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         transport_options["master_name"], redis_class=redis.Redis
@@ -104,6 +120,7 @@ def check_target(url: str, transport_options: dict[str, Any]) -> None:
         )
     if url.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
         _nodes(url)
+        _first_node_options(url)
 
 
 def make_client(url: str, transport_options: dict[str, Any] | None = None, **options: Any) -> Any:

@@ -205,10 +205,15 @@ class UniqueConf:
             url, options = self.redis_target
             timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
             ident = (url, repr(sorted(options.items())), *timeouts.values())
-            with self._lock:
-                store = self._stores.get(ident)
-                if store is None:
-                    store = self._stores[ident] = LockStore(make_client(url, options, **timeouts))
+            store = self._stores.get(ident)
+            if store is None:
+                # Built outside the lock: a cluster client connects now, and
+                # during an outage threads must not queue behind one another.
+                built = LockStore(make_client(url, options, **timeouts))
+                with self._lock:
+                    store = self._stores.setdefault(ident, built)
+                if store is not built:
+                    built.close()  # another thread was first
             self._values["_locks"] = store
         return store
 

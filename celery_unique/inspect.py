@@ -5,13 +5,14 @@ Uses SCAN only (never KEYS), so it is safe on a busy production Redis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from celery_unique import idempotency
 from celery_unique.conf import get_conf
-from celery_unique.keys import KEY_VERSION, digest_of_key
+from celery_unique.keys import KEY_VERSION, digest_of_key, tag_name, task_name_of_tag
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,19 @@ class LockInfo:
 
 def _task_of(key: str) -> str:
     tag = key[key.index("{") + 1 : key.rindex("}")]
-    return tag.rpartition(":")[0]
+    return task_name_of_tag(tag.rpartition(":")[0])
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iterator[LockInfo]:
     """Every lock and stored outcome of ``app``'s key prefix (optionally of one task), via SCAN."""
     conf = get_conf(app)
     store = conf.locks
-    tag = f"{{{task_name}:*}}" if task_name else "{*}"
+    tag = f"{{{_glob_escape(tag_name(task_name))}:*}}" if task_name else "{*}"
     for kind in ("lock", "run", "result"):
         pattern = f"{conf.key_prefix}:{KEY_VERSION}:{tag}:{kind}"
         for raw in store.client.scan_iter(match=pattern, count=count):

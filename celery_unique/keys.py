@@ -20,6 +20,7 @@ import base64
 import hashlib
 import inspect
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timezone
@@ -123,9 +124,23 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+_TAG_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
+_TAG_UNESCAPES = {"25": "%", "7B": "{", "7D": "}"}
+
+
+def tag_name(task_name: str) -> str:
+    """The task name as it appears in a hash tag: a brace would end the tag early."""
+    return task_name.translate(_TAG_ESCAPES)
+
+
+def task_name_of_tag(name: str) -> str:
+    """The inverse of :func:`tag_name`."""
+    return re.sub("%(25|7B|7D)", lambda found: _TAG_UNESCAPES[found.group(1)], name)
+
+
 def family_key(prefix: str, task_name: str, key_digest: str) -> str:
     """The common head of every key of one lock (the hash tag is in braces)."""
-    return f"{prefix}:{KEY_VERSION}:{{{task_name}:{key_digest}}}"
+    return f"{prefix}:{KEY_VERSION}:{{{tag_name(task_name)}:{key_digest}}}"
 
 
 def lock_key(family: str) -> str:

@@ -65,6 +65,13 @@ def _acquisition(owner: str, reply: Any) -> Acquisition:
     return Acquisition(owner=owner, holder=_text(holder), ttl_ms=int(ttl_ms), acquired=False)
 
 
+class Redirected(redis.ResponseError):
+    """A cluster's MOVED, ASK or TRYAGAIN, read whole: the connection stays usable."""
+
+
+_REDIRECTIONS = ("MOVED ", "ASK ", "TRYAGAIN")
+
+
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
@@ -85,6 +92,8 @@ def _parse_acquire_reply(data: bytes) -> int | tuple[bytes, int] | None:
         message = data[1:end].decode(errors="replace")
         if message.startswith("NOSCRIPT"):
             raise NoScriptError(message)
+        if message.startswith(_REDIRECTIONS):
+            raise Redirected(message)
         raise redis.ResponseError(message)
     if kind != b"*" or data[1:end] != b"2":
         raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
@@ -161,7 +170,9 @@ class PendingAcquire:
         if self._result is None and connection is not None:
             try:
                 reply = _read_acquire_reply(connection)
-            except NoScriptError:
+            except (NoScriptError, Redirected):
+                # The client's own call loads the script or follows the
+                # redirection; this connection is fine for other keys.
                 self._connection = None
                 self._store._give_back(self._node, connection)
             except REDIS_ERRORS:
@@ -216,7 +227,8 @@ class LockStore:
             self._pid = os.getpid()
         if self.cluster:
             node = self.client.get_node_from_key(key)
-            name, pool = node.name, node.redis_connection.connection_pool
+            # get_redis_connection: a node learnt from a MOVED has no client yet.
+            name, pool = node.name, self.client.get_redis_connection(node).connection_pool
         else:
             name, pool = "", self.client.connection_pool
         try:

@@ -175,14 +175,20 @@ return 0
 # creators of one token cannot both succeed (and no context lives without TTL).
 #   KEYS[1]  context hash
 #   ARGV[1]  time to live in milliseconds
-#   ARGV[2], ARGV[3], ...  field, value, field, value, ...
-# Returns 1 when created, 0 when the context existed (nothing changed).
+#   ARGV[2]  the creator's own id (a retried call that already ran finds it)
+#   ARGV[3], ARGV[4], ...  field, value, field, value, ...
+# Returns 1 when created (or created before by this creator), 0 when another
+# creator's context exists (nothing changed).
 FAN_IN_CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
+    if redis.call('HGET', KEYS[1], 'creator') == ARGV[2] then
+        return 1
+    end
     return 0
 end
+redis.call('HSET', KEYS[1], 'creator', ARGV[2])
 -- In batches: Lua's unpack() cannot spread ten thousand parts at once.
-for first = 2, #ARGV, 1000 do
+for first = 3, #ARGV, 1000 do
     redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])

@@ -149,3 +149,32 @@ def test_reports_outside_the_worker_and_unknown_parts(celery_app: Any, token: st
     assert agg.report(f"{token}-missing", "x", value=1) == -2
     assert agg.reports(token) == {}
     agg.client.delete(agg.key(token))
+
+
+def test_two_creators_of_one_token_cannot_both_win(celery_app: Any, token: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from celery_unique.exceptions import ConfigurationError
+
+    agg = aggregator(celery_app)
+
+    def create(_: int) -> bool:
+        try:
+            agg.create(token, ["x"], fan_collect.s(token))
+        except ConfigurationError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(create, range(8))) == [False] * 7 + [True]
+    agg.client.delete(agg.key(token))
+
+
+def test_a_retried_create_finds_its_own_context(celery_app: Any, token: str) -> None:
+    # What a client retry does after the reply to a create that ran was lost.
+    agg = aggregator(celery_app)
+    key, ttl_ms, fields = agg.key(token), 60_000, ["remaining", 1, "state", "open", "e:x", 1]
+    assert agg._create(keys=[key], args=[ttl_ms, "creator-1", *fields]) == 1
+    assert agg._create(keys=[key], args=[ttl_ms, "creator-1", *fields]) == 1
+    assert agg._create(keys=[key], args=[ttl_ms, "creator-2", *fields]) == 0
+    agg.client.delete(key)

@@ -120,10 +120,17 @@ def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelSer
         unique_redis_connect_timeout=1.0,
     )
     job = _task(app)
-    store = get_conf(app).locks
+    broker = redis.Redis.from_url(redis_url)
+    queue = app.conf.task_default_queue
     before = job.delay("before")
-    # WAIT: the lock is on the replica before the primary fails, so it survives.
-    assert store.client.execute_command("WAIT", 1, 5000) == 1
+    # The lock reached the replica before the primary fails, so it survives.
+    replica = redis.Redis(port=sentinel.replica.port)
+    lock = job.unique_lock_key(("before",))
+    deadline = time.monotonic() + 10
+    while replica.get(lock) != before.id.encode():
+        assert time.monotonic() < deadline, "the lock never reached the replica"
+        time.sleep(0.02)
+    replica.close()
     old_port = sentinel.master_port()
     sentinel.primary.stop()
 
@@ -146,7 +153,10 @@ def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelSer
     assert job.delay("before").id == before.id
     after = job.delay("after")
     assert job.delay("after").id == after.id
+    # Exactly the calls that returned were published: none that raised, no duplicate.
+    assert broker.llen(queue) == 1 + published + 1
     print(f"failover: {raised} calls raised LockBackendError, {published} published during the switch")
+    broker.close()
     get_conf(app).close()
     app.close()
 
@@ -169,17 +179,24 @@ def test_the_fast_path_follows_a_moved_slot(cluster: ClusterServers, cluster_app
     job = _task(cluster_app)
     store = get_conf(cluster_app).locks
     assert store.lean  # acquires go straight to the primary the slot table names
-    key = job.unique_lock_key(("moved",))
     client = store.client
-    source = [server.port for server in cluster.primaries].index(client.get_node_from_key(key).port)
-    first = job.delay("warm-up")  # a kept connection to every primary used so far
-    _move_slot(cluster, client.keyslot(key), source, (source + 1) % 3)
+    key = job.unique_lock_key(("moved",))
+    source = client.get_node_from_key(key)
+    # A call for another key on the same primary leaves a kept connection there.
+    warm = next(n for n in range(10_000) if client.get_node_from_key(job.unique_lock_key((n,))) == source)
+    first = job.delay(warm)
+    assert len(store._idle[source.name]) == 1
+    ports = [server.port for server in cluster.primaries]
+    target = (ports.index(source.port) + 1) % 3
+    _move_slot(cluster, client.keyslot(key), ports.index(source.port), target)
     # The client's slot table is stale now: Redis answers MOVED, the client follows.
     moved = job.delay("moved")
     assert job.delay("moved").id == moved.id
-    holder = redis.Redis(port=cluster.primaries[(source + 1) % 3].port).get(key)
-    assert holder == moved.id.encode()
-    assert store.release(key, moved.id) and first.id
+    assert redis.Redis(port=ports[target]).get(key) == moved.id.encode()
+    # MOVED was read whole: that connection was kept for the keys still there.
+    assert len(store._idle[source.name]) == 1
+    assert store.release(key, moved.id)
+    assert store.release(job.unique_lock_key((warm,)), first.id)
 
 
 def test_a_cluster_that_cannot_be_reached_raises_lock_backend_error(redis_url: str) -> None:

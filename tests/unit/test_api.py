@@ -183,3 +183,42 @@ def test_configuration_errors_name_each_task_and_its_option() -> None:
     assert sorted(found) == ["duplicate", "lifetime", "names", "stored", "timeout"]
     assert "until_execute" in found["lifetime"] and "'drop'" in found["duplicate"]
     assert "['order']" in found["names"] and "-5" in found["timeout"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://admin:hunter2/x@127.0.0.1:7000",  # an unquoted "/" in the password
+        "sentinel://:hunter2@127.0.0.1:99999",  # a port out of range
+        "admin:hunter2@127.0.0.1:6379",  # no scheme at all
+    ],
+)
+def test_a_bad_url_is_a_configuration_error_without_its_secret(url: str) -> None:
+    app = _app(unique_redis_url=url, unique_redis_transport_options={"master_name": "m"})
+    with pytest.raises(exceptions.ConfigurationError) as raised:
+        _ = get_conf(app).redis_url
+    assert "hunter2" not in str(raised.value)
+
+
+def test_the_first_node_gives_credentials_and_tls_options_to_every_node() -> None:
+    from celery_unique.clients import _first_node_options
+
+    options = _first_node_options(
+        "rediss+cluster://app%40tenant:p%2Fss@10.0.0.1:7000?ssl_cert_reqs=none;rediss+cluster://10.0.0.2:7000"
+    )
+    assert options == {"username": "app@tenant", "password": "p/ss", "ssl": True, "ssl_cert_reqs": "none"}
+
+
+def test_sentinels_keep_the_timeouts_when_they_have_their_own_password() -> None:
+    from celery_unique.clients import make_client
+
+    client = make_client(
+        "sentinel://127.0.0.1:26379",
+        {"master_name": "m", "sentinel_kwargs": {"password": "sentinel-secret"}},
+        socket_timeout=2.0,
+        socket_connect_timeout=1.0,
+    )
+    [sentinel] = client.connection_pool.sentinel_manager.sentinels
+    kwargs = sentinel.connection_pool.connection_kwargs
+    assert kwargs["password"] == "sentinel-secret"
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (2.0, 1.0)

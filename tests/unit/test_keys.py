@@ -19,6 +19,7 @@ from celery_unique.keys import (
     digest_of_key,
     family_key,
     lock_key,
+    task_name_of_tag,
     validate_prefix,
 )
 
@@ -238,3 +239,19 @@ def test_key_scheme_has_one_hash_tag_per_family() -> None:
 def test_invalid_prefix_is_a_configuration_error(prefix: Any) -> None:
     with pytest.raises(ConfigurationError):
         validate_prefix(prefix)
+
+
+def _hash_tag(key: str) -> str:
+    """What Redis Cluster hashes: the text between the first "{" and the next "}"."""
+    start = key.index("{")
+    return key[start + 1 : key.index("}", start + 1)]
+
+
+@given(st.text(min_size=1))
+def test_any_task_name_keeps_one_hash_tag_per_family(task_name: str) -> None:
+    family = family_key("app", task_name, "d" * 64)
+    tag = _hash_tag(family)
+    # The whole name and digest are the tag, whatever braces the name holds,
+    # so every key of the family (":lock", ":run", ...) lands in one slot.
+    assert tag.endswith(":" + "d" * 64) and _hash_tag(lock_key(family)) == tag
+    assert task_name_of_tag(tag.rpartition(":")[0]) == task_name

@@ -10,7 +10,8 @@ The owner is a task id made for that call and never published, so freeing
 its lock is always right. :data:`releaser` does that from one daemon thread,
 owner-checked, at growing intervals until Redis answers, and once more a
 second later: Redis runs what it had buffered before it answers a new
-connection. A process that exits first leaves the lock to its TTL.
+connection. A process that exits first, or an app that closes its lock
+store, leaves the lock to its TTL.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from celery_unique.clients import REDIS_ERRORS
@@ -47,8 +49,9 @@ class OrphanReleaser:
         os.register_at_fork(after_in_child=self._forget_parent)
 
     def _forget_parent(self) -> None:
-        # (when, order, store, key, owner, attempt, failed at)
-        self._due: list[tuple[float, int, Any, str, str, int, float]] = []
+        # (when, order, store (weakly: a closed store's releases are dropped), key, owner,
+        # attempt, failed at)
+        self._due: list[tuple[float, int, weakref.ref[Any], str, str, int, float]] = []
         self._order = itertools.count()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -59,13 +62,15 @@ class OrphanReleaser:
         with self._changed:
             if len(self._due) >= MAX_PENDING:
                 return
-            self._push(now + DELAYS[0], store, key, owner, 0, now)
+            self._push(now + DELAYS[0], weakref.ref(store), key, owner, 0, now)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery-unique-orphans", daemon=True)
                 self._thread.start()
             self._changed.notify()
 
-    def _push(self, when: float, store: Any, key: str, owner: str, attempt: int, failed_at: float) -> None:
+    def _push(
+        self, when: float, store: weakref.ref[Any], key: str, owner: str, attempt: int, failed_at: float
+    ) -> None:
         heapq.heappush(self._due, (when, next(self._order), store, key, owner, attempt, failed_at))
 
     def pending(self) -> int:
@@ -78,23 +83,34 @@ class OrphanReleaser:
             with self._changed:
                 while not self._due or self._due[0][0] > time.monotonic():
                     self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, store, key, owner, attempt, failed_at = heapq.heappop(self._due)
-            try:
-                released = store.release(key, owner)
-            except REDIS_ERRORS:
-                if 0 <= attempt < len(DELAYS) - 1:
-                    with self._changed:
-                        self._push(failed_at + DELAYS[attempt + 1], store, key, owner, attempt + 1, failed_at)
-                continue  # else the TTL frees it
-            if released:
-                logger.warning(
-                    "lock %s taken for %s, which was never published, released",
-                    digest_of_key(key)[:12],
-                    owner,
-                )
-            if attempt != _CONFIRMING:
-                with self._changed:
-                    self._push(time.monotonic() + CONFIRM_AFTER, store, key, owner, _CONFIRMING, failed_at)
+                _, _, ref, key, owner, attempt, failed_at = heapq.heappop(self._due)
+            answered = self._release(ref, key, owner)
+            if answered is None:
+                continue  # its app closed the store: the TTL frees the lock
+            with self._changed:
+                if not answered and 0 <= attempt < len(DELAYS) - 1:
+                    self._push(failed_at + DELAYS[attempt + 1], ref, key, owner, attempt + 1, failed_at)
+                elif answered and attempt != _CONFIRMING:
+                    self._push(time.monotonic() + CONFIRM_AFTER, ref, key, owner, _CONFIRMING, failed_at)
+
+    @staticmethod
+    def _release(ref: weakref.ref[Any], key: str, owner: str) -> bool | None:
+        """One owner-checked release: whether Redis answered, None when the store is gone.
+
+        The store is held only during the call, so a closed one can go.
+        """
+        store = ref()
+        if store is None:
+            return None
+        try:
+            released = store.release(key, owner)
+        except REDIS_ERRORS:
+            return False
+        if released:
+            logger.warning(
+                "lock %s taken for %s, which was never published, released", digest_of_key(key)[:12], owner
+            )
+        return True
 
 
 releaser = OrphanReleaser()

@@ -1,0 +1,53 @@
+"""The background release of locks whose acquire went unanswered, against a real Redis."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import uuid
+
+import redis
+
+from celery_unique.locks import LockStore
+from celery_unique.orphans import OrphanReleaser
+from celery_unique.testing import RedisServer
+from tests.integration.conftest import wait_for
+
+
+def test_a_lock_that_lands_late_is_released_once_redis_answers() -> None:
+    releaser = OrphanReleaser()
+    key, owner = f"test:v1:{{orphans:{uuid.uuid4().hex}}}:lock", uuid.uuid4().hex
+    with RedisServer() as server, redis.Redis.from_url(server.url) as client:
+        store = LockStore(redis.Redis.from_url(server.url, socket_timeout=0.3))
+        late = redis.Connection(port=server.port)
+        late.connect()
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)  # a stall
+        try:
+            # The acquire whose caller gave up waits in Redis's socket buffer ...
+            late.send_command("SET", key, owner, "PX", 60_000)
+            releaser.release_later(store, key, owner)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert late.read_response() == b"OK"  # ... and ran when Redis resumed
+        wait_for(lambda: client.get(key) is None and releaser.pending() == 0, timeout=10)
+        late.disconnect()
+        other = f"{key}-other"
+        client.set(other, "another-owner", px=60_000)
+        releaser.release_later(store, other, owner)
+        wait_for(lambda: releaser.pending() == 0, timeout=10)
+        assert client.get(other) == b"another-owner"  # owner-checked
+        store.close()
+
+
+def test_the_releases_of_a_closed_store_are_dropped() -> None:
+    releaser = OrphanReleaser()
+    server = RedisServer().start()
+    store = LockStore(redis.Redis.from_url(server.url, socket_connect_timeout=0.3))
+    server.stop()  # never answers again: its releases would be tried for half a minute
+    releaser.release_later(store, "test:v1:{orphans:gone}:lock", "owner")
+    store.close()
+    del store
+    gc.collect()
+    wait_for(lambda: releaser.pending() == 0, timeout=5)

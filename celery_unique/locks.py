@@ -236,8 +236,12 @@ class LockStore:
         except (KeyError, IndexError):
             # Built like the pool's own connections (same class and settings)
             # but not counted against its max_connections: these never return
-            # to it.
-            return name, pool.connection_class(**pool.connection_kwargs)
+            # to it. connect() now, as the pool does: a Sentinel-managed
+            # connection finds its master there (a lazy connect on the first
+            # send would go to the class's default address instead).
+            connection = pool.connection_class(**pool.connection_kwargs)
+            connection.connect()
+            return name, connection
 
     def _give_back(self, node: str, connection: Any) -> None:
         if self._pid == os.getpid():

@@ -111,6 +111,11 @@ def sentinel() -> Iterator[SentinelServers]:
         yield servers
 
 
+def _kept_connections_go_to(store: Any) -> set[int]:
+    """The server ports of the lock store's kept fast-path connections."""
+    return {connection._sock.getpeername()[1] for connection in store._idle[""]}
+
+
 def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelServers, redis_url: str) -> None:
     app = _app(
         redis_url,
@@ -131,6 +136,8 @@ def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelSer
         assert time.monotonic() < deadline, "the lock never reached the replica"
         time.sleep(0.02)
     replica.close()
+    store = get_conf(app).locks
+    assert store.lean and _kept_connections_go_to(store) == {sentinel.primary.port}
     old_port = sentinel.master_port()
     sentinel.primary.stop()
 
@@ -153,6 +160,8 @@ def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelSer
     assert job.delay("before").id == before.id
     after = job.delay("after")
     assert job.delay("after").id == after.id
+    # The fast path's connections found the new primary through the Sentinel.
+    assert _kept_connections_go_to(store) == {sentinel.replica.port}
     # Exactly the calls that returned were published: none that raised, no duplicate.
     assert broker.llen(queue) == 1 + published + 1
     print(f"failover: {raised} calls raised LockBackendError, {published} published during the switch")

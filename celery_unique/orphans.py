@@ -10,8 +10,9 @@ The owner is a task id made for that call and never published, so freeing
 its lock is always right. :data:`releaser` does that from one daemon thread,
 owner-checked, at growing intervals until Redis answers, and once more a
 second later: Redis runs what it had buffered before it answers a new
-connection. A process that exits first, or an app that closes its lock
-store, leaves the lock to its TTL.
+connection. Nothing is retried when Redis certainly did not run the command
+(:func:`certainly_not_run`). A process that exits first, or an app that
+closes its lock store, leaves the lock to its TTL.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import threading
 import time
 import weakref
 from typing import Any
+
+import redis
 
 from celery_unique.clients import REDIS_ERRORS
 from celery_unique.keys import digest_of_key
@@ -38,6 +41,25 @@ CONFIRM_AFTER = 1.0
 MAX_PENDING = 10_000
 
 _CONFIRMING = -1  # the attempt number of the last, confirming release
+
+
+def certainly_not_run(error: BaseException) -> bool:
+    """Whether Redis certainly did not run a command that failed with ``error``.
+
+    It answered with an error (a refused login, NOPERM, NOSCRIPT), or nothing
+    listened: a refused connection. A server that is down has lost what it
+    had buffered. A timeout or a dropped connection leaves it unknown.
+    """
+    if isinstance(error, (redis.ResponseError, redis.AuthenticationError)):
+        return True
+    seen: BaseException | None = error
+    for _ in range(10):  # the chain of causes (bounded: it may loop)
+        if seen is None:
+            break
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class OrphanReleaser:
@@ -86,7 +108,7 @@ class OrphanReleaser:
                 _, _, ref, key, owner, attempt, failed_at = heapq.heappop(self._due)
             answered = self._release(ref, key, owner)
             if answered is None:
-                continue  # its app closed the store: the TTL frees the lock
+                continue  # the TTL frees the lock, if it ever lands
             with self._changed:
                 if not answered and 0 <= attempt < len(DELAYS) - 1:
                     self._push(failed_at + DELAYS[attempt + 1], ref, key, owner, attempt + 1, failed_at)
@@ -95,7 +117,8 @@ class OrphanReleaser:
 
     @staticmethod
     def _release(ref: weakref.ref[Any], key: str, owner: str) -> bool | None:
-        """One owner-checked release: whether Redis answered, None when the store is gone.
+        """One owner-checked release: whether Redis answered; None when there is
+        nothing more to do (the store is gone, or Redis is down).
 
         The store is held only during the call, so a closed one can go.
         """
@@ -104,8 +127,10 @@ class OrphanReleaser:
             return None
         try:
             released = store.release(key, owner)
-        except REDIS_ERRORS:
-            return False
+        except REDIS_ERRORS as exc:
+            if isinstance(exc, (redis.ResponseError, redis.AuthenticationError)):
+                return True  # Redis answered (and will not let this client release)
+            return None if certainly_not_run(exc) else False  # down: its buffer is gone
         if released:
             logger.warning(
                 "lock %s taken for %s, which was never published, released", digest_of_key(key)[:12], owner

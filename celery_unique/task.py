@@ -387,7 +387,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         except REDIS_ERRORS as exc:
             if republish:
                 return True, self._republish_unchecked(key, task_id, exc, send)
-            if fresh and store is not None:
+            if fresh and store is not None and not orphans.certainly_not_run(exc):
                 orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
             return False, self._redis_failed(conf, key, exc, call.publish_unlocked)
         if pending is None:
@@ -426,7 +426,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         except REDIS_ERRORS as exc:
             if republish:
                 return True, self._republish_unchecked(key, task_id, exc, send)
-            if fresh and store is not None:
+            if fresh and store is not None and not orphans.certainly_not_run(exc):
                 orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
             return False, self._redis_failed(conf, key, exc, call.publish_unlocked)
         acquisition = _ours(acquisition, fresh)

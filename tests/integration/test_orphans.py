@@ -7,10 +7,11 @@ import os
 import signal
 import uuid
 
+import pytest
 import redis
 
 from celery_unique.locks import LockStore
-from celery_unique.orphans import OrphanReleaser
+from celery_unique.orphans import OrphanReleaser, certainly_not_run
 from celery_unique.testing import RedisServer
 from tests.integration.conftest import wait_for
 
@@ -43,11 +44,30 @@ def test_a_lock_that_lands_late_is_released_once_redis_answers() -> None:
 
 def test_the_releases_of_a_closed_store_are_dropped() -> None:
     releaser = OrphanReleaser()
+    with RedisServer() as server:
+        store = LockStore(redis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3))
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)  # no answer, for as long as the test needs
+        try:
+            releaser.release_later(store, "test:v1:{orphans:closed}:lock", "owner")
+            store.close()
+            del store
+            gc.collect()
+            wait_for(lambda: releaser.pending() == 0, timeout=5)  # not retried for half a minute
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+
+
+def test_nothing_is_retried_where_redis_certainly_did_not_run_it() -> None:
+    releaser = OrphanReleaser()
     server = RedisServer().start()
-    store = LockStore(redis.Redis.from_url(server.url, socket_connect_timeout=0.3))
-    server.stop()  # never answers again: its releases would be tried for half a minute
-    releaser.release_later(store, "test:v1:{orphans:gone}:lock", "owner")
-    store.close()
-    del store
-    gc.collect()
+    store = LockStore(redis.Redis.from_url(server.url))
+    server.stop()  # down: what it had buffered is gone, and it refuses connections
+    releaser.release_later(store, "test:v1:{orphans:down}:lock", "owner")
     wait_for(lambda: releaser.pending() == 0, timeout=5)
+    store.close()
+    with pytest.raises(redis.ConnectionError) as refused:
+        redis.Redis.from_url(server.url).ping()
+    assert certainly_not_run(refused.value)
+    assert certainly_not_run(redis.AuthenticationError("invalid password"))
+    assert not certainly_not_run(redis.TimeoutError("Timeout reading from socket"))

@@ -27,6 +27,7 @@ import weakref
 from typing import Any
 
 import redis
+from redis.sentinel import MasterNotFoundError
 
 from celery_unique.clients import REDIS_ERRORS
 from celery_unique.keys import digest_of_key
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 DELAYS = (0.5, 1.5, 3.5, 7.5, 15.0, 30.0)
 #: Seconds after the first answer at which it is tried a last time.
 CONFIRM_AFTER = 1.0
+#: Seconds after the failure past which nothing is tried (slow attempts run late).
+HORIZON = DELAYS[-1] + 10.0
 #: Releases waiting at most; beyond this the TTL frees the locks.
 MAX_PENDING = 10_000
 
@@ -46,11 +49,12 @@ _CONFIRMING = -1  # the attempt number of the last, confirming release
 def certainly_not_run(error: BaseException) -> bool:
     """Whether Redis certainly did not run a command that failed with ``error``.
 
-    It answered with an error (a refused login, NOPERM, NOSCRIPT), or nothing
-    listened: a refused connection. A server that is down has lost what it
-    had buffered. A timeout or a dropped connection leaves it unknown.
+    It answered with an error (a refused login, NOPERM, NOSCRIPT), nothing
+    listened (a refused connection: a server that is down has lost what it
+    had buffered), or the Sentinels knew no primary to send it to. A timeout
+    or a dropped connection leaves it unknown.
     """
-    if isinstance(error, (redis.ResponseError, redis.AuthenticationError)):
+    if isinstance(error, (redis.ResponseError, redis.AuthenticationError, MasterNotFoundError)):
         return True
     seen: BaseException | None = error
     for _ in range(10):  # the chain of causes (bounded: it may loop)
@@ -106,6 +110,8 @@ class OrphanReleaser:
                 while not self._due or self._due[0][0] > time.monotonic():
                     self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
                 _, _, ref, key, owner, attempt, failed_at = heapq.heappop(self._due)
+            if time.monotonic() > failed_at + HORIZON:
+                continue  # slow attempts ran late: the TTL frees it
             answered = self._release(ref, key, owner)
             if answered is None:
                 continue  # the TTL frees the lock, if it ever lands

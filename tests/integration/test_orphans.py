@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 import redis
+from redis.sentinel import MasterNotFoundError
 
 from celery_unique.locks import LockStore
 from celery_unique.orphans import OrphanReleaser, certainly_not_run
@@ -70,4 +71,5 @@ def test_nothing_is_retried_where_redis_certainly_did_not_run_it() -> None:
         redis.Redis.from_url(server.url).ping()
     assert certainly_not_run(refused.value)
     assert certainly_not_run(redis.AuthenticationError("invalid password"))
+    assert certainly_not_run(MasterNotFoundError("No master found for 'mymaster'"))
     assert not certainly_not_run(redis.TimeoutError("Timeout reading from socket"))

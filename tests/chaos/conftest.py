@@ -254,12 +254,17 @@ class Producers:
             log.close()
 
 
-def settle(predicate: Callable[[], Any], timeout: float = 60.0) -> bool:
-    """Poll until ``predicate()`` holds; False after ``timeout`` (the test then
-    reports what it saw before it fails)."""
-    deadline = time.monotonic() + timeout
+def settle(
+    predicate: Callable[[], Any], timeout: float = 60.0, progress: Callable[[], Any] | None = None
+) -> bool:
+    """Poll until ``predicate()`` holds; False after ``timeout`` seconds in
+    which ``progress()`` (if given) did not change: a backlog that is still
+    being worked off is waited for. The test then reports what it saw and fails."""
+    deadline, last = time.monotonic() + timeout, progress() if progress else None
     while not predicate():
+        if progress is not None and (now := progress()) != last:
+            deadline, last = time.monotonic() + timeout, now
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.1)
+        time.sleep(0.5)
     return True

@@ -120,7 +120,7 @@ def account(
     published = Counter(task_id for r in seen for _, task_id in r["published"])
     believed = {task_id for r in seen for _, task_id, _ in r["returned"]}
     raised = sum((Counter(r["raised"]) for r in seen), Counter())
-    settle(lambda: believed <= {e["id"] for e in starts(events())})
+    settle(lambda: believed <= {e["id"] for e in starts(events())}, progress=lambda: len(events()))
     ran = Counter(e["id"] for e in starts(events()))
 
     def orphans() -> set[str]:

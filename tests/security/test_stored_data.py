@@ -36,7 +36,6 @@ from tests.security import tripwire
 pytestmark = pytest.mark.worker
 
 QUEUE = "security-data"
-LATER = "security-data-later"  # consumed only once the test has planted what it plants
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +74,17 @@ def events(broker_url: str, token: str) -> list[dict[str, Any]]:
         return [json.loads(e) for e in client.lrange(chaos_app.events_key(token), 0, -1)]
 
 
-def run_later_queue(app: Any, worker: Worker) -> None:
+@pytest.fixture
+def later() -> str:
+    """A queue of the test's own, consumed only once the test has planted what it
+    plants (a queue shared with an earlier test would be consumed already)."""
+    return f"security-data-later-{uuid.uuid4().hex}"
+
+
+def run_later_queue(app: Any, worker: Worker, later: str) -> None:
     # Waits for the worker's answer: under load the default 1 s can pass first.
-    replies = app.control.add_consumer(LATER, destination=[worker.name], reply=True, timeout=10)
-    assert replies, f"the worker did not confirm consuming {LATER}:\n{worker.log_text()}"
+    replies = app.control.add_consumer(later, destination=[worker.name], reply=True, timeout=10)
+    assert replies, f"the worker did not confirm consuming {later}:\n{worker.log_text()}"
 
 
 def test_the_package_imports_no_unpickler() -> None:
@@ -95,7 +101,7 @@ def test_the_package_imports_no_unpickler() -> None:
 
 
 def test_a_pickle_planted_in_its_keys_is_never_unpickled(
-    app: Any, worker: Worker, lock_client: redis.Redis, tmp_path: Path
+    app: Any, worker: Worker, lock_client: redis.Redis, later: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "unpickled"
     planted = tripwire.payload(marker)
@@ -121,10 +127,10 @@ def test_a_pickle_planted_in_its_keys_is_never_unpickled(
     # In the worker: a run whose lock a pickle holds (conflict), and a run sent
     # by name whose stored outcome is a pickle (refused: the run fails).
     other = uuid.uuid4().hex
-    queued = chaos_app.work.apply_async((other,), queue=LATER)
+    queued = chaos_app.work.apply_async((other,), queue=later)
     lock_client.set(chaos_app.work.unique_lock_key((other,)), planted, px=60_000)
-    app.send_task("chaos.idempotent", (token,), queue=LATER)
-    run_later_queue(app, worker)
+    app.send_task("chaos.idempotent", (token,), queue=later)
+    run_later_queue(app, worker, later)
     wait_for(
         lambda: [e for e in events(app.conf.broker_url, other) if e["event"] == "conflict"], worker=worker
     )
@@ -152,13 +158,18 @@ def stored_text(client: redis.Redis, key: bytes) -> str:
     return b"\n".join(parts).decode(errors="replace")
 
 
+def whole_log(worker: Worker) -> str:
+    """All of a worker's log (at DEBUG, a line soon leaves the tail that log_text() shows)."""
+    return Path(worker.log.name).read_text(errors="replace")
+
+
 def unique_lines(log: str) -> list[str]:
     """celery-unique's own lines of a worker log (its format names the logger)."""
     return [line for line in log.splitlines() if " celery_unique." in line]
 
 
 def test_no_key_value_or_log_line_holds_a_raw_argument(
-    app: Any, worker: Worker, lock_client: redis.Redis, caplog: pytest.LogCaptureFixture
+    app: Any, worker: Worker, lock_client: redis.Redis, later: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = f"SECRET-{uuid.uuid4().hex}"
     token = uuid.uuid4().hex
@@ -181,10 +192,10 @@ def test_no_key_value_or_log_line_holds_a_raw_argument(
         wait_for(lambda: chaos_app.idempotent.stored_outcome((token,), call), worker=worker)
         assert chaos_app.idempotent.apply_async((token,), call, queue=QUEUE).replayed
         # In the worker: a conflict (the lock taken by another id), and a replay of a call sent by name.
-        conflicting = chaos_app.work.apply_async((token,), {"item": f"{secret}-2"}, queue=LATER)
+        conflicting = chaos_app.work.apply_async((token,), {"item": f"{secret}-2"}, queue=later)
         lock_client.set(chaos_app.work.unique_lock_key((token,), {"item": f"{secret}-2"}), "another-id")
-        app.send_task("chaos.idempotent", (token,), call, queue=LATER)
-        run_later_queue(app, worker)
+        app.send_task("chaos.idempotent", (token,), call, queue=later)
+        run_later_queue(app, worker, later)
         seen = lambda: events(app.conf.broker_url, token)  # noqa: E731
         wait_for(
             lambda: [e for e in seen() if e["event"] == "conflict" and e["id"] == conflicting.id],
@@ -193,8 +204,8 @@ def test_no_key_value_or_log_line_holds_a_raw_argument(
         )
         wait_for(lambda: [e for e in seen() if e["event"] == "end" and e["id"] == first.id], worker=worker)
         wait_for(lambda: lock_client.get(chaos_app.work.unique_lock_key((token,), {"item": secret})) is None)
-        wait_for(lambda: "replayed" in worker.log_text())
-    worker_lines = unique_lines(Path(worker.log.name).read_text(errors="replace"))
+        wait_for(lambda: "replayed" in whole_log(worker))
+    worker_lines = unique_lines(whole_log(worker))
     producer_lines = [r.getMessage() for r in caplog.records if r.name.startswith("celery_unique")]
     stored = {key.decode(): stored_text(lock_client, key) for key in lock_client.scan_iter("celery_unique:*")}
     errors = [str(e.value) for e in (duplicate, unserialisable, misfit)]

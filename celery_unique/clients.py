@@ -108,9 +108,10 @@ def sentinel_client(url: str, transport_options: dict[str, Any], **options: Any)
 def check_target(url: str, transport_options: dict[str, Any]) -> None:
     """Raise :class:`ConfigurationError` for a URL no client can be built for."""
     if not url.startswith(SCHEMES):
-        scheme = url.partition("://")[0] if "://" in url else url[:12]
+        # Only the scheme: the rest may hold a password.
+        scheme = repr(url.partition("://")[0]) if "://" in url else "no scheme"
         raise ConfigurationError(
-            f"unique_redis_url must start with one of {', '.join(SCHEMES)}; got {scheme!r}"
+            f"unique_redis_url must start with one of {', '.join(SCHEMES)}; got {scheme}"
         )
     if url.startswith(SENTINEL_SCHEMES) and not transport_options.get("master_name"):
         raise ConfigurationError(

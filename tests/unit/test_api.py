@@ -190,7 +190,7 @@ def test_configuration_errors_name_each_task_and_its_option() -> None:
     [
         "redis+cluster://admin:hunter2/x@127.0.0.1:7000",  # an unquoted "/" in the password
         "sentinel://:hunter2@127.0.0.1:99999",  # a port out of range
-        "admin:hunter2@127.0.0.1:6379",  # no scheme at all
+        "u:hunter2@127.0.0.1:6379",  # no scheme at all (its first characters hold the password)
     ],
 )
 def test_a_bad_url_is_a_configuration_error_without_its_secret(url: str) -> None:

@@ -12,6 +12,7 @@ plain Redis: the worker tests then run unchanged against that topology.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,12 @@ def redis_url() -> Iterator[str]:
         return
     with RedisServer() as server:
         yield server.url
+
+
+@pytest.fixture
+def token() -> str:
+    """A value unique to the test, so its locks and events are its own."""
+    return uuid.uuid4().hex
 
 
 @pytest.fixture(scope="session")

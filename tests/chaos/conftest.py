@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ import redis
 from celery_unique.conf import get_conf
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app, producers
-from tests.integration.conftest import ROOT, Worker, wait_for
+from tests.integration.conftest import ROOT, Events, Worker, read_events, wait_for
 
 SCALE = max(int(os.environ.get("CHAOS_SCALE", "1")), 1)
 
@@ -115,6 +114,13 @@ def chaos_env(broker_url: str, lock_url: str, **extra: str) -> dict[str, str]:
     return {"CHAOS_BROKER_URL": broker_url, "CHAOS_LOCK_URL": lock_url, **extra}
 
 
+def chaos_worker(broker_url: str, lock_url: str, name: str, *extra: str, **env: str) -> Worker:
+    """A worker of the chaos app on those servers; ``with`` it to wait for it and stop it."""
+    return Worker(
+        broker_url, name, *extra, app="tests.chaos.chaos_app", env=chaos_env(broker_url, lock_url, **env)
+    )
+
+
 @contextlib.contextmanager
 def producing(broker_url: str, lock_url: str, prefix: str = "celery_unique") -> Iterator[Any]:
     """Point this process's chaos app (the producer side) at the servers, then back."""
@@ -148,22 +154,8 @@ def app(broker: RedisServer, lock_redis: RedisServer) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def worker(app: Any, broker: RedisServer, lock_redis: RedisServer) -> Iterator[Worker]:
     """A worker (prefork, -c 2) on the default queue, shared by the scenarios that keep it alive."""
-    started = Worker(
-        broker.url, "chaos", app="tests.chaos.chaos_app", env=chaos_env(broker.url, lock_redis.url)
-    )
-    try:
-        started.wait_ready()
+    with chaos_worker(broker.url, lock_redis.url, "chaos") as started:
         yield started
-    finally:
-        started.stop()
-
-
-@pytest.fixture
-def token() -> str:
-    return uuid.uuid4().hex
-
-
-Events = Callable[..., list[dict[str, Any]]]
 
 
 @pytest.fixture
@@ -171,8 +163,7 @@ def events(broker_client: redis.Redis, token: str) -> Events:
     """The events the workers recorded for a token (this test's unless given)."""
 
     def read(of: str | None = None) -> list[dict[str, Any]]:
-        raw = broker_client.lrange(chaos_app.events_key(of or token), 0, -1)
-        return [json.loads(item) for item in raw]
+        return read_events(broker_client, chaos_app.events_key(of or token))
 
     return read
 

@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from tests.chaos import chaos_app
-from tests.chaos.conftest import Events, Report, chaos_env, ends, starts
-from tests.integration.conftest import Worker, wait_for
+from tests.chaos.conftest import Events, Report, chaos_worker, ends, starts
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -68,18 +68,14 @@ def test_redelivered_message_meets_the_new_holder_by_policy(
 ) -> None:
     tasks = chaos_app.REDELIVERED
     keys = {policy: str(task.unique_lock_key((token,), {"item": policy})) for policy, task in tasks.items()}
-    env = chaos_env(app.conf.broker_url, app.conf.unique_redis_url)
+    servers = (app.conf.broker_url, app.conf.unique_redis_url)
 
-    first = Worker(app.conf.broker_url, "doomed", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env)
-    try:
-        first.wait_ready()
+    with chaos_worker(*servers, "doomed", "--queues", QUEUE) as first:
         lost = {p: task.apply_async((token,), {"item": p}, queue=QUEUE) for p, task in tasks.items()}
         wait_for(lambda: len(starts(events())) == 2, worker=first)
         os.killpg(first.process.pid, signal.SIGKILL)  # the whole worker: nothing acknowledges or releases
         first.process.wait()
         killed_at = time.time()
-    finally:
-        first.stop()
     wait_for(lambda: all(lock_client.get(key) is None for key in keys.values()), timeout=5)  # 1 s locks
 
     taken = {
@@ -92,16 +88,9 @@ def test_redelivered_message_meets_the_new_holder_by_policy(
     # Older kombu looks for them when a consumer starts, then only every 100 s:
     # start it once they are older than its visibility timeout.
     wait_for(lambda: unacknowledged_for(broker_client) > VISIBILITY_TIMEOUT)
-    second = Worker(
-        app.conf.broker_url,
-        "redelivers",
-        "--queues",
-        QUEUE,
-        app="tests.chaos.chaos_app",
-        env={**env, "CHAOS_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT)},
-    )
-    try:
-        second.wait_ready()
+    with chaos_worker(
+        *servers, "redelivers", "--queues", QUEUE, CHAOS_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT)
+    ) as second:
 
         def conflicts(policy: str) -> list[dict[str, Any]]:
             return [e for e in events() if e["event"] == "conflict" and e["policy"] == policy]
@@ -114,8 +103,6 @@ def test_redelivered_message_meets_the_new_holder_by_policy(
         wait_for(lambda: len(ends(events())) == 3, timeout=30, worker=second)
         wait_for(lambda: all(lock_client.get(key) is None for key in keys.values()))
         log = second.log_text()
-    finally:
-        second.stop()
 
     seen = events()
     runs = [(e["item"], e["id"]) for e in starts(seen)]

@@ -58,12 +58,10 @@ def env(app: Any, outage_redis: RedisServer) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def outage_worker(app: Any, env: dict[str, str]) -> Iterator[Worker]:
-    started = Worker(app.conf.broker_url, "outage", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env)
-    try:
-        started.wait_ready()
+    with Worker(
+        app.conf.broker_url, "outage", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env
+    ) as started:
         yield started
-    finally:
-        started.stop()
 
 
 class Run:

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from tests.chaos import chaos_app
-from tests.chaos.conftest import SCALE, Events, Report, chaos_env, ends, starts
-from tests.integration.conftest import Worker, wait_for
+from tests.chaos.conftest import SCALE, Events, Report, chaos_worker, ends, starts
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -35,7 +35,6 @@ def test_warm_shutdown_restores_queued_tasks_with_their_locks(
     report: Report,
 ) -> None:
     task = chaos_app.work
-    env = chaos_env(app.conf.broker_url, app.conf.unique_redis_url)
     handles = {
         str(n): task.apply_async((token,), {"seconds": SECONDS, "item": str(n)}, queue=QUEUE)
         for n in range(TASKS)
@@ -44,18 +43,15 @@ def test_warm_shutdown_restores_queued_tasks_with_their_locks(
     shutdowns = 0
     for cycle in range(SHUTDOWNS + 1):
         before = len(starts(events()))  # counted before it starts: it consumes at once
-        worker = Worker(
-            app.conf.broker_url, "shutdown", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env
-        )
-        try:
-            worker.wait_ready()
+        # Leaving the block stops it with SIGTERM: a warm shutdown, which waits for the running tasks.
+        with chaos_worker(
+            app.conf.broker_url, app.conf.unique_redis_url, "shutdown", "--queues", QUEUE
+        ) as worker:
             if cycle == SHUTDOWNS:  # the last worker runs the rest
                 wait_for(lambda: len(ends(events())) == TASKS, timeout=60, worker=worker)
                 break
             # Two running, and as many reserved (prefetch): then SIGTERM.
             wait_for(lambda b=before: len(starts(events())) >= b + 2, worker=worker)
-        finally:
-            worker.stop()  # SIGTERM: warm shutdown, waits for the running tasks
         shutdowns += 1
         ran = {e["item"] for e in ends(events())}
         assert {e["item"] for e in starts(events())} == ran  # every started task finished

@@ -58,6 +58,17 @@ class Worker:
             command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
+    def __enter__(self) -> Worker:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -121,28 +132,24 @@ def celery_app(redis_url: str, unique_redis: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def worker(celery_app: Any, redis_url: str) -> Iterator[Worker]:
-    started = Worker(redis_url, "main")
-    try:
-        started.wait_ready()
+    with Worker(redis_url, "main") as started:
         yield started
-    finally:
-        started.stop()
-
-
-@pytest.fixture
-def token() -> str:
-    """A value unique to the test, so its locks and events are its own."""
-    return uuid.uuid4().hex
 
 
 Events = Callable[..., list[dict[str, Any]]]
 
 
+def read_events(client: redis.Redis, key: str) -> list[dict[str, Any]]:
+    """What the test tasks recorded (one JSON object per event) in a list at ``key``."""
+    return [json.loads(item) for item in client.lrange(key, 0, -1)]
+
+
 @pytest.fixture
 def events(redis_client: redis.Redis, token: str) -> Events:
+    """The events the worker recorded for a token (this test's unless given)."""
+
     def read(of: str | None = None) -> list[dict[str, Any]]:
-        raw = redis_client.lrange(worker_app.events_key(of or token), 0, -1)
-        return [json.loads(item) for item in raw]
+        return read_events(redis_client, worker_app.events_key(of or token))
 
     return read
 

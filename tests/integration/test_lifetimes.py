@@ -175,12 +175,8 @@ def test_per_call_lock_timeout_is_kept_when_the_run_starts(worker: Any, token: s
 @pytest.fixture
 def own_worker(celery_app: Any, redis_url: str) -> Iterator[Worker]:
     """A worker of its own on its own queue, for tests that kill it."""
-    started = Worker(redis_url, "own", "--queues", "own")
-    try:
-        started.wait_ready()
+    with Worker(redis_url, "own", "--queues", "own") as started:
         yield started
-    finally:
-        started.stop()
 
 
 def test_renewal_keeps_a_lock_three_times_its_timeout(own_worker: Worker, token: str, events: Events) -> None:

@@ -29,7 +29,7 @@ from celery_unique.inspect import iter_locks
 from celery_unique.keys import family_of, result_key
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app
-from tests.chaos.conftest import chaos_env, producing
+from tests.chaos.conftest import chaos_worker, producing
 from tests.integration.conftest import Worker, wait_for
 from tests.security import tripwire
 
@@ -52,15 +52,10 @@ def app(broker: RedisServer, lock_redis: RedisServer) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def worker(app: Any, broker: RedisServer, lock_redis: RedisServer) -> Iterator[Worker]:
-    env = chaos_env(broker.url, lock_redis.url)
-    started = Worker(
-        broker.url, "data", "--queues", QUEUE, "--loglevel", "DEBUG", app="tests.chaos.chaos_app", env=env
-    )
-    try:
-        started.wait_ready()
+    with chaos_worker(
+        broker.url, lock_redis.url, "data", "--queues", QUEUE, "--loglevel", "DEBUG"
+    ) as started:
         yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture

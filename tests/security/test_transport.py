@@ -9,7 +9,6 @@ would refuse them. Outside the prefix, and with a wrong password,
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from celery_unique import LockBackendError
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app
-from tests.chaos.conftest import chaos_env, producing
-from tests.integration.conftest import Worker, wait_for
+from tests.chaos.conftest import chaos_worker, producing
+from tests.integration.conftest import Worker, read_events, wait_for
 from tests.security.conftest import tenant_url
 from tests.security.servers import SecureRedisServer
 
@@ -35,19 +34,16 @@ QUEUE = "security-tls"
 @pytest.fixture(scope="module")
 def tls_worker(broker: RedisServer, secure_redis: SecureRedisServer) -> Iterator[Worker]:
     lock_url = tenant_url(secure_redis, "tenant-a")
-    env = chaos_env(broker.url, lock_url, CHAOS_KEY_PREFIX="tenant-a")
-    with producing(broker.url, lock_url, prefix="tenant-a"):  # this process pings it through the broker
-        started = Worker(broker.url, "tls", "--queues", QUEUE, app="tests.chaos.chaos_app", env=env)
-        try:
-            started.wait_ready()
-            yield started
-        finally:
-            started.stop()
+    with (
+        producing(broker.url, lock_url, prefix="tenant-a"),  # this process pings it through the broker
+        chaos_worker(broker.url, lock_url, "tls", "--queues", QUEUE, CHAOS_KEY_PREFIX="tenant-a") as started,
+    ):
+        yield started
 
 
 def events(broker: RedisServer, token: str) -> list[dict[str, Any]]:
     with redis.Redis.from_url(broker.url) as client:
-        return [json.loads(e) for e in client.lrange(chaos_app.events_key(token), 0, -1)]
+        return read_events(client, chaos_app.events_key(token))
 
 
 def test_a_unique_task_runs_over_tls_as_an_acl_user_confined_to_its_prefix(

@@ -50,11 +50,20 @@ def make_certificates(directory: Path) -> None:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
+    # The key usages and identifiers that Python 3.13's default context
+    # (VERIFY_X509_STRICT) requires of a CA and of the certificates it signs.
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=celery-unique test CA")  # fmt: skip
+            "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=celery-unique test CA",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
             "-subj", "/CN=127.0.0.1")  # fmt: skip
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (directory / "san.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
             "-days", "1", "-out", "server.crt", "-extfile", "san.ext")  # fmt: skip
 

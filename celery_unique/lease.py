@@ -31,6 +31,7 @@ class Lease:
     key: str
     owner: str
     ttl_ms: int
+    task: Any = None  # the signals' sender
     fence: int | None = None
     lost: bool = False
     #: Keys renewed along with the lock (an idempotent call's argument digest).
@@ -121,7 +122,7 @@ class LeaseKeeper:
 
     def _report_lost(self, lease: Lease) -> None:
         lease.lost = True
-        signals.lock_lost.send(sender=None, owner=lease.owner, key_digest=digest_of_key(lease.key))
+        signals.lock_lost.send(sender=lease.task, owner=lease.owner, key_digest=digest_of_key(lease.key))
         logger.warning(
             "lock %s of %s was lost while the task ran (expired and taken, or released)",
             digest_of_key(lease.key)[:12],

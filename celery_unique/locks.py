@@ -52,6 +52,7 @@ class RunStart(Acquisition):
 
     fence: int | None = None
     outcome: str | None = None  # a stored outcome (JSON) found instead of running
+    released_queued: bool = False  # the run gave up its queued lock (until_executing)
 
 
 def _text(value: Any) -> str:
@@ -315,7 +316,14 @@ class LockStore:
         if int(reply[0]) == 2:
             return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=_text(reply[1]))
         if int(reply[0]) == 1:
-            return RunStart(owner=owner, holder=owner, ttl_ms=ttl_ms, acquired=True, fence=int(reply[1]))
+            return RunStart(
+                owner=owner,
+                holder=owner,
+                ttl_ms=ttl_ms,
+                acquired=True,
+                fence=int(reply[1]),
+                released_queued=bool(int(reply[2])),
+            )
         return RunStart(owner=owner, holder=_text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
 
     def acquire_idempotent(
@@ -334,10 +342,11 @@ class LockStore:
 
     def store_and_release(
         self, result: str, args: str, locks: list[str], owner: str, outcome: str, ttl_ms: int
-    ) -> bool:
+    ) -> tuple[bool, int]:
         """Store an outcome (unless one is stored, or it is "") and release the owner's
-        locks and the argument digest; True if stored."""
-        return bool(self._store_and_release(keys=[result, args, *locks], args=[owner, outcome, ttl_ms]))
+        locks and the argument digest: (whether stored, how many locks released)."""
+        stored, released = self._store_and_release(keys=[result, args, *locks], args=[owner, outcome, ttl_ms])
+        return bool(stored), int(released)
 
     def extend(self, key: str, owner: str, ttl_ms: int, companions: tuple[str, ...] = ()) -> bool:
         """Renew the lock (and companion keys) to at least ``ttl_ms`` if ``owner`` holds it."""

@@ -16,8 +16,8 @@ _COUNTERS = (
     ("lock_acquired", "celery_unique_locks_acquired", "Locks taken by delay()", ("task",)),
     ("duplicate_rejected", "celery_unique_duplicates", "delay() calls found a duplicate", ("task",)),
     ("lock_conflict", "celery_unique_conflicts", "Runs that found their lock held", ("task", "policy")),
-    ("lock_released", "celery_unique_locks_released", "Locks released", ("why",)),
-    ("lock_lost", "celery_unique_locks_lost", "Locks lost while a task ran", ()),
+    ("lock_released", "celery_unique_locks_released", "Locks released", ("task", "why")),
+    ("lock_lost", "celery_unique_locks_lost", "Locks lost while a task ran", ("task",)),
     ("fan_in_completed", "celery_unique_fan_ins_completed", "Fan-ins whose callback ran", ()),
     ("fan_in_failed", "celery_unique_fan_ins_failed", "Fan-ins that failed or expired", ("reason",)),
 )

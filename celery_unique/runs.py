@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import states
 from celery.exceptions import Ignore
@@ -43,6 +44,8 @@ from celery_unique.keys import args_key, digest_of_key, family_of, fence_key, lo
 from celery_unique.lease import Lease, keeper
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Lifetimes that take a lock in the worker even for messages sent by name.
 WORKER_SIDE = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
@@ -129,7 +132,11 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
         return
     held = lock_key(family) if lifetime == UNTIL_EXECUTED else run_key(family)
     companions = (args_key(family),) if task.idempotent else ()
-    lease = Lease(store=store, key=held, owner=owner, ttl_ms=ttl_ms, fence=start.fence, companions=companions)
+    if start.released_queued:
+        released(task, lock_key(family), owner, "started")
+    lease = Lease(
+        store=store, key=held, owner=owner, ttl_ms=ttl_ms, task=task, fence=start.fence, companions=companions
+    )
     setattr(request, STATE, lease)
     setattr(request, RAN, True)
     if lifetime in HELD_WHILE_RUNNING and task.renew_lock:
@@ -189,7 +196,7 @@ def end(task: Any, state: str | None, retval: Any) -> None:
     keys, owner = _ending_locks(lifetime, header, lease, keeps_queued_lock, request.id)
     if not task.idempotent:
         if keys:
-            release(task.app, keys, owner, why)
+            release(task, keys, owner, why)
         return
     family = (
         family_of(header["key"])
@@ -197,7 +204,7 @@ def end(task: Any, state: str | None, retval: Any) -> None:
         else family_of(task.unique_lock_key(request.args, request.kwargs))
     )
     outcome = _outcome(task, state, retval, request, header)
-    _store(task, family, keys, owner, outcome or "")
+    _store(task, family, keys, owner, outcome or "", why)
 
 
 def _ending_locks(
@@ -249,19 +256,19 @@ def _outcome(
     return None
 
 
-def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str) -> None:
+def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str, why: str) -> None:
     ttl_ms = int(task.unique_result_ttl * 1000)
-    try:
-        get_conf(task.app).locks.store_and_release(
-            result_key(family), args_key(family), keys, owner, outcome, ttl_ms
-        )
-    except REDIS_ERRORS:
-        logger.warning(
-            "%s: could not store the outcome for key %s; locks expire after their timeout",
-            task.name,
-            digest_of_key(family)[:12],
-            exc_info=True,
-        )
+    locks = get_conf(task.app).locks
+    stored_and_released = _retried(
+        lambda: locks.store_and_release(result_key(family), args_key(family), keys, owner, outcome, ttl_ms),
+        RELEASE_ATTEMPTS,
+        "%s: could not store the outcome for key %s (%s); its locks expire after their timeout",
+        task.name,
+        digest_of_key(family)[:12],
+        owner,
+    )
+    if stored_and_released is not None and stored_and_released[1]:
+        released(task, keys[0], owner, why)
 
 
 def release_abandoned(
@@ -276,30 +283,40 @@ def release_abandoned(
     family, owner = _locks(task, header, task_id, args, kwargs)
     # One attempt: this runs in the worker's main process, which must not
     # stall its consumer on a Redis outage; the TTL is the backstop.
-    release(task.app, [lock_key(family), run_key(family)], owner, why, attempts=1)
+    release(task, [lock_key(family), run_key(family)], owner, why, attempts=1)
 
 
-def release(app: Any, keys: list[str], owner: str, why: str, attempts: int = RELEASE_ATTEMPTS) -> int:
+def release(task: Any, keys: list[str], owner: str, why: str, attempts: int = RELEASE_ATTEMPTS) -> int:
     """Owner-checked release, retried a few times; the TTL is the backstop."""
+    locks = get_conf(task.app).locks
+    count = _retried(
+        lambda: locks.release_all(keys, owner),
+        attempts,
+        "could not release lock %s of %s (%s); it expires after its timeout",
+        digest_of_key(keys[0])[:12],
+        owner,
+        why,
+    )
+    if count:
+        released(task, keys[0], owner, why)
+    return count or 0
+
+
+def released(task: Any, key: str, owner: str, why: str) -> None:
+    """Tell observers that the owner's lock was released (lock_released)."""
+    logger.debug("lock %s of %s released (%s)", digest_of_key(key)[:12], owner, why)
+    signals.lock_released.send(sender=task, owner=owner, key_digest=digest_of_key(key), why=why)
+
+
+def _retried(call: Callable[[], T], attempts: int, failure: str, *args: Any) -> T | None:
+    """``call()``, tried up to ``attempts`` times on a Redis error; None (and
+    ``failure`` logged) when every attempt failed."""
     for attempt in range(1, attempts + 1):
         try:
-            released = get_conf(app).locks.release_all(keys, owner)
+            return call()
         except REDIS_ERRORS:
             if attempt == attempts:
-                logger.warning(
-                    "could not release lock %s of %s (%s); it expires after its timeout",
-                    digest_of_key(keys[0])[:12],
-                    owner,
-                    why,
-                    exc_info=True,
-                )
-                return 0
+                logger.warning(failure, *args, exc_info=True)
+                return None
             time.sleep(0.05 * attempt)
-        else:
-            logger.debug("lock %s of %s: %d released (%s)", digest_of_key(keys[0])[:12], owner, released, why)
-            if released:
-                signals.lock_released.send(
-                    sender=app, owner=owner, key_digest=digest_of_key(keys[0]), why=why
-                )
-            return released
-    return 0
+    return None

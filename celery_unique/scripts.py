@@ -57,8 +57,10 @@ return 1
 #            until_and_while_executing
 #   ARGV[3]  time to live of the held lock in milliseconds
 #   ARGV[4]  "1" when the task is idempotent
-# Returns {1, fence} when the run may go on, {0, holder, pttl} on conflict,
-# or {2, outcome} when an idempotent task's outcome is already stored.
+# Returns {1, fence, released} when the run may go on (released: 1 when it
+# gave up its queued lock, as until_executing and until_and_while_executing
+# do), {0, holder, pttl} on conflict, or {2, outcome} when an idempotent
+# task's outcome is already stored.
 #
 # The fence is max(previous + 1, server time in microseconds): it increases
 # across holders even when the counter key has expired meanwhile.
@@ -72,11 +74,12 @@ if ARGV[4] == '1' then
     end
 end
 local held_key = KEYS[2]
+local released = 0
 if mode == 'until_executed' then
     held_key = KEYS[1]
 elseif mode == 'until_executing' then
     if redis.call('GET', KEYS[1]) == owner then
-        redis.call('DEL', KEYS[1])
+        released = redis.call('DEL', KEYS[1])
     end
     held_key = nil
 end
@@ -87,14 +90,14 @@ if held_key then
     end
     redis.call('SET', held_key, owner, 'PX', ttl)
     if mode == 'until_and_while_executing' and redis.call('GET', KEYS[1]) == owner then
-        redis.call('DEL', KEYS[1])
+        released = redis.call('DEL', KEYS[1])
     end
 end
 local now = redis.call('TIME')
 local fence = math.max(tonumber(redis.call('GET', KEYS[3]) or '0') + 1,
                        tonumber(now[1]) * 1000000 + tonumber(now[2]))
 redis.call('SET', KEYS[3], string.format('%d', fence), 'PX', math.max(tonumber(ttl), 86400000))
-return {1, fence}
+return {1, fence, released}
 """
 
 # Delete every given lock that the owner still holds (idempotent).
@@ -143,26 +146,23 @@ return {0, holder, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[3]) or ''
 #   ARGV[1]  owner token
 #   ARGV[2]  the outcome (JSON), or ""
 #   ARGV[3]  its time to live in milliseconds
-# Returns 1 when this call stored the outcome, else 0.
+# Returns {stored, released}: stored is 1 when this call stored the outcome,
+# released how many locks it deleted.
 STORE_AND_RELEASE = """
-local stored = false
-if ARGV[2] ~= '' then
-    stored = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3])
+local stored = 0
+if ARGV[2] ~= '' and redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    stored = 1
 end
-local held = false
+local released = 0
 for i = 3, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[1] then
-        redis.call('DEL', KEYS[i])
-        held = true
+        released = released + redis.call('DEL', KEYS[i])
     end
 end
-if held then
+if released > 0 then
     redis.call('DEL', KEYS[2])
 end
-if stored then
-    return 1
-end
-return 0
+return {stored, released}
 """
 
 # -- fan-in -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from celery import Celery
 from celery_unique import UniqueTask, signals
 from celery_unique.aggregate import aggregator
 from celery_unique.conf import get_conf
+from celery_unique.keys import family_of, run_key
 from celery_unique.lease import Lease, LeaseKeeper
 
 
@@ -25,6 +26,18 @@ def app(redis_url: str) -> Iterator[Celery]:
 
     @app.task(base=UniqueTask, shared=False, name="signals.job")
     def job(item: str) -> str:
+        return item
+
+    @app.task(base=UniqueTask, shared=False, name="signals.early", lock="until_executing")
+    def early(item: str) -> str:
+        return item
+
+    @app.task(base=UniqueTask, shared=False, name="signals.once", idempotent=True)
+    def once(item: str) -> str:
+        return item
+
+    @app.task(base=UniqueTask, shared=False, name="signals.guarded", lock="while_executing")
+    def guarded(item: str) -> str:
         return item
 
     @app.task(shared=False, name="signals.callback")
@@ -39,7 +52,7 @@ def app(redis_url: str) -> Iterator[Celery]:
 def seen() -> Iterator[dict[str, list[dict[str, Any]]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     receivers = []
-    for name in ("lock_acquired", "duplicate_rejected", "lock_released", "lock_lost", "fan_in_completed"):
+    for name in signals.__all__:
 
         def receiver(sender: Any = None, _name: str = name, **kwargs: Any) -> None:
             found.setdefault(_name, []).append({"sender": sender, **kwargs})
@@ -62,16 +75,83 @@ def test_producer_signals_carry_digests_not_arguments(app: Celery, seen: dict[st
     assert item not in repr(acquired) + repr(duplicate)
 
 
-def test_release_and_fan_in_signals(app: Celery, seen: dict[str, Any]) -> None:
+@pytest.fixture
+def eager(app: Celery) -> Celery:
+    """Tasks run at delay(), with their prerun and postrun signals: the worker's hooks run."""
     app.conf.task_always_eager = True
     get_conf(app).reload()
-    app.tasks["signals.job"].delay("eager")  # runs now: task_postrun releases
-    assert [r["why"] for r in seen["lock_released"]] == ["SUCCESS"]
-    token = uuid.uuid4().hex
+    return app
+
+
+def test_every_release_is_signalled_with_its_task_as_sender(eager: Celery, seen: dict[str, Any]) -> None:
+    names = ("signals.job", "signals.early", "signals.once")
+    for name in names:
+        eager.tasks[name].delay(uuid.uuid4().hex)
+    # until_executed at the end of the run, until_executing at its start, an
+    # idempotent task when its outcome is stored.
+    assert [(r["sender"].name, r["why"]) for r in seen["lock_released"]] == [
+        ("signals.job", "SUCCESS"),
+        ("signals.early", "started"),
+        ("signals.once", "SUCCESS"),
+    ]
+    acquired_by = [r["sender"] for r in seen["lock_acquired"]]
+    assert acquired_by == [eager.tasks[name] for name in names]
+
+
+@pytest.mark.parametrize(
+    ("name", "method"), [("signals.job", "release_all"), ("signals.once", "store_and_release")]
+)
+def test_a_release_that_meets_a_redis_error_is_tried_again(
+    eager: Celery,
+    seen: dict[str, Any],
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    method: str,
+) -> None:
+    task = eager.tasks[name]
+    locks = get_conf(eager).locks
+    real = getattr(locks, method)
+    calls: list[int] = []
+
+    def flaky(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis.ConnectionError("a blip")
+        return real(*args)
+
+    monkeypatch.setattr(locks, method, flaky)
+    item = uuid.uuid4().hex
+    task.delay(item)
+    assert len(calls) == 2
+    assert redis_client.exists(str(task.unique_lock_key((item,)))) == 0
+    assert [(r["sender"], r["why"]) for r in seen["lock_released"]] == [(task, "SUCCESS")]
+
+
+def test_conflict_signal(eager: Celery, seen: dict[str, Any], redis_client: redis.Redis) -> None:
+    task = eager.tasks["signals.guarded"]
+    item = uuid.uuid4().hex
+    run_lock = run_key(family_of(task.unique_lock_key((item,))))
+    redis_client.set(run_lock, "someone-else", px=60_000)  # another run holds it
+    try:
+        assert task.delay(item).state == "IGNORED"
+    finally:
+        redis_client.delete(run_lock)
+    [conflict] = seen["lock_conflict"]
+    assert conflict["sender"] is task and conflict["existing_id"] == "someone-else"
+    assert conflict["policy"] == "discard" and item not in repr(conflict)
+    assert not seen.get("lock_released")  # another's lock is never released
+
+
+def test_fan_in_signals(app: Celery, seen: dict[str, Any]) -> None:
     agg = aggregator(app)
-    agg.create(token, ["a"], app.tasks["signals.callback"].s())
-    agg.report(token, "a", value=1)
-    assert [(f["token"], f["parts"]) for f in seen["fan_in_completed"]] == [(token, 1)]
+    done, failed = uuid.uuid4().hex, uuid.uuid4().hex
+    agg.create(done, ["a"], app.tasks["signals.callback"].s())
+    agg.report(done, "a", value=1)
+    agg.create(failed, ["a", "b"], app.tasks["signals.callback"].s())
+    agg.report(failed, "a", error=ValueError("boom"), policy="fail")
+    assert [(f["sender"], f["token"], f["parts"]) for f in seen["fan_in_completed"]] == [(app, done, 1)]
+    assert [(f["sender"], f["token"]) for f in seen["fan_in_failed"]] == [(app, failed)]
 
 
 def test_lock_lost_signal(app: Celery, seen: dict[str, Any], redis_client: redis.Redis) -> None:
@@ -79,14 +159,14 @@ def test_lock_lost_signal(app: Celery, seen: dict[str, Any], redis_client: redis
     key = f"test:v1:{{signals:{uuid.uuid4().hex}}}:lock"
     store.acquire(key, "owner", 300)
     keeper = LeaseKeeper()
-    lease = Lease(store=store, key=key, owner="owner", ttl_ms=300)
+    lease = Lease(store=store, key=key, owner="owner", ttl_ms=300, task=app.tasks["signals.job"])
     keeper.keep(lease)
     redis_client.set(key, "someone-else")  # taken while "running"
     deadline = time.monotonic() + 5
     while not lease.lost and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lease.lost
-    assert [s["owner"] for s in seen["lock_lost"]] == ["owner"]
+    assert [(s["sender"], s["owner"]) for s in seen["lock_lost"]] == [(app.tasks["signals.job"], "owner")]
     redis_client.delete(key)
 
 
@@ -113,7 +193,7 @@ def test_a_dropped_lease_is_never_reported_lost(app: Celery, redis_client: redis
     assert not lease.lost
 
 
-def test_prometheus_counters(app: Celery) -> None:
+def test_prometheus_counters(eager: Celery, redis_client: redis.Redis) -> None:
     from prometheus_client import CollectorRegistry
 
     from celery_unique.metrics import enable_prometheus
@@ -121,11 +201,40 @@ def test_prometheus_counters(app: Celery) -> None:
     registry = CollectorRegistry()
     counters = enable_prometheus(registry)
     try:
+        app = eager
+        job, guarded = app.tasks["signals.job"], app.tasks["signals.guarded"]
         item = uuid.uuid4().hex
-        app.tasks["signals.job"].delay(item)
-        app.tasks["signals.job"].delay(item)
-        assert registry.get_sample_value("celery_unique_duplicates_total", {"task": "signals.job"}) == 1.0
-        assert registry.get_sample_value("celery_unique_locks_acquired_total", {"task": "signals.job"}) == 1.0
+        job.delay(item)  # acquired, run, released
+        run_lock = run_key(family_of(guarded.unique_lock_key((item,))))
+        redis_client.set(run_lock, "someone-else", px=60_000)
+        guarded.delay(item)  # a conflict
+        redis_client.delete(run_lock)
+        app.conf.task_always_eager = False
+        get_conf(app).reload()
+        job.delay(item)
+        job.delay(item)  # a duplicate
+        lost_key = f"test:v1:{{signals:{item}}}:lock"
+        lease = Lease(store=get_conf(app).locks, key=lost_key, owner="owner", ttl_ms=300, task=job)
+        keeper = LeaseKeeper()
+        keeper.keep(lease)  # its lock never existed: lost at the first renewal
+        agg = aggregator(app)
+        for token, report in ((f"{item}-1", {"value": 1}), (f"{item}-2", {"error": ValueError("x")})):
+            agg.create(token, ["a"], app.tasks["signals.callback"].s())
+            agg.report(token, "a", policy="fail", **report)
+        deadline = time.monotonic() + 5
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def sample(metric: str, **labels: str) -> float | None:
+            return registry.get_sample_value(f"celery_unique_{metric}_total", labels)
+
+        assert sample("locks_acquired", task="signals.job") == 2.0
+        assert sample("locks_released", task="signals.job", why="SUCCESS") == 1.0
+        assert sample("duplicates", task="signals.job") == 1.0
+        assert sample("conflicts", task="signals.guarded", policy="discard") == 1.0
+        assert sample("locks_lost", task="signals.job") == 1.0
+        assert sample("fan_ins_completed") == 1.0
+        assert sample("fan_ins_failed", reason="failed") == 1.0
     finally:
         for name, counter in counters.items():
             getattr(signals, name).disconnect(dispatch_uid=f"celery_unique.metrics.{counter._name}")

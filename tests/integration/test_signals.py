@@ -20,9 +20,10 @@ from celery_unique.lease import Lease, LeaseKeeper
 
 
 @pytest.fixture
-def app(redis_url: str) -> Iterator[Celery]:
+def app(redis_url: str, unique_redis: Any) -> Iterator[Celery]:
     app = Celery("signals", broker=redis_url, set_as_current=False)
     app.conf.update(task_default_queue=f"signals-{uuid.uuid4().hex[:6]}", task_always_eager=False)
+    unique_redis.apply(app)  # the locks where this run keeps them (--unique-redis)
 
     @app.task(base=UniqueTask, shared=False, name="signals.job")
     def job(item: str) -> str:
@@ -46,6 +47,12 @@ def app(redis_url: str) -> Iterator[Celery]:
     yield app
     get_conf(app).close()
     app.close()
+
+
+def lock_client(app: Celery) -> redis.Redis:
+    """The client of the Redis that holds the locks (a cluster in the cluster run)."""
+    client: redis.Redis = get_conf(app).locks.client
+    return client
 
 
 @pytest.fixture
@@ -104,7 +111,6 @@ def test_every_release_is_signalled_with_its_task_as_sender(eager: Celery, seen:
 def test_a_release_that_meets_a_redis_error_is_tried_again(
     eager: Celery,
     seen: dict[str, Any],
-    redis_client: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
     name: str,
     method: str,
@@ -124,19 +130,19 @@ def test_a_release_that_meets_a_redis_error_is_tried_again(
     item = uuid.uuid4().hex
     task.delay(item)
     assert len(calls) == 2
-    assert redis_client.exists(str(task.unique_lock_key((item,)))) == 0
+    assert lock_client(eager).exists(str(task.unique_lock_key((item,)))) == 0
     assert [(r["sender"], r["why"]) for r in seen["lock_released"]] == [(task, "SUCCESS")]
 
 
-def test_conflict_signal(eager: Celery, seen: dict[str, Any], redis_client: redis.Redis) -> None:
+def test_conflict_signal(eager: Celery, seen: dict[str, Any]) -> None:
     task = eager.tasks["signals.guarded"]
     item = uuid.uuid4().hex
     run_lock = run_key(family_of(task.unique_lock_key((item,))))
-    redis_client.set(run_lock, "someone-else", px=60_000)  # another run holds it
+    lock_client(eager).set(run_lock, "someone-else", px=60_000)  # another run holds it
     try:
         assert task.delay(item).state == "IGNORED"
     finally:
-        redis_client.delete(run_lock)
+        lock_client(eager).delete(run_lock)
     [conflict] = seen["lock_conflict"]
     assert conflict["sender"] is task and conflict["existing_id"] == "someone-else"
     assert conflict["policy"] == "discard" and item not in repr(conflict)
@@ -154,23 +160,23 @@ def test_fan_in_signals(app: Celery, seen: dict[str, Any]) -> None:
     assert [(f["sender"], f["token"]) for f in seen["fan_in_failed"]] == [(app, failed)]
 
 
-def test_lock_lost_signal(app: Celery, seen: dict[str, Any], redis_client: redis.Redis) -> None:
+def test_lock_lost_signal(app: Celery, seen: dict[str, Any]) -> None:
     store = get_conf(app).locks
     key = f"test:v1:{{signals:{uuid.uuid4().hex}}}:lock"
     store.acquire(key, "owner", 300)
     keeper = LeaseKeeper()
     lease = Lease(store=store, key=key, owner="owner", ttl_ms=300, task=app.tasks["signals.job"])
     keeper.keep(lease)
-    redis_client.set(key, "someone-else")  # taken while "running"
+    lock_client(app).set(key, "someone-else")  # taken while "running"
     deadline = time.monotonic() + 5
     while not lease.lost and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lease.lost
     assert [(s["sender"], s["owner"]) for s in seen["lock_lost"]] == [(app.tasks["signals.job"], "owner")]
-    redis_client.delete(key)
+    lock_client(app).delete(key)
 
 
-def test_a_dropped_lease_is_never_reported_lost(app: Celery, redis_client: redis.Redis) -> None:
+def test_a_dropped_lease_is_never_reported_lost(app: Celery) -> None:
     key = f"test:v1:{{signals:{uuid.uuid4().hex}}}:lock"
 
     class SlowStore:
@@ -193,7 +199,7 @@ def test_a_dropped_lease_is_never_reported_lost(app: Celery, redis_client: redis
     assert not lease.lost
 
 
-def test_prometheus_counters(eager: Celery, redis_client: redis.Redis) -> None:
+def test_prometheus_counters(eager: Celery) -> None:
     from prometheus_client import CollectorRegistry
 
     from celery_unique.metrics import enable_prometheus
@@ -206,9 +212,9 @@ def test_prometheus_counters(eager: Celery, redis_client: redis.Redis) -> None:
         item = uuid.uuid4().hex
         job.delay(item)  # acquired, run, released
         run_lock = run_key(family_of(guarded.unique_lock_key((item,))))
-        redis_client.set(run_lock, "someone-else", px=60_000)
+        lock_client(app).set(run_lock, "someone-else", px=60_000)
         guarded.delay(item)  # a conflict
-        redis_client.delete(run_lock)
+        lock_client(app).delete(run_lock)
         app.conf.task_always_eager = False
         get_conf(app).reload()
         job.delay(item)

@@ -111,7 +111,7 @@ def check_eviction(app: Any) -> list[Finding]:
             ]
         else:
             replies = [client.config_get("maxmemory-policy")]
-    except (*REDIS_ERRORS, UniqueError):  # type: ignore[misc]
+    except REDIS_ERRORS + (UniqueError,):
         return []  # unreachable or CONFIG not allowed: nothing to say here
     policies = {_text(reply.get("maxmemory-policy") or "") for reply in replies}
     policy = next((found for found in sorted(policies) if found and found != "noeviction"), None)

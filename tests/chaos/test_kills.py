@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -27,6 +28,31 @@ pytestmark = pytest.mark.worker
 KILLS = 2 * SCALE
 REVOKES = 3 * SCALE
 FREE_WITHIN = 1.0  # seconds: the one timed bound of the suite, asked for by design
+
+
+class TtlSampler:
+    """Samples a lock's PTTL every few milliseconds while the block runs: the
+    TTLs it saw (while the lock existed) are what ``with`` gives."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client, self.key = client, key
+        self.ttls: list[int] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.01):
+            ttl = self.client.pttl(self.key)
+            if ttl != -2:  # -2: no lock at this moment
+                self.ttls.append(ttl)
+
+    def __enter__(self) -> list[int]:
+        self._thread.start()
+        return self.ttls
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def lock_of(task: Any, token: str) -> str:
@@ -45,23 +71,23 @@ def test_killed_child_is_redelivered_and_reenters_its_lock(
     key = lock_of(task, token)
     timeout_ms = task.lock_timeout * 1000
     first = task.delay(token)
-    ttls: list[int] = []
+    killed_at: list[float] = []
 
-    for kill in range(KILLS):
-        run = wait_for(lambda n=kill: starts(events())[n:], worker=worker)[0]
+    with TtlSampler(lock_client, key) as ttls:
+        for kill in range(KILLS):
+            run = wait_for(lambda n=kill: starts(events())[n:], worker=worker)[0]
+            assert lock_client.get(key) == first.id.encode()
+            assert task.delay(token).id == first.id  # a duplicate while it runs
+            os.kill(run["pid"], signal.SIGKILL)
+            killed_at.append(time.time())
+
+        last = wait_for(lambda: starts(events())[KILLS:], timeout=30, worker=worker)[0]
         assert lock_client.get(key) == first.id.encode()
-        ttls.append(lock_client.pttl(key))
-        assert task.delay(token).id == first.id  # a duplicate while it runs
-        os.kill(run["pid"], signal.SIGKILL)
-
-    last = wait_for(lambda: starts(events())[KILLS:], timeout=30, worker=worker)[0]
-    assert lock_client.get(key) == first.id.encode()
-    ttls.append(lock_client.pttl(key))
-    assert task.delay(token).id == first.id
-    broker_client.set(chaos_app.release_key(token), 1)
-    wait_for(lambda: ends(events()), worker=worker)
-    wait_for(lambda: lock_client.get(key) is None)
-    time.sleep(0.3)  # another delivery, if any, would have started by now
+        assert task.delay(token).id == first.id
+        broker_client.set(chaos_app.release_key(token), 1)
+        wait_for(lambda: ends(events()), worker=worker)
+        wait_for(lambda: lock_client.get(key) is None)
+        time.sleep(0.3)  # another delivery, if any, would have started by now
 
     seen = starts(events())
     pids = [e["pid"] for e in seen]
@@ -73,14 +99,17 @@ def test_killed_child_is_redelivered_and_reenters_its_lock(
         duplicates=len(seen) - (KILLS + 1) + sum(1 for e in seen if e["id"] != first.id),
         lost=0 if ends(events()) else 1,
         note=f"redelivered {len(seen) - 1} times, largest lock TTL {max(ttls) / 1000:.1f}s "
-        f"of {task.lock_timeout}s",
+        f"of {task.lock_timeout}s ({len(ttls)} samples)",
     )
     # Every delivery was the one message, each in a new child after the last died.
     assert [e["id"] for e in seen] == [first.id] * (KILLS + 1)
     assert len(set(pids)) == KILLS + 1
+    # Never two copies at once: each delivery started after the last one's child was killed.
+    assert all(later["time"] > killed for later, killed in zip(seen[1:], killed_at, strict=True))
     assert last["pid"] == pids[-1]
     assert [e["id"] for e in ends(events())] == [first.id]
-    assert all(0 < ttl <= timeout_ms for ttl in ttls)
+    # Sampled all along: the lock never had more than its lock_timeout left.
+    assert ttls and all(0 < ttl <= timeout_ms for ttl in ttls)
 
 
 def free_after(client: redis.Redis, key: str, since: float) -> float:

@@ -101,6 +101,10 @@ def check_visibility_timeout(app: Any) -> list[Finding]:
     return []
 
 
+# Redis unreachable, CONFIG not allowed, or no lock Redis configured.
+_UNREADABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, UniqueError)
+
+
 def check_eviction(app: Any) -> list[Finding]:
     try:
         client = get_conf(app).locks.client
@@ -111,7 +115,7 @@ def check_eviction(app: Any) -> list[Finding]:
             ]
         else:
             replies = [client.config_get("maxmemory-policy")]
-    except REDIS_ERRORS + (UniqueError,):
+    except _UNREADABLE:
         return []  # unreachable or CONFIG not allowed: nothing to say here
     policies = {_text(reply.get("maxmemory-policy") or "") for reply in replies}
     policy = next((found for found in sorted(policies) if found and found != "noeviction"), None)

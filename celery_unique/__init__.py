@@ -3,6 +3,7 @@
 from celery_unique.aggregate import Aggregator, FanIn, fan_in
 from celery_unique.context import Context
 from celery_unique.exceptions import (
+    AlreadyQueued,
     ConfigurationError,
     DuplicateTaskError,
     IdempotencyConflict,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregator",
+    "AlreadyQueued",
     "ConfigurationError",
     "Context",
     "DuplicateTaskError",

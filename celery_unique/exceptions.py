@@ -84,6 +84,18 @@ class DuplicateTaskError(_HeldLockError):
         )
 
 
+class AlreadyQueued(DuplicateTaskError):
+    """celery-once's error, raised by :class:`celery_unique.compat.QueueOnce`.
+
+    A :class:`DuplicateTaskError` that also carries the lock's seconds left
+    under celery-once's name, ``countdown``.
+    """
+
+    @property
+    def countdown(self) -> float | None:
+        return self.ttl
+
+
 class LockConflictError(_HeldLockError):
     """A starting run found its lock held by another task (worker side).
 

@@ -243,7 +243,7 @@ def _outcome(
         try:
             return idempotency.encode_success(task_id, digest_of_args, retval)
         except (TypeError, ValueError) as exc:
-            logger.error(
+            logger.warning(
                 "%s[%s]: the result (%s) is not JSON-serialisable, so it was not stored for replay: %s",
                 task.name,
                 task_id,

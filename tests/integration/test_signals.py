@@ -1,7 +1,9 @@
-"""Observer signals and the optional Prometheus counters, against a real Redis."""
+"""What observers see, against a real Redis: signals, the optional Prometheus
+counters, and the log levels of decisions and anomalies."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -244,3 +246,36 @@ def test_prometheus_counters(eager: Celery) -> None:
     finally:
         for name, counter in counters.items():
             getattr(signals, name).disconnect(dispatch_uid=f"celery_unique.metrics.{counter._name}")
+
+
+def test_decisions_log_at_info_and_anomalies_at_warning(
+    eager: Celery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = eager
+    secret = f"secret-{uuid.uuid4().hex}"
+    caplog.set_level(logging.DEBUG, logger="celery_unique")
+    job, guarded = app.tasks["signals.job"], app.tasks["signals.guarded"]
+    run_lock = run_key(family_of(guarded.unique_lock_key((secret,))))
+    lock_client(app).set(run_lock, "someone-else", px=60_000)
+    guarded.delay(secret)  # a conflict: a decision
+    lock_client(app).delete(run_lock)
+    locks = get_conf(app).locks
+
+    def down(*args: Any) -> Any:
+        raise redis.ConnectionError("down")
+
+    monkeypatch.setattr(locks, "release_all", down)
+    job.delay(secret)  # runs, and its release fails every time: an anomaly
+    monkeypatch.undo()
+    app.conf.task_always_eager = False
+    get_conf(app).reload()
+    job.delay(secret)
+    job.delay(secret)  # a duplicate: a decision
+
+    def levels(fragment: str) -> set[tuple[str, int]]:
+        return {(r.name, r.levelno) for r in caplog.records if fragment in r.getMessage()}
+
+    assert levels("duplicate of") == {("celery_unique.task", logging.INFO)}
+    assert levels("is held by someone-else") == {("celery_unique.runs", logging.INFO)}
+    assert levels("could not release lock") == {("celery_unique.runs", logging.WARNING)}
+    assert all(secret not in r.getMessage() for r in caplog.records)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from celery_unique import metrics
 from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, make_client
 from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import validate_prefix
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "unique_on_canvas": "bypass",
     "unique_redis_socket_timeout": 5.0,
     "unique_redis_connect_timeout": 5.0,
+    "unique_prometheus": None,
 }
 
 
@@ -198,6 +200,13 @@ class UniqueConf:
         return found
 
     @property
+    def prometheus(self) -> bool | None:
+        value = self._get("unique_prometheus")
+        if value not in (None, True, False):
+            raise ConfigurationError(f"unique_prometheus must be True, False or None, got {value!r}")
+        return None if value is None else bool(value)
+
+    @property
     def locks(self) -> LockStore:
         """The lock store for the configured Redis (one client per URL and timeouts)."""
         store: LockStore | None = self._values.get("_locks")
@@ -215,6 +224,8 @@ class UniqueConf:
                 if store is not built:
                     built.close()  # another thread was first
             self._values["_locks"] = store
+            # The first use of the locks in this process: counters from now on.
+            metrics.enable_as_configured(self.prometheus)
         return store
 
 
@@ -231,6 +242,7 @@ _VALIDATED = (
     "redis_target",
     "socket_timeout",
     "connect_timeout",
+    "prometheus",
 )
 
 

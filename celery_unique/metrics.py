@@ -1,12 +1,17 @@
 """Optional Prometheus counters, fed by :mod:`celery_unique.signals`.
 
-Off unless asked for: ``celery_unique.metrics.enable_prometheus()`` (with the
-``prometheus`` extra installed) registers the counters and connects them;
-call it once per process, e.g. where the Celery app is created.
+With the ``prometheus`` extra installed they are on by default: the first
+use of the locks in a process (a producer's first ``delay()``, a worker
+child's first run) registers them in the default registry. The
+``unique_prometheus`` setting turns them off (``False``) or insists on them
+(``True``). :func:`enable_prometheus` registers them in a registry of your
+own.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import threading
 from typing import Any
 
 from celery_unique import signals
@@ -28,26 +33,60 @@ def _labels(names: tuple[str, ...], sender: Any, kwargs: dict[str, Any]) -> dict
     return {name: values.get(name, "") for name in names}
 
 
+# The counters of each registry they are in (by id), and who may change that.
+_enabled: dict[int, dict[str, Any]] = {}
+_enabling = threading.Lock()
+
+
 def enable_prometheus(registry: Any = None) -> dict[str, Any]:
-    """Register and connect the counters; returns them by signal name."""
+    """Register and connect the counters (once per registry; the default one
+    unless given); returns them by signal name."""
     try:
         from prometheus_client import REGISTRY, Counter
     except ImportError as exc:
         raise ConfigurationError(
-            "enable_prometheus() needs prometheus_client: pip install celery-unique[prometheus]"
+            "the Prometheus counters need prometheus_client: pip install celery-unique[prometheus]"
         ) from exc
-    counters: dict[str, Any] = {}
-    for signal_name, metric, documentation, labels in _COUNTERS:
-        counter = Counter(metric, documentation, labels, registry=registry or REGISTRY)
-        counters[signal_name] = counter
+    registry = registry or REGISTRY
+    with _enabling:
+        found = _enabled.get(id(registry))
+        if found is not None:
+            return found
+        counters: dict[str, Any] = {}
+        for signal_name, metric, documentation, labels in _COUNTERS:
+            counter = Counter(metric, documentation, labels, registry=registry)
+            counters[signal_name] = counter
 
-        def count(
-            sender: Any = None, _counter: Any = counter, _labels_of: Any = labels, **kwargs: Any
-        ) -> None:
-            target = _counter.labels(**_labels(_labels_of, sender, kwargs)) if _labels_of else _counter
-            target.inc()
+            def count(
+                sender: Any = None, _counter: Any = counter, _labels_of: Any = labels, **kwargs: Any
+            ) -> None:
+                target = _counter.labels(**_labels(_labels_of, sender, kwargs)) if _labels_of else _counter
+                target.inc()
 
-        getattr(signals, signal_name).connect(
-            count, weak=False, dispatch_uid=f"celery_unique.metrics.{metric}"
-        )
+            getattr(signals, signal_name).connect(count, weak=False, dispatch_uid=_uid(registry, metric))
+        _enabled[id(registry)] = counters
     return counters
+
+
+def disable_prometheus(registry: Any = None) -> None:
+    """Disconnect the counters of a registry (the default one unless given) and unregister them."""
+    from prometheus_client import REGISTRY
+
+    registry = registry or REGISTRY
+    with _enabling:
+        counters = _enabled.pop(id(registry), {})
+        for signal_name, metric, _, _ in _COUNTERS:
+            if signal_name in counters:
+                getattr(signals, signal_name).disconnect(dispatch_uid=_uid(registry, metric))
+                registry.unregister(counters[signal_name])
+
+
+def enable_as_configured(setting: bool | None) -> None:
+    """``unique_prometheus``: None (on when prometheus_client is installed), True or False."""
+    if setting is False or (setting is None and importlib.util.find_spec("prometheus_client") is None):
+        return
+    enable_prometheus()
+
+
+def _uid(registry: Any, metric: str) -> str:
+    return f"celery_unique.metrics.{id(registry)}.{metric}"

@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_unique import UniqueTask, signals
+from celery_unique import UniqueTask, metrics, signals
 from celery_unique.aggregate import aggregator
 from celery_unique.conf import get_conf
 from celery_unique.keys import family_of, run_key
@@ -204,10 +204,11 @@ def test_a_dropped_lease_is_never_reported_lost(app: Celery) -> None:
 def test_prometheus_counters(eager: Celery) -> None:
     from prometheus_client import CollectorRegistry
 
-    from celery_unique.metrics import enable_prometheus
+    from celery_unique.metrics import disable_prometheus, enable_prometheus
 
     registry = CollectorRegistry()
     counters = enable_prometheus(registry)
+    assert enable_prometheus(registry) is counters  # once per registry
     try:
         app = eager
         job, guarded = app.tasks["signals.job"], app.tasks["signals.guarded"]
@@ -244,8 +245,40 @@ def test_prometheus_counters(eager: Celery) -> None:
         assert sample("fan_ins_completed") == 1.0
         assert sample("fan_ins_failed", reason="failed") == 1.0
     finally:
-        for name, counter in counters.items():
-            getattr(signals, name).disconnect(dispatch_uid=f"celery_unique.metrics.{counter._name}")
+        disable_prometheus(registry)
+    assert enable_prometheus(registry) is not counters  # registered again after being disabled
+    disable_prometheus(registry)
+
+
+def test_prometheus_counters_are_on_by_default_with_the_extra(app: Celery) -> None:
+    from prometheus_client import REGISTRY
+
+    def acquired() -> float:
+        return REGISTRY.get_sample_value("celery_unique_locks_acquired_total", {"task": "signals.job"}) or 0.0
+
+    before = acquired()
+    app.tasks["signals.job"].delay(uuid.uuid4().hex)  # the first use of the locks enables them
+    assert acquired() == before + 1
+
+
+@pytest.mark.parametrize(("setting", "enabled"), [(None, [None]), (True, [None]), (False, [])])
+def test_unique_prometheus_setting(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, setting: bool | None, enabled: list[Any]
+) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(metrics, "enable_prometheus", lambda registry=None: calls.append(registry))
+    app.conf.unique_prometheus = setting
+    get_conf(app).reload()
+    app.tasks["signals.job"].delay(uuid.uuid4().hex)
+    assert calls == enabled
+
+
+def test_unique_prometheus_must_be_a_boolean(app: Celery) -> None:
+    app.conf.unique_prometheus = "yes"
+    get_conf(app).reload()
+    assert [str(e) for e in get_conf(app).errors()] == [
+        "unique_prometheus must be True, False or None, got 'yes'"
+    ]
 
 
 def test_decisions_log_at_info_and_anomalies_at_warning(

@@ -159,11 +159,6 @@ class Aggregator:
                 found[name[2:]] = json.loads(value)
         return found
 
-    def count_open(self) -> int:
-        """How many fan-in contexts exist (SCAN, never KEYS)."""
-        pattern = self.key("*")
-        return sum(1 for _ in self.client.scan_iter(match=pattern, count=500))
-
     def expire(self, token: str) -> list[str] | None:
         """Close the context if still open; fire the errback with the missing parts."""
         missing = self._expire(keys=[self.key(token)])

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from celery_unique.inspect import force_release, iter_locks
+from celery_unique.inspect import KINDS, force_release, iter_locks, open_fan_ins
 
 
 def _app(ctx: click.Context) -> Any:
@@ -27,7 +27,19 @@ def unique() -> None:
 @click.option("--task", "task_name", help="only the locks of this task name")
 @click.pass_context
 def locks(ctx: click.Context, task_name: str | None) -> None:
-    """List held locks and stored outcomes: key, kind, holder, TTL."""
+    """List held locks and stored outcomes, one per line.
+
+    \b
+    KIND      lock: taken at delay() (until_executed holds it through the run);
+              run: taken as the run started; result: an idempotent task's outcome
+    HOLDER    the task id that holds it (result: the task that stored it)
+    TTL       the time it has left
+    AGE       the time since the holder's run started, by the Redis server's
+              clock: known for a run lock of a task registered in this app with
+              lifetime while_executing or until_and_while_executing, else "-"
+              (nothing records when a lock was queued or an outcome stored)
+    LIFETIME  the task's lock lifetime in this app; "?" when not registered here
+    """
     count = 0
     for lock in iter_locks(_app(ctx), task_name):
         count += 1
@@ -63,17 +75,22 @@ def release(ctx: click.Context, key: str | None, task_name: str | None, yes: boo
 @unique.command()
 @click.pass_context
 def stats(ctx: click.Context) -> None:
-    """Counts per task: held locks, running locks, stored outcomes, open fan-ins."""
-    from celery_unique.aggregate import aggregator
+    """Counts per task name.
 
+    \b
+    lock      locks taken at delay() (queued; with until_executed, also running)
+    run       running locks
+    result    stored outcomes
+    fan-ins   open fan-ins whose callback is this task
+    """
     app = _app(ctx)
     counts: Counter[tuple[str, str]] = Counter()
     for lock in iter_locks(app):
         counts[(lock.task_name, lock.kind)] += 1
-    tasks = sorted({name for name, _ in counts})
-    click.echo(f"{'task':<40}{'queued':>8}{'running':>9}{'outcomes':>10}")
+    fan_ins = open_fan_ins(app)
+    tasks = sorted({name for name, _ in counts} | set(fan_ins))
+    width = max([len("task"), *map(len, tasks)]) + 2
+    click.echo(f"{'task':<{width}}{'lock':>8}{'run':>8}{'result':>8}{'fan-ins':>9}")
     for name in tasks:
-        click.echo(
-            f"{name:<40}{counts[(name, 'lock')]:>8}{counts[(name, 'run')]:>9}{counts[(name, 'result')]:>10}"
-        )
-    click.echo(f"open fan-ins: {aggregator(app).count_open()}")
+        held = "".join(f"{counts[(name, kind)]:>8}" for kind in KINDS)
+        click.echo(f"{name:<{width}}{held}{fan_ins[name]:>9}")

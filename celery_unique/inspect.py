@@ -1,18 +1,44 @@
-"""Looking at the locks and stored outcomes in Redis: list them, release them by hand.
+"""Looking at the locks, stored outcomes and fan-ins in Redis: list them, release locks by hand.
 
 Uses SCAN only (never KEYS), so it is safe on a busy production Redis.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import MovedError
+
 from celery_unique import idempotency
-from celery_unique.conf import get_conf
-from celery_unique.keys import KEY_VERSION, digest_of_key, tag_name, task_name_of_tag
+from celery_unique.conf import UNTIL_AND_WHILE_EXECUTING, WHILE_EXECUTING, get_conf
+from celery_unique.exceptions import ConfigurationError
+from celery_unique.keys import (
+    KEY_VERSION,
+    digest_of_key,
+    family_of,
+    fan_in_key,
+    fence_key,
+    tag_name,
+    task_name_of_tag,
+)
+from celery_unique.locks import LockStore
+
+KINDS = ("lock", "run", "result")
+# The lifetimes whose run takes the running lock (``:run``). The begin_run
+# script sets it and writes the fence, max(previous + 1, the server's time in
+# µs), in one call; a run that meets another holder returns before writing
+# either. Read at one moment with the lock, the fence is the start of its
+# holder's run (the latest, when a redelivery re-entered it). The queued lock
+# has no such companion: until_executed writes a fence at the start of each
+# run, but while the holder waits in the queue the fence is an earlier run's.
+_RUN_LOCK_LIFETIMES = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
+_UNKNOWN = "?"
 
 
 @dataclass(frozen=True)
@@ -22,14 +48,19 @@ class LockInfo:
     key: str
     task_name: str
     digest: str
-    kind: str  # "lock" (queued), "run" (running) or "result" (an idempotent outcome)
+    kind: str  # "lock" (taken at delay()), "run" (taken as the run started) or "result" (an outcome)
     holder: str | None  # the holding task id (for "result": the task that stored it)
     ttl: float | None
+    lifetime: str  # the task's lock lifetime in this app, "?" when it is not registered here
+    age: float | None  # seconds since the holder's run started; None when not known for certain
 
     def line(self) -> str:
         """One line for a listing."""
         ttl = "-" if self.ttl is None else f"{self.ttl:.1f}s"
-        return f"{self.key}  {self.kind}  holder={self.holder}  ttl={ttl}"
+        age = "-" if self.age is None else f"{self.age:.1f}s"
+        return (
+            f"{self.key}  {self.kind}  holder={self.holder}  ttl={ttl}  age={age}  lifetime={self.lifetime}"
+        )
 
 
 def _task_of(key: str) -> str:
@@ -37,25 +68,136 @@ def _task_of(key: str) -> str:
     return task_name_of_tag(tag.rpartition(":")[0])
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _glob_escape(text: str) -> str:
     """``text`` matched literally by a SCAN pattern."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
+def _scan(client: Any, pattern: str, count: int) -> Iterator[str]:
+    """The keys matching ``pattern``, each once (SCAN may return a key twice)."""
+    seen: set[str] = set()
+    for raw in client.scan_iter(match=pattern, count=count):
+        key = _text(raw)
+        if key not in seen:
+            seen.add(key)
+            yield key
+
+
+def _pages(client: Any, pattern: str, count: int) -> Iterator[list[str]]:
+    """:func:`_scan`, ``count`` keys at a time (one round trip reads a page)."""
+    keys = _scan(client, pattern, count)
+    while page := list(itertools.islice(keys, count)):
+        yield page
+
+
+def _lifetime(app: Any, task_name: str) -> str:
+    task = app.tasks.get(task_name)
+    if task is None or not hasattr(type(task), "unique_lifetime"):
+        return _UNKNOWN
+    try:
+        return str(task.unique_lifetime)
+    except ConfigurationError:
+        return _UNKNOWN
+
+
+def _read(client: Any, keys: list[str]) -> Iterator[tuple[str, Any, int, Any, int]]:
+    """(key, value, pttl, its family's fence, server time in µs) of each key, all at one
+    moment (MULTI): a fence read apart from its lock could be another holder's."""
+    pipe = client.pipeline(transaction=True)
+    for key in keys:
+        pipe.get(key)
+        pipe.pttl(key)
+        pipe.get(fence_key(family_of(key)))
+    pipe.time()
+    *replies, (seconds, micros) = pipe.execute()
+    now = int(seconds) * 1_000_000 + int(micros)
+    for index, key in enumerate(keys):
+        value, pttl, fence = replies[3 * index : 3 * index + 3]
+        yield key, value, int(pttl), fence, now
+
+
+def _node(cluster: Any, key: str) -> Any:
+    """A client of the cluster node serving ``key``."""
+    return cluster.get_redis_connection(cluster.get_node_from_key(key))
+
+
+def _snapshots(store: LockStore, keys: list[str]) -> Iterator[tuple[str, Any, int, Any, int]]:
+    """:func:`_read` for a page of keys: one transaction on one Redis, one per key on a
+    cluster (a transaction stays in one slot), sent to the node serving the key."""
+    if not store.cluster:
+        yield from _read(store.client, keys)
+        return
+    cluster = store.client
+    for key in keys:
+        try:
+            found = list(_read(_node(cluster, key), [key]))
+        except MovedError:
+            cluster.nodes_manager.initialize()  # the slot moved (a resharding, a failover)
+            found = list(_read(_node(cluster, key), [key]))
+        yield from found
+
+
+def _age(kind: str, lifetime: str, fence: Any, now: int) -> float | None:
+    if kind != "run" or lifetime not in _RUN_LOCK_LIFETIMES or fence is None:
+        return None  # nothing records when a queued lock or an outcome was written
+    micros = now - int(fence)
+    return micros / 1e6 if micros >= 0 else None  # a fence ahead of the clock is no start time
+
+
 def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iterator[LockInfo]:
-    """Every lock and stored outcome of ``app``'s key prefix (optionally of one task), via SCAN."""
+    """Every lock and stored outcome of ``app``'s key prefix (optionally of one task), via SCAN.
+
+    One round trip per ``count`` keys on one Redis, one per key on a cluster.
+    """
     conf = get_conf(app)
     store = conf.locks
     tag = f"{{{_glob_escape(tag_name(task_name))}:*}}" if task_name else "{*}"
-    for kind in ("lock", "run", "result"):
+    lifetimes: dict[str, str] = {}
+    for kind in KINDS:
         pattern = f"{conf.key_prefix}:{KEY_VERSION}:{tag}:{kind}"
-        for raw in store.client.scan_iter(match=pattern, count=count):
-            key = raw.decode() if isinstance(raw, bytes) else raw
-            value, ttl = store.holder(key)
-            if value is None:
-                continue  # gone between SCAN and GET
-            holder = idempotency.decode(value).task_id if kind == "result" else value
-            yield LockInfo(key, _task_of(key), digest_of_key(key), kind, holder, ttl)
+        for page in _pages(store.client, pattern, count):
+            for key, value, pttl, fence, now in _snapshots(store, page):
+                if value is None:
+                    continue  # gone between SCAN and GET
+                name = _task_of(key)
+                if name not in lifetimes:
+                    lifetimes[name] = _lifetime(app, name)
+                lifetime = lifetimes[name]
+                text = _text(value)
+                holder = idempotency.decode(text).task_id if kind == "result" else text
+                ttl = pttl / 1000.0 if pttl >= 0 else None
+                yield LockInfo(
+                    key,
+                    name,
+                    digest_of_key(key),
+                    kind,
+                    holder,
+                    ttl,
+                    lifetime,
+                    _age(kind, lifetime, fence, now),
+                )
+
+
+def open_fan_ins(app: Any, count: int = 500) -> Counter[str]:
+    """How many fan-ins are open, per callback task name, via SCAN.
+
+    A context closed (completed, failed, expired) but not yet deleted is not counted.
+    """
+    conf = get_conf(app)
+    client = conf.locks.client
+    found: Counter[str] = Counter()
+    for page in _pages(client, fan_in_key(conf.key_prefix, "*"), count):
+        pipe = client.pipeline(transaction=False)
+        for key in page:
+            pipe.hmget(key, "state", "callback")
+        for state, callback in pipe.execute():
+            if state is not None and _text(state) == "open":
+                found[json.loads(callback)["task"]] += 1
+    return found
 
 
 def force_release(app: Any, key: str) -> bool:

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery.bin.celery import celery as celery_cli
 from click.testing import CliRunner
 
+from celery_unique import idempotency
 from celery_unique.aggregate import aggregator
-from tests.integration.worker_app import sleeper
+from celery_unique.conf import get_conf
+from celery_unique.inspect import iter_locks
+from celery_unique.keys import (
+    args_key,
+    digest,
+    family_key,
+    family_of,
+    fence_key,
+    lock_key,
+    result_key,
+    run_key,
+)
+from celery_unique.locks import LockStore
+from tests.integration.conftest import Events, wait_for
+from tests.integration.worker_app import LIFETIME_TASKS, sleeper
 
 APP = "tests.integration.worker_app"
 
@@ -23,16 +40,113 @@ def queued(celery_app: Any, token: str) -> Any:
     sleeper.unique_store().release(sleeper.unique_lock_key((token,)), result.id)
 
 
+@pytest.fixture
+def store(celery_app: Any) -> LockStore:
+    return get_conf(celery_app).locks
+
+
+@pytest.fixture
+def planted(celery_app: Any, store: LockStore) -> Iterator[list[str]]:
+    """Keys a test writes itself through the scripts (for a task name of its own); deleted after."""
+    keys: list[str] = []
+    yield keys
+    for key in keys:
+        store.client.delete(key)
+
+
 def run(*args: str, input: str | None = None) -> Any:
     return CliRunner().invoke(celery_cli, ["-A", APP, "unique", *args], input=input, catch_exceptions=False)
 
 
-def test_locks_lists_holder_and_ttl(queued: Any, token: str) -> None:
+def columns(output: str, key: str) -> dict[str, str]:
+    """The fields of the listing line of ``key``: kind, holder, ttl, age, lifetime."""
+    [line] = [line for line in output.splitlines() if line.startswith(f"{key}  ")]
+    _, kind, *pairs = line.split("  ")
+    return {"kind": kind, **dict(pair.split("=", 1) for pair in pairs)}
+
+
+def family(celery_app: Any, task_name: str, name: str) -> str:
+    return family_key(get_conf(celery_app).key_prefix, task_name, digest(name))
+
+
+def test_locks_lists_holder_ttl_age_and_lifetime(queued: Any, token: str) -> None:
     done = run("locks", "--task", "tests.sleeper")
     assert done.exit_code == 0
-    key = sleeper.unique_lock_key((token,))
-    [line] = [line for line in done.output.splitlines() if key in line]
-    assert f"holder={queued.id}" in line and " lock " in line and "ttl=" in line
+    found = columns(done.output, sleeper.unique_lock_key((token,)))
+    assert found["kind"] == "lock" and found["holder"] == queued.id
+    ttl = sleeper.unique_lock_timeout + 60  # the countdown too
+    assert ttl - 10 < float(found["ttl"].rstrip("s")) <= ttl
+    assert found["age"] == "-"  # nothing records when a lock was queued
+    assert found["lifetime"] == "until_executed"
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize("lifetime", ["while_executing", "until_and_while_executing"])
+def test_locks_shows_the_age_of_a_running_lock(
+    worker: Any, token: str, events: Events, lifetime: str
+) -> None:
+    task = LIFETIME_TASKS[lifetime]
+    sent = time.time()
+    result = task.delay(token, 3.0)
+    [start] = wait_for(lambda: events(), worker=worker)
+    time.sleep(1.0)
+    asked = time.time()
+    done = run("locks", "--task", task.name)
+    answered = time.time()
+    found = columns(done.output, run_key(family_of(task.unique_lock_key((token,)))))
+    assert found["kind"] == "run" and found["holder"] == result.id and found["lifetime"] == lifetime
+    # The run started (its fence) before the task recorded "start", after delay().
+    age = float(found["age"].rstrip("s"))
+    assert asked - start["time"] - 0.05 <= age <= answered - sent + 0.05
+    result.get(timeout=30)
+
+
+@pytest.mark.worker
+def test_locks_shows_no_age_for_a_queued_lock_held_while_running(
+    worker: Any, token: str, events: Events
+) -> None:
+    """until_executed takes its fence at the start of a run of the same key, but a
+    fence may be an earlier holder's: its age is never shown."""
+    task = LIFETIME_TASKS["until_executed"]
+    result = task.delay(token, 2.0)
+    wait_for(lambda: events(), worker=worker)
+    done = run("locks", "--task", task.name)
+    found = columns(done.output, task.unique_lock_key((token,)))
+    assert found["kind"] == "lock" and found["holder"] == result.id
+    assert found["age"] == "-" and found["lifetime"] == "until_executed"
+    result.get(timeout=30)
+
+
+def test_locks_of_a_task_not_registered_here(
+    celery_app: Any, store: LockStore, planted: list[str], token: str
+) -> None:
+    name = f"tests.elsewhere.{token}"
+    held = family(celery_app, name, "x")
+    planted += [run_key(held), fence_key(held)]
+    assert store.begin_run(
+        lock_key(held), run_key(held), fence_key(held), "owner", "while_executing", 60_000
+    ).acquired
+    done = run("locks", "--task", name)
+    found = columns(done.output, run_key(held))
+    assert found["kind"] == "run" and found["holder"] == "owner"
+    assert found["lifetime"] == "?" and found["age"] == "-"
+
+
+def test_locks_shows_no_age_when_the_fence_is_ahead_of_the_clock(
+    celery_app: Any, store: LockStore, planted: list[str], token: str
+) -> None:
+    """The fence is max(previous + 1, server time): after a clock step back it is no start time."""
+    task = LIFETIME_TASKS["while_executing"]
+    held = family_of(task.unique_lock_key((token,)))
+    planted += [run_key(held), fence_key(held)]
+    seconds, micros = store.client.time()
+    store.client.set(fence_key(held), (seconds + 3600) * 1_000_000 + micros)
+    assert store.begin_run(
+        lock_key(held), run_key(held), fence_key(held), "owner", "while_executing", 60_000
+    ).acquired
+    done = run("locks", "--task", task.name)
+    found = columns(done.output, run_key(held))
+    assert found["holder"] == "owner" and found["lifetime"] == "while_executing" and found["age"] == "-"
 
 
 def test_release_by_key_asks_first(queued: Any, token: str) -> None:
@@ -46,8 +160,6 @@ def test_release_by_key_asks_first(queued: Any, token: str) -> None:
 
 
 def test_release_by_task(celery_app: Any, token: str) -> None:
-    from tests.integration.worker_app import LIFETIME_TASKS
-
     task = LIFETIME_TASKS["until_expired"]  # its lock outlives the run: nothing else frees it
     task.delay(token)
     done = run("release", "--task", task.name, "--yes")
@@ -55,18 +167,74 @@ def test_release_by_task(celery_app: Any, token: str) -> None:
     assert task.unique_store().holder(task.unique_lock_key((token,)))[0] is None
 
 
+def test_release_by_task_asks_first(
+    celery_app: Any, store: LockStore, planted: list[str], token: str
+) -> None:
+    name = f"tests.release.{token}"
+    keys = [lock_key(family(celery_app, name, part)) for part in ("a", "b")]
+    planted += keys
+    for key in keys:
+        assert store.acquire(key, "owner", 60_000).acquired
+    refused = run("release", "--task", name, input="n\n")
+    assert refused.exit_code != 0 and "release 2 lock(s)?" in refused.output
+    assert [store.holder(key)[0] for key in keys] == ["owner", "owner"]
+    done = run("release", "--task", name, input="y\n")
+    assert done.exit_code == 0 and "released 2 lock(s)" in done.output
+    assert [store.holder(key)[0] for key in keys] == [None, None]
+
+
 def test_release_needs_a_key_or_a_task() -> None:
     assert run("release").exit_code != 0
     assert run("release", "not-a-lock", "--yes").exit_code != 0
 
 
-def test_stats_counts_per_task(queued: Any, celery_app: Any, token: str) -> None:
-    from tests.integration.worker_app import fan_collect
+def test_stats_counts_per_task(celery_app: Any, store: LockStore, planted: list[str], token: str) -> None:
+    name = f"tests.stats.{token}"
+    queued = [lock_key(family(celery_app, name, part)) for part in ("a", "b")]
+    running, stored = family(celery_app, name, "c"), family(celery_app, name, "d")
+    planted += [*queued, run_key(running), fence_key(running), result_key(stored)]
+    for key in queued:
+        assert store.acquire(key, "owner", 60_000).acquired
+    assert store.begin_run(
+        lock_key(running), run_key(running), fence_key(running), "o", "while_executing", 60_000
+    ).acquired
+    outcome = idempotency.encode_success("done", "", 1)
+    assert store.store_and_release(result_key(stored), args_key(stored), [], "done", outcome, 60_000)[0]
+    fan_ins = aggregator(celery_app)
+    tokens = [f"{token}-{n}" for n in range(3)]
+    planted += [fan_ins.key(each) for each in tokens]
+    for each in tokens:
+        fan_ins.create(each, ["a"], celery_app.signature(name))
+    fan_ins.client.hset(fan_ins.key(tokens[2]), "state", "completed")  # closed, not yet deleted
 
-    aggregator(celery_app).create(token, ["a"], fan_collect.s(token))
     done = run("stats")
     assert done.exit_code == 0
-    [row] = [line for line in done.output.splitlines() if line.startswith("tests.sleeper")]
-    assert int(row.split()[1]) >= 1
-    assert int(done.output.rsplit("open fan-ins:", 1)[1]) >= 1
-    aggregator(celery_app).client.delete(aggregator(celery_app).key(token))
+    assert done.output.split("\n", 1)[0].split() == ["task", "lock", "run", "result", "fan-ins"]
+    [row] = [line.split() for line in done.output.splitlines() if line.startswith(f"{name} ")]
+    assert row == [name, "2", "1", "1", "2"]
+
+
+def test_locks_on_a_cluster_follow_a_moved_slot(
+    celery_app: Any, unique_redis: Any, store: LockStore, planted: list[str], token: str, monkeypatch: Any
+) -> None:
+    """A slot table gone stale (a resharding, a failover) is read again, once."""
+    if unique_redis.topology != "cluster":
+        pytest.skip("needs --unique-redis=cluster")
+    name = f"tests.moved.{token}"
+    key = lock_key(family(celery_app, name, "x"))
+    planted.append(key)
+    assert store.acquire(key, "owner", 60_000).acquired
+    cluster = store.client
+    node_of = cluster.get_node_from_key
+    asked: list[str] = []
+
+    def stale(of: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(of)
+        right = node_of(of, *args, **kwargs)
+        if len(asked) > 1:
+            return right
+        return next(node for node in cluster.get_primaries() if node.name != right.name)
+
+    monkeypatch.setattr(cluster, "get_node_from_key", stale)
+    [found] = iter_locks(celery_app, name)
+    assert asked == [key, key] and (found.key, found.holder) == (key, "owner")

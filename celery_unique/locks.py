@@ -341,11 +341,14 @@ class LockStore:
         return holding, None, _text(reply[3])
 
     def store_and_release(
-        self, result: str, args: str, locks: list[str], owner: str, outcome: str, ttl_ms: int
+        self, result: str, args: str, queued: str, locks: list[str], owner: str, outcome: str, ttl_ms: int
     ) -> tuple[bool, int]:
         """Store an outcome (unless one is stored, or it is "") and release the owner's
-        locks and the argument digest: (whether stored, how many locks released)."""
-        stored, released = self._store_and_release(keys=[result, args, *locks], args=[owner, outcome, ttl_ms])
+        ``locks``, and the argument digest once the ``queued`` lock is free:
+        (whether stored, how many locks released)."""
+        stored, released = self._store_and_release(
+            keys=[result, args, queued, *locks], args=[owner, outcome, ttl_ms]
+        )
         return bool(stored), int(released)
 
     def extend(self, key: str, owner: str, ttl_ms: int, companions: tuple[str, ...] = ()) -> bool:

@@ -260,7 +260,9 @@ def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str, wh
     ttl_ms = int(task.unique_result_ttl * 1000)
     locks = get_conf(task.app).locks
     stored_and_released = _retried(
-        lambda: locks.store_and_release(result_key(family), args_key(family), keys, owner, outcome, ttl_ms),
+        lambda: locks.store_and_release(
+            result_key(family), args_key(family), lock_key(family), keys, owner, outcome, ttl_ms
+        ),
         RELEASE_ATTEMPTS,
         "%s: could not store the outcome for key %s (%s); its locks expire after their timeout",
         task.name,

@@ -139,10 +139,14 @@ return {0, holder, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[3]) or ''
 """
 
 # End an idempotent run: store its outcome (first one wins; "" stores
-# nothing) and release the owner's locks with the argument digest, atomically.
+# nothing) and release the owner's locks, atomically. The argument digest
+# belongs to the queued lock's holder: it goes when the queued lock is free,
+# never while another call holds it (one that took the lock this run gave up
+# at its start, say).
 #   KEYS[1]  stored outcome
-#   KEYS[2]  argument digest of the call in flight
-#   KEYS[3…] lock keys of the family
+#   KEYS[2]  argument digest of the queued lock's holder
+#   KEYS[3]  queued lock
+#   KEYS[4…] lock keys to release (the queued lock among them, or not)
 #   ARGV[1]  owner token
 #   ARGV[2]  the outcome (JSON), or ""
 #   ARGV[3]  its time to live in milliseconds
@@ -154,12 +158,12 @@ if ARGV[2] ~= '' and redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) th
     stored = 1
 end
 local released = 0
-for i = 3, #KEYS do
+for i = 4, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[1] then
         released = released + redis.call('DEL', KEYS[i])
     end
 end
-if released > 0 then
+if released > 0 and redis.call('EXISTS', KEYS[3]) == 0 then
     redis.call('DEL', KEYS[2])
 end
 return {stored, released}

@@ -199,7 +199,9 @@ def test_stats_counts_per_task(celery_app: Any, store: LockStore, planted: list[
         lock_key(running), run_key(running), fence_key(running), "o", "while_executing", 60_000
     ).acquired
     outcome = idempotency.encode_success("done", "", 1)
-    assert store.store_and_release(result_key(stored), args_key(stored), [], "done", outcome, 60_000)[0]
+    assert store.store_and_release(
+        result_key(stored), args_key(stored), lock_key(stored), [], "done", outcome, 60_000
+    )[0]
     fan_ins = aggregator(celery_app)
     tokens = [f"{token}-{n}" for n in range(3)]
     planted += [fan_ins.key(each) for each in tokens]

@@ -164,3 +164,22 @@ def test_renewal_never_shortens_a_ttl(store: LockStore, key: str, redis_client: 
     redis_client.set(companion, "digest", px=500)
     assert store.extend(key, "a", 30_000, companions=(companion,))
     assert redis_client.pttl(companion) > 25_000
+
+
+def test_an_ending_run_keeps_the_argument_digest_of_the_next_holder(
+    store: LockStore, redis_client: redis.Redis
+) -> None:
+    family = f"test:v1:{{locks:{uuid.uuid4().hex}}}"
+    lock, run, fence, result, args = (
+        f"{family}:{kind}" for kind in ("lock", "run", "fence", "result", "args")
+    )
+    assert store.acquire_idempotent(lock, result, args, "a", 60_000, "", "digest-a")[0].acquired
+    # until_and_while_executing gives the queued lock up as the run starts...
+    started = store.begin_run(lock, run, fence, "a", "until_and_while_executing", 60_000, result=result)
+    assert started.acquired and started.released_queued
+    # ...and another call takes it, with its own arguments.
+    assert store.acquire_idempotent(lock, result, args, "b", 60_000, "", "digest-b")[0].acquired
+    assert store.store_and_release(result, args, lock, [run], "a", "", 60_000) == (False, 1)
+    assert redis_client.get(args) == b"digest-b"  # still b's: a later conflict check needs it
+    assert store.store_and_release(result, args, lock, [lock], "b", "", 60_000) == (False, 1)
+    assert redis_client.exists(args) == 0  # the queued lock is free: its digest goes with it

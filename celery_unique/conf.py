@@ -202,9 +202,13 @@ class UniqueConf:
     @property
     def prometheus(self) -> bool | None:
         value = self._get("unique_prometheus")
-        if value not in (None, True, False):
+        if not (value is None or isinstance(value, bool)):
             raise ConfigurationError(f"unique_prometheus must be True, False or None, got {value!r}")
-        return None if value is None else bool(value)
+        if value and not metrics.installed():
+            raise ConfigurationError(
+                "unique_prometheus = True needs prometheus_client: pip install celery-unique[prometheus]"
+            )
+        return value
 
     @property
     def locks(self) -> LockStore:
@@ -223,9 +227,10 @@ class UniqueConf:
                     store = self._stores.setdefault(ident, built)
                 if store is not built:
                     built.close()  # another thread was first
-            self._values["_locks"] = store
-            # The first use of the locks in this process: counters from now on.
+            # The first use of the locks in this process: counters from now
+            # on (before the store is kept, so a setting that fails fails again).
             metrics.enable_as_configured(self.prometheus)
+            self._values["_locks"] = store
         return store
 
 

@@ -33,9 +33,14 @@ def _labels(names: tuple[str, ...], sender: Any, kwargs: dict[str, Any]) -> dict
     return {name: values.get(name, "") for name in names}
 
 
-# The counters of each registry they are in (by id), and who may change that.
-_enabled: dict[int, dict[str, Any]] = {}
+# The counters of each registry they are in, and who may change that.
+_enabled: dict[Any, dict[str, Any]] = {}
 _enabling = threading.Lock()
+
+
+def installed() -> bool:
+    """Whether prometheus_client can be imported."""
+    return importlib.util.find_spec("prometheus_client") is not None
 
 
 def enable_prometheus(registry: Any = None) -> dict[str, Any]:
@@ -49,7 +54,7 @@ def enable_prometheus(registry: Any = None) -> dict[str, Any]:
         ) from exc
     registry = registry or REGISTRY
     with _enabling:
-        found = _enabled.get(id(registry))
+        found = _enabled.get(registry)
         if found is not None:
             return found
         counters: dict[str, Any] = {}
@@ -64,7 +69,7 @@ def enable_prometheus(registry: Any = None) -> dict[str, Any]:
                 target.inc()
 
             getattr(signals, signal_name).connect(count, weak=False, dispatch_uid=_uid(registry, metric))
-        _enabled[id(registry)] = counters
+        _enabled[registry] = counters
     return counters
 
 
@@ -74,7 +79,7 @@ def disable_prometheus(registry: Any = None) -> None:
 
     registry = registry or REGISTRY
     with _enabling:
-        counters = _enabled.pop(id(registry), {})
+        counters = _enabled.pop(registry, {})
         for signal_name, metric, _, _ in _COUNTERS:
             if signal_name in counters:
                 getattr(signals, signal_name).disconnect(dispatch_uid=_uid(registry, metric))
@@ -82,8 +87,12 @@ def disable_prometheus(registry: Any = None) -> None:
 
 
 def enable_as_configured(setting: bool | None) -> None:
-    """``unique_prometheus``: None (on when prometheus_client is installed), True or False."""
-    if setting is False or (setting is None and importlib.util.find_spec("prometheus_client") is None):
+    """``unique_prometheus``: None (on when prometheus_client is installed), True or False.
+
+    Counters are process-wide: an app that turns them on turns them on for
+    every app of the process.
+    """
+    if setting is False or (setting is None and not installed()):
         return
     enable_prometheus()
 

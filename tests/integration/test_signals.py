@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_unique import UniqueTask, metrics, signals
+from celery_unique import ConfigurationError, UniqueTask, metrics, signals
 from celery_unique.aggregate import aggregator
 from celery_unique.conf import get_conf
 from celery_unique.keys import family_of, run_key
@@ -253,12 +253,14 @@ def test_prometheus_counters(eager: Celery) -> None:
 def test_prometheus_counters_are_on_by_default_with_the_extra(app: Celery) -> None:
     from prometheus_client import REGISTRY
 
-    def acquired() -> float:
-        return REGISTRY.get_sample_value("celery_unique_locks_acquired_total", {"task": "signals.job"}) or 0.0
+    metrics.disable_prometheus()  # whatever an earlier use in this process enabled
 
-    before = acquired()
+    def acquired() -> float | None:
+        return REGISTRY.get_sample_value("celery_unique_locks_acquired_total", {"task": "signals.job"})
+
+    assert acquired() is None
     app.tasks["signals.job"].delay(uuid.uuid4().hex)  # the first use of the locks enables them
-    assert acquired() == before + 1
+    assert acquired() == 1.0
 
 
 @pytest.mark.parametrize(("setting", "enabled"), [(None, [None]), (True, [None]), (False, [])])
@@ -273,12 +275,30 @@ def test_unique_prometheus_setting(
     assert calls == enabled
 
 
-def test_unique_prometheus_must_be_a_boolean(app: Celery) -> None:
-    app.conf.unique_prometheus = "yes"
+@pytest.mark.parametrize("value", ["yes", 1])
+def test_unique_prometheus_must_be_a_boolean(app: Celery, value: Any) -> None:
+    app.conf.unique_prometheus = value
     get_conf(app).reload()
     assert [str(e) for e in get_conf(app).errors()] == [
-        "unique_prometheus must be True, False or None, got 'yes'"
+        f"unique_prometheus must be True, False or None, got {value!r}"
     ]
+
+
+def test_unique_prometheus_true_without_the_extra_is_refused_every_time(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "installed", lambda: False)
+    app.conf.unique_prometheus = True
+    conf = get_conf(app)
+    conf.reload()
+    message = "unique_prometheus = True needs prometheus_client: pip install celery-unique[prometheus]"
+    assert [str(e) for e in conf.errors()] == [message]  # a worker refuses to start
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match="needs prometheus_client"):
+            conf.locks  # noqa: B018 - the first use of the locks
+    app.conf.unique_prometheus = None
+    conf.reload()
+    assert conf.locks is not None  # not installed: simply off
 
 
 def test_decisions_log_at_info_and_anomalies_at_warning(

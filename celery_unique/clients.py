@@ -22,9 +22,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SSLConnection, parse_url
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from celery_unique.exceptions import ConfigurationError
@@ -129,7 +131,12 @@ def make_client(url: str, transport_options: dict[str, Any] | None = None, **opt
     transport_options = transport_options or {}
     check_target(url, transport_options)
     if url.startswith(CLUSTER_SCHEMES):
-        return cluster_client(url, **options)
+        return cluster_client(url, **options)  # its retries follow a failover to the new primary
+    # No retries inside redis-py, whatever its version's default: the callers
+    # retry where that is safe and bounded (releases), and a call must cost at
+    # most one socket timeout on an outage (delay(), the worker's main process).
+    # The pool replaces a connection that went stale before using it.
+    options = {"retry": Retry(NoBackoff(), 0), **options}
     if url.startswith(SENTINEL_SCHEMES):
         return sentinel_client(url, transport_options, **options)
     return redis.Redis.from_url(url, **options)

@@ -141,7 +141,10 @@ def test_clients_match_the_url_scheme() -> None:
     assert isinstance(sentinel.connection_pool, SentinelConnectionPool)
     assert sentinel.connection_pool.connection_kwargs["db"] == 2
     assert sentinel.connection_pool.connection_kwargs["password"] == "secret"
-    assert isinstance(make_client("redis://127.0.0.1:1/0"), redis.Redis)
+    plain = make_client("redis://127.0.0.1:1/0")
+    assert isinstance(plain, redis.Redis)
+    # One attempt per call, whatever redis-py's default (a stall is one socket timeout).
+    assert plain.get_retry().get_retries() == sentinel.get_retry().get_retries() == 0
     with pytest.raises(exceptions.ConfigurationError, match="database 0"):
         make_client("redis+cluster://127.0.0.1:1/3")
 

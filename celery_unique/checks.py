@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_unique.clients import REDIS_ERRORS, is_cluster
-from celery_unique.conf import HELD_WHILE_RUNNING, ON_DUPLICATE, check_choice, get_conf
+from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
 from celery_unique.exceptions import ConfigurationError, UniqueError
 
 
@@ -45,13 +45,7 @@ def configuration_errors(app: Any) -> list[ConfigurationError]:
     errors = get_conf(app).errors()
     for task in tasks:
         try:
-            # Each property checks the option it resolves.
-            names = ["unique_lifetime", "unique_lock_timeout", "unique_on_conflict"]
-            for name in names + (["unique_result_ttl"] if task.idempotent else []):
-                getattr(task, name)
-            if task.on_duplicate is not None:
-                check_choice(task.on_duplicate, ON_DUPLICATE, "on_duplicate")
-            task._argument_key(task.unique_on)  # unique_on names the task's parameters
+            task.check_unique_options()
         except ConfigurationError as exc:
             errors.append(ConfigurationError(f"{task.name}: {exc}"))
     return errors

@@ -58,9 +58,16 @@ class _PeerTask(UniqueTask):
         """(the peer's setting, its value, our setting) for each that says where locks live."""
         raise NotImplementedError
 
+    def check_unique_options(self) -> None:
+        super().check_unique_options()
+        self._check_peer_locations()
+
     def apply_async(self, *args: Any, **options: Any) -> Any:
         if not self._peer_settings_checked:
-            self._check_peer_locations()
+            try:
+                self._check_peer_locations()
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{self.name}: {exc}") from None
             self._peer_settings_checked = True
         return super().apply_async(*args, **options)
 
@@ -78,7 +85,7 @@ class _PeerTask(UniqueTask):
                     continue
             # Never the value: a URL may hold a password.
             raise ConfigurationError(
-                f"{self.name}: {theirs} is set, but celery-unique does not read it and uses another "
+                f"{theirs} is set, but celery-unique does not read it and uses another "
                 f"{ours}: set {ours} (CELERY_{ours.upper()} under Django) to its value, or remove it"
             )
 
@@ -101,8 +108,12 @@ class QueueOnce(_PeerTask):
 
     @property
     def unique_lock_timeout(self) -> float:
-        """``once={"timeout": s}``, else ``ONCE["settings"]["default_timeout"]``, else the default."""
-        default = None if self.lock_timeout else _once_settings(self._get_app()).get("default_timeout")
+        """``once={"timeout": s}``, else ``unique_lock_timeout`` when set, else
+        ``ONCE["settings"]["default_timeout"]``, else the default."""
+        app = self._get_app()
+        if self.lock_timeout or app.conf.get("unique_lock_timeout") is not None:
+            return super().unique_lock_timeout
+        default = _once_settings(app).get("default_timeout")
         if default is None:
             return super().unique_lock_timeout
         return check_lock_timeout(default, 'ONCE["settings"]["default_timeout"]')
@@ -142,9 +153,12 @@ class Singleton(_PeerTask):
 
     @property
     def unique_lock_timeout(self) -> float:
+        """``lock_expiry``, else ``unique_lock_timeout`` when set, else
+        ``singleton_lock_expiry``, else the default."""
         expiry = self.lock_expiry
-        if expiry is None:
-            expiry = self._get_app().conf.get("singleton_lock_expiry")
+        conf = self._get_app().conf
+        if expiry is None and conf.get("unique_lock_timeout") is None:
+            expiry = conf.get("singleton_lock_expiry")
         return check_lock_timeout(expiry) if expiry else super().unique_lock_timeout
 
     def _peer_locations(self, app: Any) -> list[tuple[str, Any, str]]:

@@ -175,6 +175,17 @@ class UniqueTask(Task):  # type: ignore[misc]
         value = self.on_conflict or get_conf(self._get_app()).default_on_conflict
         return check_choice(value, ON_CONFLICT, "on_conflict")
 
+    def check_unique_options(self) -> None:
+        """Raise :class:`ConfigurationError` for an option of this task that
+        cannot work (what a worker checks before it starts)."""
+        # Each property checks the option it resolves.
+        names = ["unique_lifetime", "unique_lock_timeout", "unique_on_conflict"]
+        for name in names + (["unique_result_ttl"] if self.idempotent else []):
+            getattr(self, name)
+        if self.on_duplicate is not None:
+            check_choice(self.on_duplicate, ON_DUPLICATE, "on_duplicate")
+        self._argument_key(self.unique_on)  # unique_on names the task's parameters
+
     @property
     def unique(self) -> Lease:
         """The current run's lock: ``.fence`` (fencing token) and ``.lost``."""

@@ -112,6 +112,39 @@ def test_queue_once_default_timeout_from_the_once_setting(app: Celery, item: str
     assert own.unique_store().holder(own.unique_lock_key((item,)))[1] <= 20  # the task's own wins
 
 
+@pytest.mark.parametrize(
+    ("base", "peer_setting"),
+    [
+        (QueueOnce, {"ONCE": {"settings": {"default_timeout": 40}}}),
+        (Singleton, {"singleton_lock_expiry": 40}),
+    ],
+)
+def test_our_lock_timeout_setting_wins_over_the_peers_default(
+    app: Celery, item: str, base: type, peer_setting: dict[str, Any]
+) -> None:
+    app.conf.update(unique_lock_timeout=25, **peer_setting)
+
+    @app.task(base=base, shared=False, name=f"compat.{base.__name__}.ours_wins")
+    def job(value: str) -> None: ...
+
+    job.delay(item)
+    ttl = job.unique_store().holder(job.unique_lock_key((item,)))[1]
+    assert ttl is not None and 20 < ttl <= 25
+
+
+def test_a_worker_refuses_a_peer_lock_location_it_would_ignore(app: Celery) -> None:
+    from celery_unique.checks import configuration_errors
+
+    app.conf.singleton_backend_url = "redis://:hunter2@127.0.0.1:1/0"
+
+    @app.task(base=Singleton, shared=False, name="compat.singleton_startup")
+    def job(value: str) -> None: ...
+
+    [error] = configuration_errors(app)
+    assert str(error).startswith("compat.singleton_startup: singleton_backend_url is set")
+    assert "hunter2" not in str(error)
+
+
 def test_queue_once_url_of_the_broker_redis_is_accepted(app: Celery, item: str, redis_url: str) -> None:
     app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": redis_url}}
 

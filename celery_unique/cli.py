@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from celery_unique.clients import REDIS_ERRORS
+from celery_unique.exceptions import LockBackendError
 from celery_unique.inspect import KINDS, force_release, iter_locks, open_fan_ins
 
 
@@ -18,7 +20,19 @@ def _app(ctx: click.Context) -> Any:
     return ctx.obj.app
 
 
-@click.group(name="unique")
+class _Commands(click.Group):
+    """A Redis that fails (down, mid-failover) is reported in one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LockBackendError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except REDIS_ERRORS as exc:
+            raise click.ClickException(f"Redis: {exc}") from exc
+
+
+@click.group(name="unique", cls=_Commands)
 def unique() -> None:
     """celery-unique: locks, stored outcomes, fan-ins."""
 

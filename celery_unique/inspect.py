@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import MovedError
+import redis
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from celery_unique import idempotency
 from celery_unique.conf import UNTIL_AND_WHILE_EXECUTING, WHILE_EXECUTING, get_conf
-from celery_unique.exceptions import ConfigurationError
+from celery_unique.exceptions import ConfigurationError, LockBackendError
 from celery_unique.keys import (
     KEY_VERSION,
     digest_of_key,
@@ -121,24 +122,50 @@ def _read(client: Any, keys: list[str]) -> Iterator[tuple[str, Any, int, Any, in
 
 
 def _node(cluster: Any, key: str) -> Any:
-    """A client of the cluster node serving ``key``."""
-    return cluster.get_redis_connection(cluster.get_node_from_key(key))
+    """The cluster node serving ``key``."""
+    return cluster.get_node_from_key(key)
+
+
+def _routed(cluster: Any, key: str) -> tuple[str, Any, int, Any, int]:
+    """:func:`_read` of one key through the cluster client's own commands, which follow
+    ASK and MOVED and wait out TRYAGAIN; without the fence (so without an age): read in
+    another round trip than the lock, it could be another holder's."""
+    return key, cluster.get(key), int(cluster.pttl(key)), None, 0
+
+
+def _read_on_node(cluster: Any, key: str) -> tuple[str, Any, int, Any, int]:
+    """:func:`_read` of one key on the node serving it. A slot table gone stale (MOVED:
+    a resharding, a failover) is read again, once; a slot mid-migration (ASK), mid-
+    resharding (TRYAGAIN) or a second MOVED falls back to :func:`_routed`."""
+    try:
+        try:
+            [found] = _read(cluster.get_redis_connection(_node(cluster, key)), [key])
+        except MovedError:
+            cluster.nodes_manager.initialize()
+            [found] = _read(cluster.get_redis_connection(_node(cluster, key)), [key])
+    except (AskError, TryAgainError, ClusterDownError):  # AskError: MOVED too
+        return _routed(cluster, key)
+    return found
 
 
 def _snapshots(store: LockStore, keys: list[str]) -> Iterator[tuple[str, Any, int, Any, int]]:
     """:func:`_read` for a page of keys: one transaction on one Redis, one per key on a
-    cluster (a transaction stays in one slot), sent to the node serving the key."""
+    cluster (a transaction stays in one slot), sent to the node serving the key.
+
+    A node that cannot be reached raises :class:`LockBackendError` naming it: a listing
+    that left its keys out would look complete.
+    """
     if not store.cluster:
         yield from _read(store.client, keys)
         return
     cluster = store.client
     for key in keys:
         try:
-            found = list(_read(_node(cluster, key), [key]))
-        except MovedError:
-            cluster.nodes_manager.initialize()  # the slot moved (a resharding, a failover)
-            found = list(_read(_node(cluster, key), [key]))
-        yield from found
+            found = _read_on_node(cluster, key)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            node = _node(cluster, key).name
+            raise LockBackendError(f"cannot read {key} from the cluster node {node}: {exc}") from exc
+        yield found
 
 
 def _age(kind: str, lifetime: str, fence: Any, now: int) -> float | None:
@@ -196,8 +223,18 @@ def open_fan_ins(app: Any, count: int = 500) -> Counter[str]:
             pipe.hmget(key, "state", "callback")
         for state, callback in pipe.execute():
             if state is not None and _text(state) == "open":
-                found[json.loads(callback)["task"]] += 1
+                found[_callback_task(callback)] += 1
     return found
+
+
+def _callback_task(callback: Any) -> str:
+    """The task name of a fan-in's callback; "?" for a context that names none (written
+    by hand, or by a version that stored it otherwise)."""
+    try:
+        task = json.loads(callback)["task"]
+    except (TypeError, ValueError, KeyError):  # no callback, not JSON, not an object
+        return _UNKNOWN
+    return task if isinstance(task, str) else _UNKNOWN
 
 
 def force_release(app: Any, key: str) -> bool:

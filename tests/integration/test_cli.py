@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from celery.bin.celery import celery as celery_cli
 from click.testing import CliRunner
+from redis.exceptions import AskError, MovedError, TryAgainError
 
 from celery_unique import idempotency
+from celery_unique import inspect as inspect_module
 from celery_unique.aggregate import aggregator
 from celery_unique.conf import get_conf
-from celery_unique.inspect import iter_locks
+from celery_unique.inspect import iter_locks, open_fan_ins
 from celery_unique.keys import (
     args_key,
     digest,
     family_key,
     family_of,
+    fan_in_key,
     fence_key,
     lock_key,
     result_key,
@@ -26,9 +30,10 @@ from celery_unique.keys import (
 )
 from celery_unique.locks import LockStore
 from tests.integration.conftest import Events, wait_for
-from tests.integration.worker_app import LIFETIME_TASKS, sleeper
+from tests.integration.worker_app import LIFETIME_TASKS, gate_key, sleeper
 
 APP = "tests.integration.worker_app"
+WAIT = 60.0  # seconds: generous, the machine may be busy
 
 
 @pytest.fixture
@@ -52,6 +57,18 @@ def planted(celery_app: Any, store: LockStore) -> Iterator[list[str]]:
     yield keys
     for key in keys:
         store.client.delete(key)
+
+
+@pytest.fixture
+def gate(redis_client: redis.Redis, token: str) -> Iterator[Callable[[], None]]:
+    """Opens the gate where the test's run (``gated=True``) waits between "start" and "end";
+    opened after the test too, so a failed test does not keep a worker process."""
+
+    def open_gate() -> None:
+        redis_client.set(gate_key(token), 1, ex=600)
+
+    yield open_gate
+    open_gate()
 
 
 def run(*args: str, input: str | None = None) -> Any:
@@ -83,38 +100,46 @@ def test_locks_lists_holder_ttl_age_and_lifetime(queued: Any, token: str) -> Non
 @pytest.mark.worker
 @pytest.mark.parametrize("lifetime", ["while_executing", "until_and_while_executing"])
 def test_locks_shows_the_age_of_a_running_lock(
-    worker: Any, token: str, events: Events, lifetime: str
+    worker: Any, token: str, events: Events, gate: Callable[[], None], lifetime: str
 ) -> None:
     task = LIFETIME_TASKS[lifetime]
     sent = time.time()
-    result = task.delay(token, 3.0)
-    [start] = wait_for(lambda: events(), worker=worker)
-    time.sleep(1.0)
+    result = task.delay(token, gated=True)
+    [start] = wait_for(lambda: events(), timeout=WAIT, worker=worker)  # then it waits at the gate
+    time.sleep(0.2)  # only so that the age is measurably above 0
     asked = time.time()
     done = run("locks", "--task", task.name)
     answered = time.time()
     found = columns(done.output, run_key(family_of(task.unique_lock_key((token,)))))
     assert found["kind"] == "run" and found["holder"] == result.id and found["lifetime"] == lifetime
-    # The run started (its fence) before the task recorded "start", after delay().
+    # The run drew its fence after delay() and before it recorded "start"; the CLI read
+    # the clock between asked and answered. Printed to 0.1 s: 0.05 either way.
     age = float(found["age"].rstrip("s"))
-    assert asked - start["time"] - 0.05 <= age <= answered - sent + 0.05
-    result.get(timeout=30)
+    assert 0 < asked - start["time"] - 0.05 <= age <= answered - sent + 0.05
+    gate()
+    result.get(timeout=WAIT)
+    assert [event["event"] for event in events()] == ["start", "end"]
 
 
 @pytest.mark.worker
 def test_locks_shows_no_age_for_a_queued_lock_held_while_running(
-    worker: Any, token: str, events: Events
+    worker: Any, token: str, events: Events, gate: Callable[[], None], store: LockStore
 ) -> None:
     """until_executed takes its fence at the start of a run of the same key, but a
     fence may be an earlier holder's: its age is never shown."""
     task = LIFETIME_TASKS["until_executed"]
-    result = task.delay(token, 2.0)
-    wait_for(lambda: events(), worker=worker)
+    key = task.unique_lock_key((token,))
+    result = task.delay(token, gated=True)
+    wait_for(lambda: events(), timeout=WAIT, worker=worker)  # running, at the gate
+    assert store.client.get(fence_key(family_of(key))) is not None  # this run's fence is there
     done = run("locks", "--task", task.name)
-    found = columns(done.output, task.unique_lock_key((token,)))
+    found = columns(done.output, key)
     assert found["kind"] == "lock" and found["holder"] == result.id
     assert found["age"] == "-" and found["lifetime"] == "until_executed"
-    result.get(timeout=30)
+    assert run_key(family_of(key)) not in done.output  # it holds its queued lock while it runs
+    gate()
+    result.get(timeout=WAIT)
+    assert [event["event"] for event in events()] == ["start", "end"]
 
 
 def test_locks_of_a_task_not_registered_here(
@@ -240,3 +265,89 @@ def test_locks_on_a_cluster_follow_a_moved_slot(
     monkeypatch.setattr(cluster, "get_node_from_key", stale)
     [found] = iter_locks(celery_app, name)
     assert asked == [key, key] and (found.key, found.holder) == (key, "owner")
+
+
+@pytest.mark.parametrize(
+    "errors",
+    [
+        pytest.param([AskError("1 127.0.0.1:1")], id="ask"),
+        pytest.param([TryAgainError("TRYAGAIN")], id="tryagain"),
+        pytest.param([MovedError("1 127.0.0.1:1")] * 2, id="moved-twice"),
+    ],
+)
+def test_locks_on_a_cluster_read_a_redirected_key_through_the_cluster_client(
+    celery_app: Any,
+    unique_redis: Any,
+    store: LockStore,
+    planted: list[str],
+    token: str,
+    monkeypatch: Any,
+    errors: list[Exception],
+) -> None:
+    """A slot mid-migration (ASK), mid-resharding (TRYAGAIN) or moved again: the key is
+    still listed, read without its fence, so without an age."""
+    if unique_redis.topology != "cluster":
+        pytest.skip("needs --unique-redis=cluster")
+    task = LIFETIME_TASKS["while_executing"]
+    held = family_of(task.unique_lock_key((token,)))
+    planted += [run_key(held), fence_key(held)]
+    assert store.begin_run(
+        lock_key(held), run_key(held), fence_key(held), "owner", "while_executing", 60_000
+    ).acquired
+    assert columns(run("locks", "--task", task.name).output, run_key(held))["age"] != "-"
+    read = inspect_module._read
+    pending = list(errors)
+
+    def redirected(client: Any, keys: list[str]) -> Any:
+        if keys == [run_key(held)] and pending:
+            raise pending.pop(0)
+        return read(client, keys)
+
+    monkeypatch.setattr(inspect_module, "_read", redirected)
+    done = run("locks", "--task", task.name)
+    assert done.exit_code == 0 and not pending
+    found = columns(done.output, run_key(held))
+    assert found["holder"] == "owner" and found["lifetime"] == "while_executing"
+    assert 50 < float(found["ttl"].rstrip("s")) <= 60 and found["age"] == "-"
+
+
+def test_locks_reports_a_redis_it_cannot_reach(
+    celery_app: Any, unique_redis: Any, store: LockStore, planted: list[str], token: str, monkeypatch: Any
+) -> None:
+    """One line naming the node (a listing without its keys would look complete), no traceback."""
+    name = f"tests.unreachable.{token}"
+    key = lock_key(family(celery_app, name, "x"))
+    planted.append(key)
+    assert store.acquire(key, "owner", 60_000).acquired
+
+    def refused(client: Any, keys: list[str]) -> Any:
+        raise redis.ConnectionError("Error 111 connecting. Connection refused.")
+
+    monkeypatch.setattr(inspect_module, "_read", refused)
+    done = run("locks", "--task", name)
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    [message] = [line for line in done.output.splitlines() if line.startswith("Error: ")]
+    assert "Connection refused" in message
+    if unique_redis.topology == "cluster":
+        assert f"from the cluster node {store.client.get_node_from_key(key).name}: " in message
+
+
+def test_stats_counts_a_malformed_fan_in_under_a_question_mark(
+    celery_app: Any, store: LockStore, planted: list[str], token: str
+) -> None:
+    contexts = {
+        "not-json": {"state": "open", "callback": "{not json"},
+        "no-callback": {"state": "open"},
+        "no-task": {"state": "open", "callback": "{}"},
+        "not-an-object": {"state": "open", "callback": "[1]"},
+    }
+    before = open_fan_ins(celery_app)["?"]
+    prefix = get_conf(celery_app).key_prefix
+    for part, fields in contexts.items():
+        key = fan_in_key(prefix, f"{token}-{part}")
+        planted.append(key)
+        store.client.hset(key, mapping=fields)
+    done = run("stats")
+    assert done.exit_code == 0
+    [row] = [line.split() for line in done.output.splitlines() if line.startswith("? ")]
+    assert row[:4] == ["?", "0", "0", "0"] and int(row[4]) == before + len(contexts)

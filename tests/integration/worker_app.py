@@ -97,8 +97,10 @@ def _lifetime_task(name: str, lifetime: str, **options: Any) -> Any:
         shared=False,
         **options,
     )
-    def run(self: Any, token: str, seconds: float = 0.0) -> None:
+    def run(self: Any, token: str, seconds: float = 0.0, gated: bool = False) -> None:
         record(token, "start", id=self.request.id, fence=self.unique.fence)
+        if gated:
+            wait_at_gate(token)
         time.sleep(seconds)
         record(token, "end", id=self.request.id, lost=self.unique.lost)
 

@@ -141,6 +141,31 @@ def account(
     return figures, raised
 
 
+def account_and_report(
+    run: Run,
+    seen: list[dict[str, Any]],
+    outage_redis: RedisServer,
+    report: Report,
+    scenario: str,
+    faults: str,
+    injected: int,
+) -> tuple[dict[str, Any], Counter[str]]:
+    """:func:`account` for a finished run, reported in the chaos summary."""
+    with redis.Redis.from_url(outage_redis.url) as lock_client:
+        figures, raised = account(seen, run.events, lock_client)
+    report(
+        scenario,
+        f"{figures['calls']:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
+        faults,
+        injected=injected,
+        duplicates=figures["duplicates"],
+        lost=figures["lost"],
+        note=f"{sum(raised.values())} delay() raised {dict(raised)}, {run.met_outage()} runs met the outage, "
+        f"{figures['orphan locks']} orphan locks left",
+    )
+    return figures, raised
+
+
 def check(figures: dict[str, Any], raised: Counter[str]) -> None:
     assert set(raised) == {"LockBackendError"}
     assert figures["lost"] == 0
@@ -172,19 +197,11 @@ def test_lock_redis_crash_loses_nothing_and_runs_nothing_twice(
         wait_for(lambda: run.raised() > raised and run.met_outage() > met, timeout=90, worker=outage_worker)
         outage_redis.start()
 
-    seen = run.go(CRASHES, crash)
-    with redis.Redis.from_url(outage_redis.url) as lock_client:
-        figures, raised = account(seen, events, lock_client)
-    report(
-        "4a lock Redis crash and restart",
-        f"{figures['calls']:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
-        f"{CRASHES} SIGKILL + restart of the lock Redis (empty)",
-        injected=CRASHES,
-        duplicates=figures["duplicates"],
-        lost=figures["lost"],
-        note=f"{sum(raised.values())} delay() raised {dict(raised)}, {run.met_outage()} runs met the outage",
-    )
-    check(figures, raised)
+    figures = account_and_report(
+        run, run.go(CRASHES, crash), outage_redis, report,
+        "4a lock Redis crash and restart", f"{CRASHES} SIGKILL + restart of the lock Redis (empty)", CRASHES,
+    )  # fmt: skip
+    check(*figures)
 
 
 def test_lock_redis_stall_loses_nothing_and_leaves_no_orphan_lock(
@@ -217,19 +234,11 @@ def test_lock_redis_stall_loses_nothing_and_leaves_no_orphan_lock(
             os.kill(outage_redis.process.pid, signal.SIGCONT)
             frozen += 1
 
-    seen = run.go(FREEZES, freeze)
-    with redis.Redis.from_url(outage_redis.url) as lock_client:
-        figures, raised = account(seen, events, lock_client)
-    report(
+    figures, raised = account_and_report(
+        run, run.go(FREEZES, freeze), outage_redis, report,
         "4b lock Redis frozen past the socket timeout",
-        f"{figures['calls']:,} delay() of new keys from 2 processes x 2 threads, a backlog of >= {BACKLOG}",
-        f"{FREEZES} SIGSTOP/SIGCONT of the lock Redis (socket timeout {SOCKET_TIMEOUT}s)",
-        injected=FREEZES,
-        duplicates=figures["duplicates"],
-        lost=figures["lost"],
-        note=f"{sum(raised.values())} delay() raised {dict(raised)}, {run.met_outage()} runs met the outage, "
-        f"{figures['orphan locks']} orphan locks left",
-    )
+        f"{FREEZES} SIGSTOP/SIGCONT of the lock Redis (socket timeout {SOCKET_TIMEOUT}s)", FREEZES,
+    )  # fmt: skip
     check(figures, raised)
 
 

@@ -42,7 +42,11 @@ class TtlSampler:
 
     def _sample(self) -> None:
         while not self._done.wait(0.01):
-            ttl = self.client.pttl(self.key)
+            try:
+                ttl = self.client.pttl(self.key)
+            except redis.RedisError:
+                self.ttls.append(-1)  # a failed sample: the test's check fails on it
+                return
             if ttl != -2:  # -2: no lock at this moment
                 self.ttls.append(ttl)
 
@@ -109,7 +113,7 @@ def test_killed_child_is_redelivered_and_reenters_its_lock(
     assert last["pid"] == pids[-1]
     assert [e["id"] for e in ends(events())] == [first.id]
     # Sampled all along: the lock never had more than its lock_timeout left.
-    assert ttls and all(0 < ttl <= timeout_ms for ttl in ttls)
+    assert len(ttls) > 10 * KILLS and all(0 < ttl <= timeout_ms for ttl in ttls)
 
 
 def free_after(client: redis.Redis, key: str, since: float) -> float:

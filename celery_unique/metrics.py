@@ -1,8 +1,9 @@
 """Optional Prometheus counters, fed by :mod:`celery_unique.signals`.
 
 With the ``prometheus`` extra installed they are on by default: the first
-use of the locks in a process (a producer's first ``delay()``, a worker
-child's first run) registers them in the default registry. The
+use of the locks in a process (a producer's first ``delay()``, a worker's
+startup checks, a pool child's first run) registers them in the default
+registry. The
 ``unique_prometheus`` setting turns them off (``False``) or insists on them
 (``True``). :func:`enable_prometheus` registers them in a registry of your
 own.

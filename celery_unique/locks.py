@@ -146,11 +146,16 @@ class PendingAcquire:
         self._call = (key, owner, ttl_ms, handover)
         self._result: Acquisition | None = None
         self._node, self._connection = "", None
+        #: Whether the first attempt went out (it may have run, answered or not).
+        self.sent = False
+        #: Why the reply is unknown, when asking again through the client failed.
+        self.error: BaseException | None = None
         try:
             self._node, self._connection = store._take_connection(key)
             self._connection.send_packed_command(
                 [store._encode_acquire(key, owner, ttl_ms, handover)], check_health=False
             )
+            self.sent = True
         except REDIS_ERRORS:
             # A kept connection may be stale (the server restarted): the
             # result is then asked for again through the client.
@@ -196,7 +201,11 @@ class PendingAcquire:
         """
         found = self.reply()
         if found is None:
-            found = self._result = self._store.acquire_via_client(*self._call)
+            try:
+                found = self._result = self._store.acquire_via_client(*self._call)
+            except REDIS_ERRORS as exc:
+                self.error = exc
+                raise
         return found
 
 

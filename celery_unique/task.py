@@ -94,7 +94,11 @@ def _ours(acquisition: Acquisition, fresh: bool) -> Acquisition:
 
 def _acquired_or_unknown(pending: PendingAcquire, fresh: bool) -> bool:
     found = pending.reply()  # never asked again: that could take the lock now
-    return found is None or _ours(found, fresh).acquired
+    if found is None:
+        # Unknown, unless no attempt can have run: the first was never sent
+        # and Redis refused the second (down, or an error reply).
+        return pending.sent or pending.error is None or not orphans.certainly_not_run(pending.error)
+    return _ours(found, fresh).acquired
 
 
 def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:
@@ -486,15 +490,16 @@ class UniqueTask(Task):  # type: ignore[misc]
     def _release_after_failed_publish(self, store: LockStore, key: str, owner: str, fresh: bool) -> None:
         try:
             store.release(key, owner)
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as exc:
             if fresh:
                 orphans.releaser.release_later(store, key, owner)
+            # The error, not its traceback: on an outage every call lands here.
             logger.warning(
-                "%s: publishing failed and the lock %s could not be released; %s",
+                "%s: the message was not published and its lock %s could not be released (%r); %s",
                 self.name,
                 digest_of_key(key)[:12],
+                exc,
                 "retried in the background" if fresh else "it expires after its timeout",
-                exc_info=True,
             )
 
     def _duplicate(self, key: str, acquisition: Acquisition, on_duplicate: str) -> Any:

@@ -351,3 +351,12 @@ def test_stats_counts_a_malformed_fan_in_under_a_question_mark(
     assert done.exit_code == 0
     [row] = [line.split() for line in done.output.splitlines() if line.startswith("? ")]
     assert row[:4] == ["?", "0", "0", "0"] and int(row[4]) == before + len(contexts)
+
+
+def test_an_app_without_a_redis_is_one_clear_error() -> None:
+    done = CliRunner().invoke(
+        celery_cli, ["-A", "tests.integration.no_redis_app", "unique", "stats"], catch_exceptions=False
+    )
+    assert done.exit_code == 1
+    assert done.output.splitlines()[-1].startswith("Error: celery-unique needs a Redis: set unique_redis_url")
+    assert "Traceback" not in done.output

@@ -28,6 +28,7 @@ from celery_unique import (
 )
 from celery_unique.conf import get_conf
 from celery_unique.headers import HEADER
+from celery_unique.orphans import releaser
 from tests.integration.conftest import require_service
 
 QUEUE = "producer-tests"
@@ -182,14 +183,21 @@ def test_unserialisable_argument_raises_and_publishes_nothing(app: Celery, redis
 
 
 def test_redis_outage_raises_lock_backend_error_and_publishes_nothing(
-    apps: Any, redis_url: str, item: str, redis_client: redis.Redis
+    apps: Any, redis_url: str, item: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = apps(redis_url, "redis://127.0.0.1:1/0", unique_redis_connect_timeout=0.5)
-    before = redis_client.llen(QUEUE)
-    with pytest.raises(LockBackendError) as info:
-        app.tasks["producer.job"].delay(item)
-    assert isinstance(info.value.__cause__, redis.ConnectionError)
+    before, pending = redis_client.llen(QUEUE), releaser.pending()
+    for _ in range(2):  # the first call builds the client, the next one uses the lean path
+        with (
+            caplog.at_level(logging.WARNING, logger="celery_unique"),
+            pytest.raises(LockBackendError) as info,
+        ):
+            app.tasks["producer.job"].delay(item)
+        assert isinstance(info.value.__cause__, redis.ConnectionError)
     assert redis_client.llen(QUEUE) == before
+    # Refused: no lock can have been taken, so none is released, now or later.
+    assert releaser.pending() == pending
+    assert "could not be released" not in caplog.text
 
 
 def test_redis_outage_with_allow_publishes_without_dedup(
@@ -198,10 +206,13 @@ def test_redis_outage_with_allow_publishes_without_dedup(
     app = apps(
         redis_url, "redis://127.0.0.1:1/0", unique_on_redis_error="allow", unique_redis_connect_timeout=0.5
     )
+    pending = releaser.pending()
     with caplog.at_level(logging.WARNING, logger="celery_unique"):
         result = app.tasks["producer.job"].delay(item)
-    assert result.id in queued_ids(redis_client)
-    assert "without a uniqueness check" in caplog.text
+        again = app.tasks["producer.job"].delay(item)
+    assert {result.id, again.id} <= set(queued_ids(redis_client))
+    assert caplog.text.count("without a uniqueness check") == 2
+    assert "could not be released" not in caplog.text and releaser.pending() == pending
     assert HEADER not in next(m for m in queued(redis_client) if m["headers"]["id"] == result.id)["headers"]
 
 

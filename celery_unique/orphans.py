@@ -81,6 +81,7 @@ class OrphanReleaser:
         self._order = itertools.count()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._trying = 0  # a release taken from _due and not finished yet
 
     def release_later(self, store: Any, key: str, owner: str) -> None:
         """Release ``key`` if ``owner`` holds it, soon and until Redis answers."""
@@ -100,9 +101,9 @@ class OrphanReleaser:
         heapq.heappush(self._due, (when, next(self._order), store, key, owner, attempt, failed_at))
 
     def pending(self) -> int:
-        """Releases still to try (for tests and tools)."""
+        """Releases still to try or being tried (for tests and tools)."""
         with self._changed:
-            return len(self._due)
+            return len(self._due) + self._trying
 
     def _run(self) -> None:
         while True:
@@ -110,12 +111,13 @@ class OrphanReleaser:
                 while not self._due or self._due[0][0] > time.monotonic():
                     self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
                 _, _, ref, key, owner, attempt, failed_at = heapq.heappop(self._due)
-            if time.monotonic() > failed_at + HORIZON:
-                continue  # slow attempts ran late: the TTL frees it
-            answered = self._release(ref, key, owner)
-            if answered is None:
-                continue  # the TTL frees the lock, if it ever lands
-            with self._changed:
+                self._trying = 1
+            late = time.monotonic() > failed_at + HORIZON  # slow attempts ran late: the TTL frees it
+            answered = None if late else self._release(ref, key, owner)
+            with self._changed:  # the next attempt is due before this one stops counting
+                self._trying = 0
+                if answered is None:
+                    continue  # the TTL frees the lock, if it ever lands
                 if not answered and 0 <= attempt < len(DELAYS) - 1:
                     self._push(failed_at + DELAYS[attempt + 1], ref, key, owner, attempt + 1, failed_at)
                 elif answered and attempt != _CONFIRMING:

@@ -47,7 +47,9 @@ def configuration_errors(app: Any) -> list[ConfigurationError]:
         try:
             task.check_unique_options()
         except ConfigurationError as exc:
-            errors.append(ConfigurationError(f"{task.name}: {exc}"))
+            message = str(exc)
+            named = message if message.startswith(f"{task.name}: ") else f"{task.name}: {message}"
+            errors.append(ConfigurationError(named))
     return errors
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique.clients import UNREACHABLE
 from celery_unique.exceptions import UniqueError
 from celery_unique.inspect import KINDS, force_release, iter_locks, open_fan_ins
 
@@ -28,7 +28,7 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except UniqueError as exc:  # a lock Redis it cannot reach, no Redis configured
             raise click.ClickException(str(exc)) from exc
-        except REDIS_ERRORS as exc:
+        except UNREACHABLE as exc:
             raise click.ClickException(f"Redis: {exc}") from exc
 
 

@@ -25,9 +25,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SSLConnection, parse_url
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoPermissionError, RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from celery_unique.exceptions import ConfigurationError
 
@@ -145,7 +145,45 @@ def make_client(url: str, transport_options: dict[str, Any] | None = None, **opt
 # What a Redis call can raise when Redis fails: RedisCluster raises some errors
 # (no reachable node, an uncovered slot) outside redis-py's RedisError.
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+# Those of them that say Redis could not be reached or refused this client
+# (not a bug in a command).
+UNREACHABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.AuthenticationError,
+    NoPermissionError,
+    RedisClusterException,
+)
 
 
 def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
+
+
+def certainly_not_run(error: BaseException, retried: bool = False) -> bool:
+    """Whether Redis certainly did not run a command that failed with ``error``.
+
+    It answered with an error (a refused login, NOPERM, NOSCRIPT), nothing
+    listened (a refused connection: a server that is down has lost what it
+    had buffered), or the Sentinels knew no primary to send it to. A timeout
+    or a dropped connection leaves it unknown. When the client ``retried``
+    by itself (a cluster client), the error tells of its last attempt only:
+    then only an error reply is certain.
+    """
+    if isinstance(error, (redis.ResponseError, redis.AuthenticationError)):
+        return True
+    if retried:
+        return False
+    if isinstance(error, MasterNotFoundError):
+        return True
+    # redis-py raises its ConnectionError while handling the socket's error
+    # and names it; a refusal further away is the caller's own business.
+    seen: BaseException | None = error
+    for _ in range(10):  # bounded: a chain may loop
+        if not isinstance(seen, redis.ConnectionError):
+            break
+        below = seen.__cause__ or seen.__context__
+        if isinstance(below, ConnectionRefusedError) and "refused" in str(seen).lower():
+            return True
+        seen = below
+    return False

@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from celery_unique import scripts
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique.clients import REDIS_ERRORS, certainly_not_run
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,7 @@ class PendingAcquire:
             except (NoScriptError, Redirected):
                 # The client's own call loads the script or follows the
                 # redirection; this connection is fine for other keys.
+                self.sent = False  # refused unrun: the first attempt cannot land
                 self._connection = None
                 self._store._give_back(self._node, connection)
             except REDIS_ERRORS:
@@ -191,6 +192,11 @@ class PendingAcquire:
                 self._store._give_back(self._node, connection)
                 self._result = _acquisition(self._call[1], reply)
         return self._result
+
+    def may_have_run(self) -> bool:
+        """Without a reply: whether an attempt may still have taken the lock. It
+        may unless none was sent and asking again was certainly refused."""
+        return self.sent or self.error is None or not certainly_not_run(self.error, self._store.cluster)
 
     def result(self) -> Acquisition:
         """The reply, asking again through the client when it cannot be read.

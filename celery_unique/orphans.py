@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from redis.sentinel import MasterNotFoundError
 
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique.clients import REDIS_ERRORS, certainly_not_run
 from celery_unique.keys import digest_of_key
 
 logger = logging.getLogger(__name__)
@@ -44,26 +44,6 @@ HORIZON = DELAYS[-1] + 10.0
 MAX_PENDING = 10_000
 
 _CONFIRMING = -1  # the attempt number of the last, confirming release
-
-
-def certainly_not_run(error: BaseException) -> bool:
-    """Whether Redis certainly did not run a command that failed with ``error``.
-
-    It answered with an error (a refused login, NOPERM, NOSCRIPT), nothing
-    listened (a refused connection: a server that is down has lost what it
-    had buffered), or the Sentinels knew no primary to send it to. A timeout
-    or a dropped connection leaves it unknown.
-    """
-    if isinstance(error, (redis.ResponseError, redis.AuthenticationError, MasterNotFoundError)):
-        return True
-    seen: BaseException | None = error
-    for _ in range(10):  # the chain of causes (bounded: it may loop)
-        if seen is None:
-            break
-        if isinstance(seen, ConnectionRefusedError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 class OrphanReleaser:
@@ -138,7 +118,12 @@ class OrphanReleaser:
         except REDIS_ERRORS as exc:
             if isinstance(exc, (redis.ResponseError, redis.AuthenticationError)):
                 return True  # Redis answered (and will not let this client release)
-            return None if certainly_not_run(exc) else False  # down: its buffer is gone
+            if isinstance(exc, MasterNotFoundError):
+                return False  # a failover: the new primary may hold a copy of the lock
+            return None if certainly_not_run(exc, store.cluster) else False  # down: its buffer is gone
+        except Exception:
+            logger.exception("releasing lock %s of %s failed", digest_of_key(key)[:12], owner)
+            return None  # the TTL frees it; the releaser goes on with the others
         if released:
             logger.warning(
                 "lock %s taken for %s, which was never published, released", digest_of_key(key)[:12], owner

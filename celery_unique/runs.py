@@ -320,5 +320,5 @@ def _retried(call: Callable[[], T], attempts: int, failure: str, *args: Any) -> 
             if attempt == attempts:
                 logger.warning(failure, *args, exc_info=True)
                 return None
-            time.sleep(0.05 * attempt)
+            time.sleep(0.25 * attempt * attempt)  # 0.25 s, then 1 s: a restart's worth
     return None

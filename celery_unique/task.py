@@ -21,7 +21,7 @@ from celery import Task
 from celery.utils import uuid
 
 from celery_unique import headers, hooks, idempotency, orphans, runs, signals
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique.clients import REDIS_ERRORS, certainly_not_run
 from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
@@ -95,9 +95,7 @@ def _ours(acquisition: Acquisition, fresh: bool) -> Acquisition:
 def _acquired_or_unknown(pending: PendingAcquire, fresh: bool) -> bool:
     found = pending.reply()  # never asked again: that could take the lock now
     if found is None:
-        # Unknown, unless no attempt can have run: the first was never sent
-        # and Redis refused the second (down, or an error reply).
-        return pending.sent or pending.error is None or not orphans.certainly_not_run(pending.error)
+        return pending.may_have_run()
     return _ours(found, fresh).acquired
 
 
@@ -372,7 +370,8 @@ class UniqueTask(Task):  # type: ignore[misc]
         key, task_id, ttl_ms, handover = call.key, call.task_id, call.ttl_ms, call.handover
         republish, fresh, send = call.republish, call.fresh, call.send
         store: LockStore | None = None  # built at first use: a cluster client connects then
-        pending: PendingAcquire | None = None
+        pending: PendingAcquire | None = None  # sent now, read as the message goes out
+        attempt: PendingAcquire | None = None  # sent and read now
 
         def publish(via: Any = producer) -> Any:
             try:
@@ -396,11 +395,15 @@ class UniqueTask(Task):  # type: ignore[misc]
                 republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
             )
             if sequential:
-                acquisition = _ours(store.acquire(key, task_id, ttl_ms, handover), fresh)
+                if store.lean:
+                    attempt = store.begin_acquire(key, task_id, ttl_ms, handover)
+                    acquisition = _ours(attempt.result(), fresh)
+                else:
+                    acquisition = _ours(store.acquire_via_client(key, task_id, ttl_ms, handover), fresh)
             else:
                 pending = store.begin_acquire(key, task_id, ttl_ms, handover)
         except REDIS_ERRORS as exc:
-            return self._acquire_failed(conf, call, store, exc)
+            return self._acquire_failed(conf, call, store, exc, attempt)
         if pending is None:
             if not acquisition.acquired:
                 if not republish:
@@ -540,12 +543,23 @@ class UniqueTask(Task):  # type: ignore[misc]
         return result
 
     def _acquire_failed(
-        self, conf: UniqueConf, call: _LockedCall, store: LockStore | None, error: BaseException
+        self,
+        conf: UniqueConf,
+        call: _LockedCall,
+        store: LockStore | None,
+        error: BaseException,
+        attempt: PendingAcquire | None = None,
     ) -> tuple[bool, Any]:
         """Redis failed while taking the lock: (whether a message went out, what to return)."""
         if call.republish:
             return True, self._republish_unchecked(call.key, call.task_id, error, call.send)
-        if call.fresh and store is not None and not orphans.certainly_not_run(error):
+        if store is None:
+            may_have_run = False  # no client: nothing was sent
+        elif attempt is not None:
+            may_have_run = attempt.may_have_run()
+        else:
+            may_have_run = not certainly_not_run(error, store.cluster)
+        if call.fresh and may_have_run:
             orphans.releaser.release_later(store, call.key, call.task_id)  # the acquire may still land
         return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
 

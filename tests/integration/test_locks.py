@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -11,6 +13,7 @@ import pytest
 import redis
 
 from celery_unique.locks import LockStore, _parse_acquire_reply
+from celery_unique.testing import RedisServer
 
 
 @pytest.fixture
@@ -183,3 +186,27 @@ def test_an_ending_run_keeps_the_argument_digest_of_the_next_holder(
     assert redis_client.get(args) == b"digest-b"  # still b's: a later conflict check needs it
     assert store.store_and_release(result, args, lock, [lock], "b", "", 60_000) == (False, 1)
     assert redis_client.exists(args) == 0  # the queued lock is free: its digest goes with it
+
+
+def test_an_unanswered_acquire_may_have_run_unless_nothing_reached_redis() -> None:
+    key = f"test:v1:{{locks:{uuid.uuid4().hex}}}:lock"
+    with RedisServer() as server:
+        store = LockStore(redis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3))
+        assert store.lean and server.process is not None
+        store.acquire(f"{key}-warm", "w", 1_000)  # leaves a connection to send on at once
+        os.kill(server.process.pid, signal.SIGSTOP)  # the acquire waits in its socket buffer
+        try:
+            attempt = store.begin_acquire(key, "a", 60_000)
+            with pytest.raises(redis.TimeoutError):
+                attempt.result()
+            assert attempt.sent and attempt.may_have_run()
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        store.close()
+        port = server.port
+    down = LockStore(redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.3))
+    attempt = down.begin_acquire(key, "a", 60_000)  # refused: nothing sent
+    with pytest.raises(redis.ConnectionError):
+        attempt.result()
+    assert not attempt.sent and not attempt.may_have_run()
+    down.close()

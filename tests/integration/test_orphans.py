@@ -11,8 +11,9 @@ import pytest
 import redis
 from redis.sentinel import MasterNotFoundError
 
+from celery_unique.clients import certainly_not_run
 from celery_unique.locks import LockStore
-from celery_unique.orphans import OrphanReleaser, certainly_not_run
+from celery_unique.orphans import OrphanReleaser
 from celery_unique.testing import RedisServer
 from tests.integration.conftest import wait_for
 
@@ -73,3 +74,44 @@ def test_nothing_is_retried_where_redis_certainly_did_not_run_it() -> None:
     assert certainly_not_run(redis.AuthenticationError("invalid password"))
     assert certainly_not_run(MasterNotFoundError("No master found for 'mymaster'"))
     assert not certainly_not_run(redis.TimeoutError("Timeout reading from socket"))
+    assert not certainly_not_run(refused.value, retried=True)  # a cluster client's last attempt only
+    assert certainly_not_run(redis.ResponseError("NOPERM"), retried=True)
+
+
+@pytest.mark.parametrize(
+    "meanwhile",
+    [
+        redis.TimeoutError("Timeout reading from socket"),
+        redis.ConnectionError("Connection closed by server."),
+    ],
+)
+def test_a_refusal_the_caller_was_handling_says_nothing_of_redis(meanwhile: redis.RedisError) -> None:
+    try:
+        raise ConnectionRefusedError("the caller's own service")
+    except ConnectionRefusedError:
+        try:
+            raise meanwhile  # from the lock Redis, while the caller handles its own error
+        except redis.RedisError as exc:
+            error = exc
+    assert not certainly_not_run(error)
+
+
+def test_a_release_that_fails_unexpectedly_does_not_stop_the_others() -> None:
+    releaser = OrphanReleaser()
+    with RedisServer() as server, redis.Redis.from_url(server.url) as client:
+        store = LockStore(redis.Redis.from_url(server.url))
+        broken, kept = (f"test:v1:{{orphans:{uuid.uuid4().hex}}}:lock" for _ in range(2))
+        client.set(kept, "owner", px=60_000)
+        real_release = store.release
+
+        def release(key: str, owner: str) -> bool:
+            if key == broken:
+                raise ValueError("a bug")
+            return real_release(key, owner)
+
+        store.release = release  # type: ignore[method-assign]
+        releaser.release_later(store, broken, "owner")
+        releaser.release_later(store, kept, "owner")
+        wait_for(lambda: releaser.pending() == 0, timeout=10)
+        assert client.get(kept) is None  # released after the other one failed
+        store.close()

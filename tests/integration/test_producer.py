@@ -200,7 +200,7 @@ def test_redis_outage_raises_lock_backend_error_and_publishes_nothing(
 ) -> None:
     app = apps(redis_url, "redis://127.0.0.1:1/0", unique_redis_connect_timeout=0.5)
     before = redis_client.llen(QUEUE)
-    for _ in range(2):  # the first call builds the client, the next one uses the lean path
+    for _ in range(2):  # the first call, and one after it (a client already built)
         with (
             caplog.at_level(logging.WARNING, logger="celery_unique"),
             pytest.raises(LockBackendError) as info,

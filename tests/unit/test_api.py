@@ -185,6 +185,7 @@ def test_configuration_errors_name_each_task_and_its_option() -> None:
     assert sorted(found) == ["duplicate", "lifetime", "names", "stored", "timeout"]
     assert "until_execute" in found["lifetime"] and "'drop'" in found["duplicate"]
     assert "['order']" in found["names"] and "-5" in found["timeout"]
+    assert found["names"] == "names: unique_on names ['order'] are not parameters of the task"  # named once
 
 
 @pytest.mark.parametrize(
@@ -247,4 +248,5 @@ def test_the_lock_client_makes_one_attempt_per_call() -> None:
         with pytest.raises(redis.ConnectionError):
             client.ping()
         client.close()
+        server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which ends
     assert accepted == [1]

@@ -29,9 +29,27 @@ _COUNTERS = (
 )
 
 
-def _labels(names: tuple[str, ...], sender: Any, kwargs: dict[str, Any]) -> dict[str, str]:
-    values = {"task": getattr(sender, "name", "") or "", **{k: str(v) for k, v in kwargs.items()}}
-    return {name: values.get(name, "") for name in names}
+def _label(name: str, sender: Any, kwargs: dict[str, Any]) -> str:
+    if name == "task":
+        return getattr(sender, "name", "") or ""
+    return str(kwargs.get(name, ""))
+
+
+def _receiver(counter: Any, labels: tuple[str, ...]) -> Any:
+    """A signal receiver that counts; the labelled children are kept, since
+    looking one up in prometheus_client costs more than the signal itself."""
+    if not labels:
+        return lambda sender=None, **kwargs: counter.inc()
+    children: dict[tuple[str, ...], Any] = {}
+
+    def count(sender: Any = None, **kwargs: Any) -> None:
+        values = tuple(_label(name, sender, kwargs) for name in labels)
+        child = children.get(values)
+        if child is None:
+            child = children[values] = counter.labels(*values)
+        child.inc()
+
+    return count
 
 
 # The counters of each registry they are in, and who may change that.
@@ -62,14 +80,9 @@ def enable_prometheus(registry: Any = None) -> dict[str, Any]:
         for signal_name, metric, documentation, labels in _COUNTERS:
             counter = Counter(metric, documentation, labels, registry=registry)
             counters[signal_name] = counter
-
-            def count(
-                sender: Any = None, _counter: Any = counter, _labels_of: Any = labels, **kwargs: Any
-            ) -> None:
-                target = _counter.labels(**_labels(_labels_of, sender, kwargs)) if _labels_of else _counter
-                target.inc()
-
-            getattr(signals, signal_name).connect(count, weak=False, dispatch_uid=_uid(registry, metric))
+            getattr(signals, signal_name).connect(
+                _receiver(counter, labels), weak=False, dispatch_uid=_uid(registry, metric)
+            )
         _enabled[registry] = counters
     return counters
 

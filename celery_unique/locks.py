@@ -160,6 +160,9 @@ class PendingAcquire:
             # A kept connection may be stale (the server restarted): the
             # result is then asked for again through the client.
             self._drop()
+        except BaseException:
+            self._drop()  # never leave a taken connection behind
+            raise
 
     def _drop(self) -> None:
         connection, self._connection = self._connection, None

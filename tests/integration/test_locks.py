@@ -18,9 +18,9 @@ from celery_unique.testing import RedisServer
 
 @pytest.fixture
 def store(redis_url: str) -> Iterator[LockStore]:
-    client = redis.Redis.from_url(redis_url)
-    yield LockStore(client)
-    client.close()
+    store = LockStore(redis.Redis.from_url(redis_url))
+    yield store
+    store.close()  # its own connections too (the lean path keeps some)
 
 
 @pytest.fixture

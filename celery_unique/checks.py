@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from celery_unique.clients import REDIS_ERRORS, is_cluster
+from celery_unique.clients import REDIS_ERRORS, is_cluster, text
 from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
 from celery_unique.exceptions import ConfigurationError, UniqueError
 
@@ -113,7 +113,7 @@ def check_eviction(app: Any) -> list[Finding]:
             replies = [client.config_get("maxmemory-policy")]
     except _UNREADABLE:
         return []  # unreachable or CONFIG not allowed: nothing to say here
-    policies = {_text(reply.get("maxmemory-policy") or "") for reply in replies}
+    policies = {text(reply.get("maxmemory-policy") or "") for reply in replies}
     policy = next((found for found in sorted(policies) if found and found != "noeviction"), None)
     if policy:
         return [
@@ -124,10 +124,6 @@ def check_eviction(app: Any) -> list[Finding]:
             )
         ]
     return []
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def check_app(app: Any) -> list[Finding]:

@@ -156,6 +156,11 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 )
 
 
+def text(value: Any) -> str:
+    """A reply as text (clients without ``decode_responses`` answer bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 

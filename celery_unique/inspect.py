@@ -17,6 +17,7 @@ import redis
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from celery_unique import idempotency
+from celery_unique.clients import text
 from celery_unique.conf import UNTIL_AND_WHILE_EXECUTING, WHILE_EXECUTING, get_conf
 from celery_unique.exceptions import ConfigurationError, LockBackendError
 from celery_unique.keys import (
@@ -69,10 +70,6 @@ def _task_of(key: str) -> str:
     return task_name_of_tag(tag.rpartition(":")[0])
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _glob_escape(text: str) -> str:
     """``text`` matched literally by a SCAN pattern."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
@@ -82,7 +79,7 @@ def _scan(client: Any, pattern: str, count: int) -> Iterator[str]:
     """The keys matching ``pattern``, each once (SCAN may return a key twice)."""
     seen: set[str] = set()
     for raw in client.scan_iter(match=pattern, count=count):
-        key = _text(raw)
+        key = text(raw)
         if key not in seen:
             seen.add(key)
             yield key
@@ -194,8 +191,8 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
                 if name not in lifetimes:
                     lifetimes[name] = _lifetime(app, name)
                 lifetime = lifetimes[name]
-                text = _text(value)
-                holder = idempotency.decode(text).task_id if kind == "result" else text
+                held = text(value)
+                holder = idempotency.decode(held).task_id if kind == "result" else held
                 ttl = pttl / 1000.0 if pttl >= 0 else None
                 yield LockInfo(
                     key,
@@ -222,7 +219,7 @@ def open_fan_ins(app: Any, count: int = 500) -> Counter[str]:
         for key in page:
             pipe.hmget(key, "state", "callback")
         for state, callback in pipe.execute():
-            if state is not None and _text(state) == "open":
+            if state is not None and text(state) == "open":
                 found[_callback_task(callback)] += 1
     return found
 

@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from celery_unique import scripts
-from celery_unique.clients import REDIS_ERRORS, certainly_not_run
+from celery_unique.clients import REDIS_ERRORS, certainly_not_run, text
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,11 @@ class RunStart(Acquisition):
     released_queued: bool = False  # the run gave up its queued lock (until_executing)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _acquisition(owner: str, reply: Any) -> Acquisition:
     if isinstance(reply, int):
         return Acquisition(owner=owner, holder=owner, ttl_ms=reply, acquired=True)
     holder, ttl_ms = reply
-    return Acquisition(owner=owner, holder=_text(holder), ttl_ms=int(ttl_ms), acquired=False)
+    return Acquisition(owner=owner, holder=text(holder), ttl_ms=int(ttl_ms), acquired=False)
 
 
 class Redirected(redis.ResponseError):
@@ -332,7 +328,7 @@ class LockStore:
             keys=[lock, run, fence, result or fence], args=[owner, mode, ttl_ms, "1" if result else ""]
         )
         if int(reply[0]) == 2:
-            return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=_text(reply[1]))
+            return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=text(reply[1]))
         if int(reply[0]) == 1:
             return RunStart(
                 owner=owner,
@@ -342,7 +338,7 @@ class LockStore:
                 fence=int(reply[1]),
                 released_queued=bool(int(reply[2])),
             )
-        return RunStart(owner=owner, holder=_text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
+        return RunStart(owner=owner, holder=text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
 
     def acquire_idempotent(
         self, lock: str, result: str, args: str, owner: str, ttl_ms: int, handover: str, args_digest: str
@@ -354,9 +350,9 @@ class LockStore:
         if isinstance(reply, int):
             return Acquisition(owner, owner, reply, acquired=True), None, args_digest
         if int(reply[0]) == 2:
-            return Acquisition(owner, "", 0, acquired=False), _text(reply[1]), ""
-        holding = Acquisition(owner, _text(reply[1]), int(reply[2]), acquired=False)
-        return holding, None, _text(reply[3])
+            return Acquisition(owner, "", 0, acquired=False), text(reply[1]), ""
+        holding = Acquisition(owner, text(reply[1]), int(reply[2]), acquired=False)
+        return holding, None, text(reply[3])
 
     def store_and_release(
         self, result: str, args: str, queued: str, locks: list[str], owner: str, outcome: str, ttl_ms: int
@@ -381,4 +377,4 @@ class LockStore:
         owner, pttl = pipe.execute()
         if owner is None:
             return None, None
-        return _text(owner), (pttl / 1000.0 if pttl >= 0 else None)
+        return text(owner), (pttl / 1000.0 if pttl >= 0 else None)

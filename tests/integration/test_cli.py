@@ -30,7 +30,7 @@ from celery_unique.keys import (
 )
 from celery_unique.locks import LockStore
 from tests.integration.conftest import Events, wait_for
-from tests.integration.worker_app import LIFETIME_TASKS, gate_key, sleeper
+from tests.integration.worker_app import LIFETIME_TASKS, open_gate, sleeper
 
 APP = "tests.integration.worker_app"
 WAIT = 60.0  # seconds: generous, the machine may be busy
@@ -64,11 +64,11 @@ def gate(redis_client: redis.Redis, token: str) -> Iterator[Callable[[], None]]:
     """Opens the gate where the test's run (``gated=True``) waits between "start" and "end";
     opened after the test too, so a failed test does not keep a worker process."""
 
-    def open_gate() -> None:
-        redis_client.set(gate_key(token), 1, ex=600)
+    def opened() -> None:
+        open_gate(redis_client, token)
 
-    yield open_gate
-    open_gate()
+    yield opened
+    opened()
 
 
 def run(*args: str, input: str | None = None) -> Any:

@@ -21,7 +21,7 @@ from celery_unique.exceptions import ConfigurationError, DuplicateTaskError
 from tests.integration import compat_app
 from tests.integration.compat_app import once, once_unlocked, singleton
 from tests.integration.conftest import Events, Worker, wait_for
-from tests.integration.worker_app import gate_key
+from tests.integration.worker_app import open_gate
 
 
 @pytest.fixture
@@ -278,10 +278,6 @@ def holder(task: Any, token: str) -> str | None:
 
 def seen(events: Events, event: str, count: int = 1) -> Callable[[], bool]:
     return lambda: len([e for e in events() if e["event"] == event]) >= count
-
-
-def open_gate(client: redis.Redis, token: str) -> None:
-    client.set(gate_key(token), 1, ex=600)
 
 
 @pytest.mark.worker

@@ -172,6 +172,11 @@ def gate_key(token: str) -> str:
     return f"test-gate:{token}"
 
 
+def open_gate(client: redis.Redis, token: str, seconds: int = 600) -> None:
+    """Let the token's runs waiting at the gate go on (from the test process)."""
+    client.set(gate_key(token), 1, ex=seconds)
+
+
 def wait_at_gate(token: str, timeout: float = 60.0) -> None:
     """Block until the test sets the token's gate key (a run that outlasts the test's calls)."""
     assert _events is not None  # record() connected it

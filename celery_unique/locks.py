@@ -131,7 +131,8 @@ def _read_acquire_reply(connection: Any) -> int | tuple[bytes, int]:
 
 
 class PendingAcquire:
-    """An acquire that was sent and not yet read.
+    """An acquire that was sent and not yet read (on the lean path; otherwise
+    :meth:`result` asks through the client).
 
     :meth:`result` or :meth:`reply` must be called in every path (they give
     the connection back); both are idempotent.
@@ -146,6 +147,8 @@ class PendingAcquire:
         self.sent = False
         #: Why the reply is unknown, when asking again through the client failed.
         self.error: BaseException | None = None
+        if not store.lean:
+            return  # nothing sent now: result() asks through the client
         try:
             self._node, self._connection = store._take_connection(key)
             self._connection.send_packed_command(
@@ -289,16 +292,14 @@ class LockStore:
         A held lock is taken only from ``handover``: pass the owner itself to
         re-enter (a retried message), or the running task's id to hand over.
         """
-        if self.lean:
-            return PendingAcquire(self, key, owner, ttl_ms, handover).result()
-        return self.acquire_via_client(key, owner, ttl_ms, handover)
+        return PendingAcquire(self, key, owner, ttl_ms, handover).result()
 
     def acquire_via_client(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:
         """:meth:`acquire` through redis-py's client (its retries and script loading)."""
         return _acquisition(owner, self._acquire(keys=[key], args=[owner, ttl_ms, handover]))
 
     def begin_acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> PendingAcquire:
-        """Send an acquire now; read it later with :meth:`PendingAcquire.result`."""
+        """Send an acquire now (on the lean path); read it later with :meth:`PendingAcquire.result`."""
         return PendingAcquire(self, key, owner, ttl_ms, handover)
 
     def release(self, key: str, owner: str) -> bool:

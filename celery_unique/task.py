@@ -395,11 +395,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                 republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
             )
             if sequential:
-                if store.lean:
-                    attempt = store.begin_acquire(key, task_id, ttl_ms, handover)
-                    acquisition = _ours(attempt.result(), fresh)
-                else:
-                    acquisition = _ours(store.acquire_via_client(key, task_id, ttl_ms, handover), fresh)
+                attempt = store.begin_acquire(key, task_id, ttl_ms, handover)
+                acquisition = _ours(attempt.result(), fresh)
             else:
                 pending = store.begin_acquire(key, task_id, ttl_ms, handover)
         except REDIS_ERRORS as exc:

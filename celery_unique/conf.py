@@ -251,10 +251,15 @@ _VALIDATED = (
 )
 
 
+_creating = threading.Lock()
+
+
 def get_conf(app: Any) -> UniqueConf:
     """The :class:`UniqueConf` of ``app``, created once and cached on the app."""
     conf: UniqueConf | None = getattr(app, "_celery_unique_conf", None)
     if conf is None:
-        conf = UniqueConf(app)
-        app._celery_unique_conf = conf
+        with _creating:  # the first calls may come from many threads at once
+            conf = getattr(app, "_celery_unique_conf", None)
+            if conf is None:
+                conf = app._celery_unique_conf = UniqueConf(app)
     return conf

@@ -14,7 +14,7 @@ HEADER = "celery_unique"
 
 class LockHeader(TypedDict, total=False):
     key: str
-    owner: str
+    owner: str  # the message's owner token (locks.new_owner): the lock's value while it holds it
     timeout: float  # the lock_timeout in force for this message, in seconds
     args: str  # an idempotent call's argument digest, as the producer computed it
 

@@ -29,7 +29,7 @@ from celery_unique.keys import (
     tag_name,
     task_name_of_tag,
 )
-from celery_unique.locks import LockStore
+from celery_unique.locks import LockStore, task_id_of
 
 KINDS = ("lock", "run", "result")
 # The lifetimes whose run takes the running lock (``:run``). The begin_run
@@ -192,7 +192,7 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
                     lifetimes[name] = _lifetime(app, name)
                 lifetime = lifetimes[name]
                 held = text(value)
-                holder = idempotency.decode(held).task_id if kind == "result" else held
+                holder = idempotency.decode(held).task_id if kind == "result" else task_id_of(held)
                 ttl = pttl / 1000.0 if pttl >= 0 else None
                 yield LockInfo(
                     key,

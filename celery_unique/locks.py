@@ -1,8 +1,12 @@
 """The lock primitive: acquire, release and extend, each one Lua call.
 
-The lock value is the owner token (a task id), so the same task id coming back
-(a retry, a redelivery) re-enters its own lock, and only the owner can release
-or extend it.
+The lock value is an owner token: the task id and a random suffix made for
+each message (:func:`new_owner`). The message carries it in its headers, so
+the same message coming back (a retry, a redelivery) re-enters its own lock,
+and only the owner can release or extend it. Because two calls never share a
+token, a call can always tell its own acquire from another's, even when the
+caller chose the task id and used it before (a reply lost in a stall, asked
+again, names the call itself as the holder).
 
 Acquiring sits on the hot path of ``delay()``, so it does not go through
 redis-py's command machinery (pool bookkeeping, retries, instrumentation cost
@@ -20,6 +24,7 @@ work (Celery builds the message) and reads the reply only when it needs it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,15 +35,35 @@ from redis.exceptions import NoScriptError
 from celery_unique import scripts
 from celery_unique.clients import REDIS_ERRORS, certainly_not_run, text
 
+# The suffix of an owner token: "#" and 12 hex digits (48 random bits, unique
+# among the messages of one task id).
+_SUFFIX = re.compile(r"#[0-9a-f]{12}\Z")
+
+
+def new_owner(task_id: str) -> str:
+    """A new owner token for a message with this task id."""
+    return f"{task_id}#{os.urandom(6).hex()}"
+
+
+def task_id_of(owner: str) -> str:
+    """The task id in an owner token (a bare task id, as a run that took its own
+    lock in the worker writes, is its own task id)."""
+    return owner[:-13] if _SUFFIX.search(owner) else owner
+
 
 @dataclass(frozen=True)
 class Acquisition:
     """The answer of an acquire: who holds the lock now, and for how long."""
 
-    owner: str
-    holder: str
+    owner: str  # our owner token
+    holder: str  # the owner token in the lock now
     ttl_ms: int
     acquired: bool
+
+    @property
+    def holder_id(self) -> str:
+        """The task id of the holder."""
+        return task_id_of(self.holder)
 
     @property
     def ttl(self) -> float | None:
@@ -58,8 +83,9 @@ class RunStart(Acquisition):
 def _acquisition(owner: str, reply: Any) -> Acquisition:
     if isinstance(reply, int):
         return Acquisition(owner=owner, holder=owner, ttl_ms=reply, acquired=True)
-    holder, ttl_ms = reply
-    return Acquisition(owner=owner, holder=text(holder), ttl_ms=int(ttl_ms), acquired=False)
+    holder, ttl_ms = text(reply[0]), int(reply[1])
+    # Our own token: an earlier attempt of this very call (its reply lost) took it.
+    return Acquisition(owner=owner, holder=holder, ttl_ms=ttl_ms, acquired=holder == owner)
 
 
 class Redirected(redis.ResponseError):
@@ -138,7 +164,7 @@ class PendingAcquire:
     the connection back); both are idempotent.
     """
 
-    def __init__(self, store: LockStore, key: str, owner: str, ttl_ms: int, handover: str):
+    def __init__(self, store: LockStore, key: str, owner: str, ttl_ms: int, handover: str) -> None:
         self._store = store
         self._call = (key, owner, ttl_ms, handover)
         self._result: Acquisition | None = None
@@ -204,8 +230,8 @@ class PendingAcquire:
         """The reply, asking again through the client when it cannot be read.
 
         The script call loads the script when the server lost it. The first
-        attempt may still have run: the answer then names the owner itself
-        as the holder (the caller knows whether that owner is its own).
+        attempt may still have run: the answer then names our own token as
+        the holder, which is taken as acquired.
         """
         found = self.reply()
         if found is None:
@@ -352,7 +378,8 @@ class LockStore:
             return Acquisition(owner, owner, reply, acquired=True), None, args_digest
         if int(reply[0]) == 2:
             return Acquisition(owner, "", 0, acquired=False), text(reply[1]), ""
-        holding = Acquisition(owner, text(reply[1]), int(reply[2]), acquired=False)
+        holder = text(reply[1])
+        holding = Acquisition(owner, holder, int(reply[2]), acquired=holder == owner)
         return holding, None, text(reply[3])
 
     def store_and_release(
@@ -371,7 +398,12 @@ class LockStore:
         return bool(self._extend(keys=[key, *companions], args=[owner, ttl_ms]))
 
     def holder(self, key: str) -> tuple[str | None, float | None]:
-        """Who holds the lock and for how many more seconds (for tools and tests)."""
+        """The task id holding the lock and its seconds left (for tools and tests)."""
+        owner, ttl = self.owner(key)
+        return (task_id_of(owner) if owner is not None else None), ttl
+
+    def owner(self, key: str) -> tuple[str | None, float | None]:
+        """The owner token in the lock and its seconds left (for tools and tests)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(key)
         pipe.pttl(key)

@@ -6,8 +6,11 @@ nothing. But the command may already sit in Redis's socket buffer and run
 once Redis answers again, leaving a lock whose owner will never run: every
 ``delay()`` of that key would be its duplicate until the lock expires.
 
-The owner is a task id made for that call and never published, so freeing
-its lock is always right. :data:`releaser` does that from one daemon thread,
+The owner token was made for that call and never published, so freeing its
+lock is always right, whoever chose the task id. Until it is freed, a later
+call of the same key in this process takes it over (:meth:`OrphanReleaser.abandoned`):
+a caller that retries with its own task id is not told that its message is a
+duplicate of itself. :data:`releaser` frees the locks from one daemon thread,
 owner-checked, at growing intervals until Redis answers, and once more a
 second later: Redis runs what it had buffered before it answers a new
 connection. Nothing is retried when Redis certainly did not run the command
@@ -62,6 +65,13 @@ class OrphanReleaser:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._trying = 0  # a release taken from _due and not finished yet
+        self._abandoned: dict[str, str] = {}  # lock key -> the latest owner given up on
+
+    def abandoned(self, key: str) -> str:
+        """The owner token of a call of this process that gave up on ``key``'s lock
+        and whose release is not settled yet ("" for none): a lock it holds has
+        no message, so a new call may take it over."""
+        return self._abandoned.get(key, "")
 
     def release_later(self, store: Any, key: str, owner: str) -> None:
         """Release ``key`` if ``owner`` holds it, soon and until Redis answers."""
@@ -70,6 +80,7 @@ class OrphanReleaser:
             if len(self._due) >= MAX_PENDING:
                 return
             self._push(now + DELAYS[0], weakref.ref(store), key, owner, 0, now)
+            self._abandoned[key] = owner
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery-unique-orphans", daemon=True)
                 self._thread.start()
@@ -97,11 +108,15 @@ class OrphanReleaser:
             with self._changed:  # the next attempt is due before this one stops counting
                 self._trying = 0
                 if answered is None:
-                    continue  # the TTL frees the lock, if it ever lands
-                if not answered and 0 <= attempt < len(DELAYS) - 1:
+                    pass  # the TTL frees the lock, if it ever lands
+                elif not answered and 0 <= attempt < len(DELAYS) - 1:
                     self._push(failed_at + DELAYS[attempt + 1], ref, key, owner, attempt + 1, failed_at)
+                    continue
                 elif answered and attempt != _CONFIRMING:
                     self._push(time.monotonic() + CONFIRM_AFTER, ref, key, owner, _CONFIRMING, failed_at)
+                    continue
+                if self._abandoned.get(key) == owner:
+                    del self._abandoned[key]  # settled: released, or left to its TTL
 
     @staticmethod
     def _release(ref: weakref.ref[Any], key: str, owner: str) -> bool | None:

@@ -128,7 +128,7 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
         return
     if not start.acquired:
         setattr(request, STATE, NOTHING_HELD)
-        _conflict(task, family, start.holder, start.ttl)
+        _conflict(task, family, start.holder_id, start.ttl)
         return
     held = lock_key(family) if lifetime == UNTIL_EXECUTED else run_key(family)
     companions = (args_key(family),) if task.idempotent else ()
@@ -238,7 +238,7 @@ def _outcome(
         return None
     # The producer's digest: JSON has turned tuples into lists since.
     digest_of_args = (header or {}).get("args") or task.arguments_digest(request.args, request.kwargs)
-    task_id = header["owner"] if header is not None else request.id
+    task_id = request.id
     if state == states.SUCCESS:
         try:
             return idempotency.encode_success(task_id, digest_of_args, retval)

@@ -47,7 +47,7 @@ from celery_unique.keys import (
     result_key,
 )
 from celery_unique.lease import Lease
-from celery_unique.locks import Acquisition, LockStore, PendingAcquire
+from celery_unique.locks import Acquisition, LockStore, PendingAcquire, new_owner
 from celery_unique.publish import DuplicateFound, DuplicateHints, GatedProducer, GateFailed
 
 logger = logging.getLogger(__name__)
@@ -70,33 +70,33 @@ class _LockedCall:
 
     key: str
     task_id: str
+    owner: str  # the message's owner token: the lock's value while it holds it
     ttl_ms: int
     handover: str  # the owner the lock may be taken from ("" for none)
     republish: bool  # the message is published again (a retry): never dropped
-    fresh: bool  # the task id was made here, so nobody else can hold it
     on_duplicate: str
     send: Callable[..., Any]  # publish the locked message
     publish_unlocked: Callable[..., Any]  # publish without a lock (unique_on_redis_error = "allow")
 
 
-def _ours(acquisition: Acquisition, fresh: bool) -> Acquisition:
-    """The acquisition, taken when it names our own freshly made id as holder.
-
-    Nobody else knows a fresh id: when a reply was lost (a timeout) and the
-    acquire was asked again, the first attempt, run late by Redis, took the
-    lock for us. Read as a duplicate, the call would return a handle to a
-    task that was never published.
-    """
-    if fresh and not acquisition.acquired and acquisition.holder == acquisition.owner:
-        return dataclasses.replace(acquisition, acquired=True)
-    return acquisition
-
-
-def _acquired_or_unknown(pending: PendingAcquire, fresh: bool) -> bool:
+def _acquired_or_unknown(pending: PendingAcquire) -> bool:
     found = pending.reply()  # never asked again: that could take the lock now
     if found is None:
         return pending.may_have_run()
-    return _ours(found, fresh).acquired
+    return found.acquired
+
+
+def _running_request(task: Any) -> Any:
+    """The request of a run of ``task`` on this thread, or None (a plain call).
+
+    Read from the task's request stack, not ``task.request``: while another
+    thread binds a lazily created task, Celery has marked it bound before it
+    makes the stack, and ``task.request`` fails. No run of it is on this
+    thread then.
+    """
+    stack = task.request_stack
+    top = stack.top if stack is not None else None
+    return top if top is not None and not top.called_directly else None
 
 
 def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:
@@ -292,13 +292,12 @@ class UniqueTask(Task):  # type: ignore[misc]
                     "locks at delay(), not while_executing"
                 )
             return publish()  # checked in the worker only
-        current = self.request
-        in_run = not current.called_directly
-        running_lock = headers.from_context(current) if in_run else None
+        current = _running_request(self)
+        running_lock = headers.from_context(current)
         # The running message published again with its own id: a retry or a
         # replace(). Celery's retry_on_worker_lost does the same from the
         # worker's main process, where no request runs: it counts "retries".
-        of_current = in_run and task_id is not None and task_id == current.id
+        of_current = current is not None and task_id is not None and task_id == current.id
         republish = of_current or (task_id is not None and bool(options.get("retries")))
         if of_current and running_lock is None:
             # A message that carried no lock (sent by name, or a canvas
@@ -324,28 +323,37 @@ class UniqueTask(Task):  # type: ignore[misc]
             if unique_options.get("lock_timeout")
             else self.unique_lock_timeout
         )
-        if of_current:
-            assert running_lock is not None
-            key = running_lock["key"]
+        # A message published again keeps its lock: the key and owner its header carries.
+        carried = running_lock if of_current else None
+        if republish and not of_current:
+            carried = headers.from_message_headers(options.get("headers"))
+        task_id = task_id or uuid()
+        if carried is not None:
+            key, owner, handover = carried["key"], carried["owner"], carried["owner"]
         else:
             key = self.unique_lock_key(args, kwargs, unique_options, idempotency_key)
-        fresh = task_id is None  # an id made here: no other call can hold a lock under it
-        task_id = task_id or uuid()
+            owner = new_owner(task_id)
+            # A republished message without a header took its lock in the
+            # worker (its bare id); a running task that enqueues its own key
+            # hands its lock over; a call may take a lock that an earlier call
+            # of this process took, gave up on and never published.
+            if republish:
+                handover = task_id
+            elif running_lock is not None and running_lock["key"] == key:
+                handover = running_lock["owner"]
+            else:
+                handover = orphans.releaser.abandoned(key)
         passes_on = running_lock is not None and running_lock["key"] == key
-        # Who the lock may be taken from: the message itself when published
-        # again, else the running task when it re-enqueues itself (handover).
-        handover = task_id if republish else (current.id if passes_on else "")
         ttl_ms = int((timeout + _delay_seconds(app, options)) * 1000)
         given = None
         if self.idempotent:
             # A retry keeps the producer's digest: JSON has turned tuples into lists since.
-            given = (running_lock or {}).get("args") if of_current else None
-            given = given or self.arguments_digest(args, kwargs)
+            given = (carried or {}).get("args") or self.arguments_digest(args, kwargs)
         locked_options = {
             **options,
             "headers": {
                 **(options.get("headers") or {}),
-                headers.HEADER: headers.lock_header(key, task_id, timeout, given),
+                headers.HEADER: headers.lock_header(key, owner, timeout, given),
             },
         }
 
@@ -354,7 +362,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 args, kwargs, task_id, via, link, link_error, shadow, **locked_options
             )
 
-        call = _LockedCall(key, task_id, ttl_ms, handover, republish, fresh, on_duplicate, send, publish)
+        call = _LockedCall(key, task_id, owner, ttl_ms, handover, republish, on_duplicate, send, publish)
         if given is not None:
             published, result = self._publish_idempotent(conf, call, idempotency_key, given)
         else:
@@ -367,8 +375,8 @@ class UniqueTask(Task):  # type: ignore[misc]
         self, app: Any, conf: UniqueConf, call: _LockedCall, producer: Any
     ) -> tuple[bool, Any]:
         """Take the lock and publish; (whether a locked message went out, what to return)."""
-        key, task_id, ttl_ms, handover = call.key, call.task_id, call.ttl_ms, call.handover
-        republish, fresh, send = call.republish, call.fresh, call.send
+        key, task_id, owner, ttl_ms, handover = call.key, call.task_id, call.owner, call.ttl_ms, call.handover
+        republish, send = call.republish, call.send
         store: LockStore | None = None  # built at first use: a cluster client connects then
         pending: PendingAcquire | None = None  # sent now, read as the message goes out
         attempt: PendingAcquire | None = None  # sent and read now
@@ -380,8 +388,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                 raise
             except BaseException:
                 # Read the acquire reply first, so the release cannot overtake it.
-                if pending is None or _acquired_or_unknown(pending, fresh):
-                    self._release_after_failed_publish(conf.locks, key, task_id, fresh)
+                if pending is None or _acquired_or_unknown(pending):
+                    self._release_after_failed_publish(conf.locks, key, owner, republish)
                 raise
             _hints.free(key)
             result.duplicate = False
@@ -395,10 +403,10 @@ class UniqueTask(Task):  # type: ignore[misc]
                 republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
             )
             if sequential:
-                attempt = store.begin_acquire(key, task_id, ttl_ms, handover)
-                acquisition = _ours(attempt.result(), fresh)
+                attempt = store.begin_acquire(key, owner, ttl_ms, handover)
+                acquisition = attempt.result()
             else:
-                pending = store.begin_acquire(key, task_id, ttl_ms, handover)
+                pending = store.begin_acquire(key, owner, ttl_ms, handover)
         except REDIS_ERRORS as exc:
             return self._acquire_failed(conf, call, store, exc, attempt)
         if pending is None:
@@ -410,11 +418,11 @@ class UniqueTask(Task):  # type: ignore[misc]
                     self.name,
                     task_id,
                     digest_of_key(key)[:12],
-                    acquisition.holder,
+                    acquisition.holder_id,
                 )
             return True, publish()
         try:
-            return True, self._publish_gated(app, pending, fresh, producer, publish)
+            return True, self._publish_gated(app, pending, producer, publish)
         except DuplicateFound as found:
             self._forget_unpublished(task_id)
             return False, self._duplicate(key, found.acquisition, call.on_duplicate)
@@ -425,18 +433,17 @@ class UniqueTask(Task):  # type: ignore[misc]
         self, conf: UniqueConf, call: _LockedCall, idempotency_key: str | None, given: str
     ) -> tuple[bool, Any]:
         """Replay a stored outcome, return the in-flight task, or take the lock and publish."""
-        key, task_id, ttl_ms, handover = call.key, call.task_id, call.ttl_ms, call.handover
-        republish, fresh, send = call.republish, call.fresh, call.send
+        key, task_id, owner, ttl_ms, handover = call.key, call.task_id, call.owner, call.ttl_ms, call.handover
+        republish, send = call.republish, call.send
         family = family_of(key)
         store: LockStore | None = None  # built at first use: a cluster client connects then
         try:
             store = conf.locks
             acquisition, stored, holder_digest = store.acquire_idempotent(
-                key, result_key(family), args_key(family), task_id, ttl_ms, handover, given
+                key, result_key(family), args_key(family), owner, ttl_ms, handover, given
             )
         except REDIS_ERRORS as exc:
             return self._acquire_failed(conf, call, store, exc)
-        acquisition = _ours(acquisition, fresh)
         if stored is not None:
             outcome = idempotency.decode(stored)
             idempotency.check_conflict(self.name, idempotency_key, outcome.args_digest, given)
@@ -453,7 +460,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             result = send()
         except BaseException:
-            self._release_after_failed_publish(store, key, task_id, fresh)
+            self._release_after_failed_publish(store, key, owner, republish)
             raise
         result.duplicate = result.replayed = False
         signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
@@ -467,12 +474,12 @@ class UniqueTask(Task):  # type: ignore[misc]
                 consumer.cancel_for(task_id)
 
     @staticmethod
-    def _publish_gated(app: Any, pending: PendingAcquire, fresh: bool, producer: Any, publish: Any) -> Any:
+    def _publish_gated(app: Any, pending: PendingAcquire, producer: Any, publish: Any) -> Any:
         """Publish while the acquire reply is in flight; the producer reads it last."""
 
         def gate() -> None:
             try:
-                acquisition = _ours(pending.result(), fresh)
+                acquisition = pending.result()
             except REDIS_ERRORS as exc:
                 raise GateFailed(exc) from exc
             if not acquisition.acquired:
@@ -487,11 +494,11 @@ class UniqueTask(Task):  # type: ignore[misc]
             # lock for a message that is not published.
             pending.reply()
 
-    def _release_after_failed_publish(self, store: LockStore, key: str, owner: str, fresh: bool) -> None:
+    def _release_after_failed_publish(self, store: LockStore, key: str, owner: str, republish: bool) -> None:
         try:
             store.release(key, owner)
         except REDIS_ERRORS as exc:
-            if fresh:
+            if not republish:  # a republished message's lock is its earlier message's too
                 orphans.releaser.release_later(store, key, owner)
             # The error, not its traceback: on an outage every call lands here.
             logger.warning(
@@ -499,25 +506,26 @@ class UniqueTask(Task):  # type: ignore[misc]
                 self.name,
                 digest_of_key(key)[:12],
                 exc,
-                "retried in the background" if fresh else "it expires after its timeout",
+                "it expires after its timeout" if republish else "retried in the background",
             )
 
     def _duplicate(self, key: str, acquisition: Acquisition, on_duplicate: str) -> Any:
         _hints.held(key, acquisition.ttl)
         key_digest = digest_of_key(key)
-        signals.duplicate_rejected.send(sender=self, existing_id=acquisition.holder, key_digest=key_digest)
+        holder = acquisition.holder_id
+        signals.duplicate_rejected.send(sender=self, existing_id=holder, key_digest=key_digest)
         logger.info(
             "%s: duplicate of %s (key %s, lock ttl %ss): not published",
             self.name,
-            acquisition.holder,
+            holder,
             key_digest[:12],
             acquisition.ttl,
         )
         if on_duplicate == "raise":
-            raise DuplicateTaskError(self.name, key_digest, acquisition.holder, acquisition.ttl)
+            raise DuplicateTaskError(self.name, key_digest, holder, acquisition.ttl)
         if on_duplicate == "ignore":
             return None
-        result = self.AsyncResult(acquisition.holder)
+        result = self.AsyncResult(holder)
         result.duplicate = True
         return result
 
@@ -556,8 +564,8 @@ class UniqueTask(Task):  # type: ignore[misc]
             may_have_run = attempt.may_have_run()
         else:
             may_have_run = not certainly_not_run(error, store.cluster)
-        if call.fresh and may_have_run:
-            orphans.releaser.release_later(store, call.key, call.task_id)  # the acquire may still land
+        if may_have_run:
+            orphans.releaser.release_later(store, call.key, call.owner)  # the acquire may still land
         return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
 
     def _redis_failed(self, conf: UniqueConf, key: str, error: BaseException, publish: Any) -> Any:

@@ -122,10 +122,13 @@ def chaos_worker(broker_url: str, lock_url: str, name: str, *extra: str, **env: 
 
 
 @contextlib.contextmanager
-def producing(broker_url: str, lock_url: str, prefix: str = "celery_unique") -> Iterator[Any]:
-    """Point this process's chaos app (the producer side) at the servers, then back."""
+def producing(
+    broker_url: str, lock_url: str, prefix: str = "celery_unique", **settings: Any
+) -> Iterator[Any]:
+    """Point this process's chaos app (the producer side) at the servers (and
+    ``settings``), then back."""
     app = chaos_app.app
-    names = ("broker_url", "unique_redis_url", "unique_key_prefix")
+    names = ("broker_url", "unique_redis_url", "unique_key_prefix", *settings)
     before = {name: app.conf.get(name) for name in names}
     conf = get_conf(app)
 
@@ -137,7 +140,7 @@ def producing(broker_url: str, lock_url: str, prefix: str = "celery_unique") -> 
         app.amqp._producer_pool = None
 
     close()
-    app.conf.update(broker_url=broker_url, unique_redis_url=lock_url, unique_key_prefix=prefix)
+    app.conf.update(broker_url=broker_url, unique_redis_url=lock_url, unique_key_prefix=prefix, **settings)
     try:
         yield app
     finally:

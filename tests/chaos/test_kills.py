@@ -21,7 +21,7 @@ import redis
 
 from tests.chaos import chaos_app
 from tests.chaos.conftest import SCALE, Events, Report, ends, starts
-from tests.integration.conftest import Worker, wait_for
+from tests.integration.conftest import Worker, lock_holder, wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -80,13 +80,13 @@ def test_killed_child_is_redelivered_and_reenters_its_lock(
     with TtlSampler(lock_client, key) as ttls:
         for kill in range(KILLS):
             run = wait_for(lambda n=kill: starts(events())[n:], worker=worker)[0]
-            assert lock_client.get(key) == first.id.encode()
+            assert lock_holder(lock_client, key) == first.id
             assert task.delay(token).id == first.id  # a duplicate while it runs
             os.kill(run["pid"], signal.SIGKILL)
             killed_at.append(time.time())
 
         last = wait_for(lambda: starts(events())[KILLS:], timeout=30, worker=worker)[0]
-        assert lock_client.get(key) == first.id.encode()
+        assert lock_holder(lock_client, key) == first.id
         assert task.delay(token).id == first.id
         broker_client.set(chaos_app.release_key(token), 1)
         wait_for(lambda: ends(events()), worker=worker)
@@ -135,7 +135,7 @@ def test_revoke_terminate_frees_the_lock_within_a_second(
         result = chaos_app.hold.delay(token, item=item)
         wait_for(lambda i=item: [e for e in starts(events()) if e["item"] == i], worker=worker)
         key = str(chaos_app.hold.unique_lock_key((token,), {"item": item}))
-        assert lock_client.get(key) == result.id.encode()
+        assert lock_holder(lock_client, key) == result.id
         since = time.monotonic()
         result.revoke(terminate=True)
         delays.append(free_after(lock_client, key, since))

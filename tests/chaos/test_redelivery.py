@@ -24,7 +24,7 @@ import redis
 
 from tests.chaos import chaos_app
 from tests.chaos.conftest import Events, Report, chaos_worker, ends, starts
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import lock_holder, wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -97,7 +97,7 @@ def test_redelivered_message_meets_the_new_holder_by_policy(
 
         # Both lost messages come back and meet B's locks; "retry" keeps retrying.
         wait_for(lambda: conflicts("discard") and len(conflicts("retry")) >= 2, timeout=30, worker=second)
-        assert all(lock_client.get(keys[p]) == taken[p].id.encode() for p in tasks)
+        assert all(lock_holder(lock_client, keys[p]) == taken[p].id for p in tasks)
         broker_client.set(chaos_app.release_key(token), 1)  # A's next run does not wait
         app.control.add_consumer(LATER, destination=[second.name], reply=True)  # now B runs
         wait_for(lambda: len(ends(events())) == 3, timeout=30, worker=second)

@@ -20,7 +20,9 @@ logged, and left to the lock's TTL.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,12 +30,14 @@ from typing import Any
 
 import pytest
 import redis
+from celery import signals
 
+from celery_unique.exceptions import LockBackendError
 from celery_unique.keys import digest_of_key
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app, producers
 from tests.chaos.conftest import SCALE, Events, Producers, Report, chaos_env, producing, settle, starts
-from tests.integration.conftest import Worker, wait_for
+from tests.integration.conftest import Worker, lock_holder, wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -43,6 +47,11 @@ FREEZES = 4 * SCALE
 PUBLISHED_BETWEEN = 100  # messages published before each fault, and after the last
 BACKLOG = 20  # messages waiting when the Redis fails, so the worker meets the outage too
 SOCKET_TIMEOUT = "0.5"  # the lock client's, in producers and worker: a freeze outlasts it
+# This process's lock client, as the producers': it gives up after the socket timeout.
+FAST_FAILING = {
+    "unique_redis_socket_timeout": float(SOCKET_TIMEOUT),
+    "unique_redis_connect_timeout": float(SOCKET_TIMEOUT),
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +132,8 @@ def account(
 
     def orphans() -> set[str]:
         """Lock holders that were never published."""
-        holders = {lock_client.get(key) for key in lock_client.scan_iter("celery_unique:*:lock")}
-        return {h.decode() for h in holders if h is not None} - set(published)
+        holders = {lock_holder(lock_client, key) for key in lock_client.scan_iter("celery_unique:*:lock")}
+        return {h for h in holders if h is not None} - set(published)
 
     settle(lambda: not orphans(), timeout=45)  # the orphan releaser's schedule
     figures = {
@@ -259,11 +268,107 @@ def test_a_release_that_fails_is_retried_then_left_to_the_ttl(
     outage_redis.process.wait()
     outage_redis.stop()
     broker_client.set(chaos_app.release_key(token), 1)
-    warning = f"could not release lock {digest_of_key(key)[:12]} of {first.id} (SUCCESS)"
-    wait_for(lambda: warning in outage_worker.log_text(), worker=outage_worker)
+    # The owner is the message's token: its task id and a suffix.
+    warning = re.compile(
+        rf"could not release lock {digest_of_key(key)[:12]} "
+        rf"of {re.escape(first.id)}#[0-9a-f]{{12}} \(SUCCESS\)"
+    )
+    wait_for(lambda: warning.search(outage_worker.log_text()), worker=outage_worker)
     outage_redis.start()
     # The worker gave up after its few attempts and goes on with the next task.
     with producing(app.conf.broker_url, outage_redis.url):
         chaos_app.work.apply_async((token,), {"seconds": 0, "item": "next"}, queue=QUEUE)
     wait_for(lambda: [e for e in starts(events()) if e["item"] == "next"], worker=outage_worker)
-    assert outage_worker.log_text().count(warning) == 1
+    assert len(warning.findall(outage_worker.log_text())) == 1
+
+
+# -- 4c: calls with caller-chosen task ids while the lock Redis stalls -------------------
+
+STALLS = (0.75, 3.0) * SCALE  # seconds frozen: past one socket timeout, and past the re-ask too
+
+
+class Stall:
+    """The lock Redis frozen (SIGSTOP) now and resumed (SIGCONT) ``seconds`` later."""
+
+    def __init__(self, server: RedisServer, seconds: float) -> None:
+        assert server.process is not None
+        self.pid = server.process.pid
+        os.kill(self.pid, signal.SIGSTOP)
+        self.timer = threading.Timer(seconds, os.kill, (self.pid, signal.SIGCONT))
+        self.timer.start()
+
+    def over(self) -> None:
+        """Wait until Redis answers again."""
+        self.timer.join()
+
+
+def test_fixed_id_calls_during_a_stall_never_report_an_unpublished_duplicate(
+    app: Any,
+    outage_worker: Worker,
+    outage_redis: RedisServer,
+    token: str,
+    events: Events,
+    report: Report,
+) -> None:
+    """A call with a caller-chosen id either publishes its message or raises; a duplicate it
+    reports names a message that was published; a lock taken by an acquire whose caller
+    gave up is released, and the caller's retry with the same id publishes."""
+    task = chaos_app.work
+    published: list[str] = []
+
+    def sent(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if (headers or {}).get("task") == task.name:
+            published.append(headers["id"])  # type: ignore[index]
+
+    phantoms, raised, abandoned = [], 0, []
+    ids = {}
+    signals.after_task_publish.connect(sent, weak=False)
+    try:
+        with producing(app.conf.broker_url, outage_redis.url, **FAST_FAILING):
+            for n, seconds in enumerate(STALLS):
+                # Ids as users choose them: with the characters keys and patterns treat apart.
+                for retries in (True, False):
+                    item = f"{n}-{retries}"
+                    task_id = ids[item] = f"fixed:{token}*[{{#{item}}}"
+                    stall = Stall(outage_redis, seconds)
+                    while True:
+                        try:
+                            result = task.apply_async(
+                                (token,), {"seconds": 0, "item": item}, task_id=task_id, queue=QUEUE
+                            )
+                        except LockBackendError:
+                            raised += 1
+                            stall.over()
+                            if retries:
+                                continue  # the caller tries again with its id, once Redis answers
+                            abandoned.append(item)
+                        else:
+                            if result.duplicate and result.id not in published:
+                                phantoms.append(item)
+                        break
+                    stall.over()
+    finally:
+        signals.after_task_publish.disconnect(sent)
+
+    settle(lambda: set(published) <= {e["id"] for e in starts(events())}, progress=lambda: len(events()))
+    keys = [task.unique_lock_key((token,), {"item": item}) for item in ids]
+    with redis.Redis.from_url(outage_redis.url) as lock_client:
+        settle(lambda: not lock_client.exists(*keys), timeout=45)
+        left = lock_client.exists(*keys)
+    ran = Counter(e["id"] for e in starts(events()))
+    report(
+        "4c lock Redis frozen during calls with caller-chosen ids",
+        f"{len(ids)} apply_async(task_id=...) with ids holding : * [ {{ #, half of them retried",
+        f"{len(ids)} SIGSTOP/SIGCONT of the lock Redis for {sorted(set(STALLS))} s (socket timeout 0.5 s)",
+        injected=len(ids),
+        duplicates=sum(n - 1 for n in ran.values()),
+        lost=len(set(published) - set(ran)),
+        note=f"{raised} calls raised, {len(phantoms)} reported a duplicate of an unpublished message, "
+        f"{left} locks left",
+    )
+    assert phantoms == []
+    # Every retried call published in the end, exactly once, and it ran once.
+    assert sorted(published) == sorted(ids[item] for item in ids if item not in abandoned)
+    assert ran == Counter(published)
+    # No lock is left, neither of a run that ended nor of an acquire whose caller gave up.
+    assert left == 0

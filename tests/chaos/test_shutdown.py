@@ -16,7 +16,7 @@ import redis
 
 from tests.chaos import chaos_app
 from tests.chaos.conftest import SCALE, Events, Report, chaos_worker, ends, starts
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import lock_holder, wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -59,7 +59,7 @@ def test_warm_shutdown_restores_queued_tasks_with_their_locks(
         for item, handle in handles.items():
             if item not in ran:
                 # Not run yet: its lock is still its own, and a delay() is its duplicate.
-                assert lock_client.get(keys[item]) == handle.id.encode()
+                assert lock_holder(lock_client, keys[item]) == handle.id
                 again = task.apply_async((token,), {"seconds": SECONDS, "item": item}, queue=QUEUE)
                 assert again.id == handle.id
     wait_for(lambda: all(lock_client.get(key) is None for key in keys.values()))

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from celery_unique.conf import get_conf
+from celery_unique.locks import task_id_of
 from tests.integration import worker_app
 from tests.integration.results import polling_backend_url
 
@@ -97,6 +98,19 @@ class Worker:
                 self.process.wait(10)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def lock_holder(client: redis.Redis, key: str) -> str | None:
+    """The task id holding a lock, read from Redis (its value is the holder's owner
+    token: the task id and a suffix made for each message)."""
+    value = client.get(key)
+    return None if value is None else task_id_of(value.decode())
+
+
+def release_held(store: Any, key: str, task_id: str) -> bool:
+    """Release a lock that ``task_id`` holds, with the owner token it holds it by (owner-checked)."""
+    owner, _ = store.owner(key)
+    return owner is not None and task_id_of(owner) == task_id and bool(store.release(key, owner))
 
 
 def service_reachable(host: str, port: int) -> bool:

@@ -29,7 +29,7 @@ from celery_unique.keys import (
     run_key,
 )
 from celery_unique.locks import LockStore
-from tests.integration.conftest import Events, wait_for
+from tests.integration.conftest import Events, release_held, wait_for
 from tests.integration.worker_app import LIFETIME_TASKS, open_gate, sleeper
 
 APP = "tests.integration.worker_app"
@@ -42,7 +42,7 @@ def queued(celery_app: Any, token: str) -> Any:
     result = sleeper.apply_async((token,), countdown=60)
     yield result
     result.revoke()
-    sleeper.unique_store().release(sleeper.unique_lock_key((token,)), result.id)
+    release_held(sleeper.unique_store(), sleeper.unique_lock_key((token,)), result.id)
 
 
 @pytest.fixture

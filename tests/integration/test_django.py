@@ -22,7 +22,7 @@ from celery import Celery
 from django.conf import settings
 
 from celery_unique.conf import get_conf
-from tests.integration.conftest import Events, require_service, service_reachable, wait_for
+from tests.integration.conftest import Events, release_held, require_service, service_reachable, wait_for
 from tests.integration.worker_app import django_recompute, gate_key
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -119,7 +119,7 @@ def test_commit_takes_the_lock_at_commit_and_publishes_once(celery_app: Any, ali
     assert handle.duplicate is False
     assert again.duplicate is True and again.id == handle.id
     django_recompute.AsyncResult(handle.id).revoke()
-    django_recompute.unique_store().release(django_recompute.unique_lock_key((token,)), handle.id)
+    release_held(django_recompute.unique_store(), django_recompute.unique_lock_key((token,)), handle.id)
 
 
 def test_outside_a_transaction_it_publishes_at_once(celery_app: Any, token: str) -> None:
@@ -144,7 +144,7 @@ def test_savepoints_follow_django_on_commit_semantics(celery_app: Any, alias: st
     assert held(django_recompute, dropped) is None
     assert held(django_recompute, kept) == outer.id
     django_recompute.AsyncResult(outer.id).revoke()
-    django_recompute.unique_store().release(django_recompute.unique_lock_key((kept,)), outer.id)
+    release_held(django_recompute.unique_store(), django_recompute.unique_lock_key((kept,)), outer.id)
 
 
 def test_concurrent_requests_run_the_recompute_once(
@@ -334,7 +334,7 @@ def test_outside_a_transaction_errors_reach_the_caller(celery_app: Any, token: s
             (token,), countdown=30, unique_options={"on_duplicate": "raise"}
         )
     django_recompute.AsyncResult(first.id).revoke()
-    django_recompute.unique_store().release(django_recompute.unique_lock_key((token,)), first.id)
+    release_held(django_recompute.unique_store(), django_recompute.unique_lock_key((token,)), first.id)
 
 
 def test_a_failed_publish_at_commit_is_kept_on_the_handle(

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_unique.locks import LockStore, _parse_acquire_reply
+from celery_unique.locks import LockStore, _parse_acquire_reply, new_owner, task_id_of
 from celery_unique.testing import RedisServer
 
 
@@ -52,16 +52,35 @@ def test_acquire_reports_the_holder_and_ttl_in_one_call(
     assert held.ttl is not None and 9 < held.ttl <= 10
 
 
-def test_same_owner_reenters_only_when_it_says_so(
+def test_two_calls_with_one_task_id_have_two_owners(
     store: LockStore, key: str, redis_client: redis.Redis
 ) -> None:
-    store.acquire(key, "a", 1_000)
-    # A fresh call that reuses a caller-chosen id is a duplicate of itself.
-    fresh = store.acquire(key, "a", 60_000)
-    assert not fresh.acquired and fresh.holder == "a"
+    first, second = new_owner("caller:chosen#id"), new_owner("caller:chosen#id")
+    assert first != second
+    assert task_id_of(first) == task_id_of(second) == "caller:chosen#id"
+    store.acquire(key, first, 1_000)
+    # A second call that reuses a caller-chosen id is a duplicate of the first.
+    again = store.acquire(key, second, 60_000)
+    assert not again.acquired and again.holder == first and again.holder_id == "caller:chosen#id"
     assert redis_client.pttl(key) <= 1_000
+
+
+def test_own_owner_found_holding_is_acquired(store: LockStore, key: str, redis_client: redis.Redis) -> None:
+    """A reply lost and asked again: the first attempt took the lock for this very call."""
+    owner = new_owner("t")
+    store.acquire(key, owner, 1_000)
+    asked_again = store.acquire(key, owner, 60_000)
+    assert asked_again.acquired and asked_again.holder == owner
+    assert redis_client.pttl(key) <= 1_000  # not taken again: the first attempt's TTL stands
+
+
+def test_same_message_reenters_only_when_it_says_so(
+    store: LockStore, key: str, redis_client: redis.Redis
+) -> None:
+    owner = new_owner("t")
+    store.acquire(key, owner, 1_000)
     # A message published again (retry, redelivery) re-enters and refreshes the TTL.
-    assert store.acquire(key, "a", 60_000, handover="a").acquired
+    assert store.acquire(key, owner, 60_000, handover=owner).acquired
     assert redis_client.pttl(key) > 50_000
 
 

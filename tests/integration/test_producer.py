@@ -28,6 +28,7 @@ from celery_unique import (
 )
 from celery_unique.conf import get_conf
 from celery_unique.headers import HEADER
+from celery_unique.locks import new_owner, task_id_of
 from celery_unique.orphans import releaser
 from tests.integration.conftest import require_service
 
@@ -95,11 +96,12 @@ def test_message_headers_carry_the_lock_key_and_owner(
     job = app.tasks["producer.job"]
     result = job.delay(item)
     message = next(m for m in queued(redis_client) if m["headers"]["id"] == result.id)
-    assert message["headers"][HEADER] == {
-        "key": job.unique_lock_key((item,)),
-        "owner": result.id,
-        "timeout": 3600.0,
-    }
+    header = message["headers"][HEADER]
+    key = job.unique_lock_key((item,))
+    assert header == {"key": key, "owner": header["owner"], "timeout": 3600.0}
+    # The owner is the message's own: its task id and a suffix made for this call, held in the lock.
+    assert header["owner"].startswith(f"{result.id}#") and task_id_of(header["owner"]) == result.id
+    assert redis_client.get(key) == header["owner"].encode()
     assert item not in message["headers"][HEADER]["key"]  # digests only, never raw arguments
 
 
@@ -123,6 +125,37 @@ def test_a_caller_chosen_task_id_is_not_published_twice(
     again = job.apply_async((item,), task_id=f"report-{item}")
     assert not first.duplicate and again.duplicate
     assert queued_ids(redis_client).count(f"report-{item}") == 1
+
+
+class _Stalled:
+    """A lock store whose Redis does not answer: the releases given to the releaser wait."""
+
+    cluster = False
+
+    def release(self, key: str, owner: str) -> bool:
+        raise redis.TimeoutError("stalled")
+
+
+@pytest.mark.parametrize("task_id", ["", "report:*[{#x}"])
+def test_a_call_takes_over_a_lock_this_process_gave_up_on(
+    app: Celery, item: str, task_id: str, redis_client: redis.Redis
+) -> None:
+    """A call that gave up (its reply lost) left a lock that landed late; until the releaser
+    frees it, the next call of the key in this process takes it over, whatever its id."""
+    job = app.tasks["producer.job"]
+    key = job.unique_lock_key((item,))
+    stalled = _Stalled()
+    given_up = new_owner(task_id or "an-earlier-call")
+    job.unique_store().acquire(key, given_up, 60_000)  # the late acquire of the call that gave up
+    releaser.release_later(stalled, key, given_up)
+    try:
+        again = job.apply_async((item,), task_id=task_id or None)
+    finally:
+        del stalled  # its releases are dropped
+    assert not again.duplicate
+    assert queued_ids(redis_client).count(again.id) == 1
+    owner = redis_client.get(key).decode()
+    assert owner != given_up and task_id_of(owner) == again.id
 
 
 def test_on_duplicate_raise_carries_holder_and_ttl(app: Celery, item: str) -> None:

@@ -23,6 +23,7 @@ from celery_unique.clients import is_cluster
 from celery_unique.conf import get_conf
 from celery_unique.inspect import iter_locks
 from celery_unique.testing import ClusterServers, SentinelServers
+from tests.integration.conftest import lock_holder, release_held
 
 
 def _app(broker: str, url: str, **conf: Any) -> Celery:
@@ -79,7 +80,7 @@ def test_duplicates_are_stopped_and_locks_spread_over_every_primary(cluster_app:
     found = {info.key: info.holder for info in iter_locks(cluster_app, task_name="topology.job")}
     assert found == dict(zip(keys, firsts, strict=True))
     for key, owner in zip(keys, firsts, strict=True):
-        assert get_conf(cluster_app).locks.release(key, owner)
+        assert release_held(get_conf(cluster_app).locks, key, owner)
 
 
 def test_a_fan_in_completes_on_a_cluster(cluster_app: Celery) -> None:
@@ -132,7 +133,7 @@ def test_producers_keep_working_across_a_sentinel_failover(sentinel: SentinelSer
     replica = redis.Redis(port=sentinel.replica.port)
     lock = job.unique_lock_key(("before",))
     deadline = time.monotonic() + 10
-    while replica.get(lock) != before.id.encode():
+    while lock_holder(replica, lock) != before.id:
         assert time.monotonic() < deadline, "the lock never reached the replica"
         time.sleep(0.02)
     replica.close()
@@ -201,11 +202,11 @@ def test_the_fast_path_follows_a_moved_slot(cluster: ClusterServers, cluster_app
     # The client's slot table is stale now: Redis answers MOVED, the client follows.
     moved = job.delay("moved")
     assert job.delay("moved").id == moved.id
-    assert redis.Redis(port=ports[target]).get(key) == moved.id.encode()
+    assert lock_holder(redis.Redis(port=ports[target]), key) == moved.id
     # MOVED was read whole: that connection was kept for the keys still there.
     assert len(store._idle[source.name]) == 1
-    assert store.release(key, moved.id)
-    assert store.release(job.unique_lock_key((warm,)), first.id)
+    assert release_held(store, key, moved.id)
+    assert release_held(store, job.unique_lock_key((warm,)), first.id)
 
 
 def test_a_cluster_that_cannot_be_reached_raises_lock_backend_error(redis_url: str) -> None:

@@ -19,6 +19,7 @@ from celery_unique.inspect import force_release, iter_locks
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app
 from tests.chaos.conftest import producing
+from tests.integration.conftest import lock_holder
 from tests.security.conftest import tenant_url
 from tests.security.servers import SecureRedisServer
 
@@ -45,11 +46,11 @@ def test_tenants_with_their_own_prefix_never_share_a_lock(
             force_release(app, a_key)
         # ... and its Redis user may not touch the other tenant's keys at all.
         with pytest.raises(NoPermissionError):
-            get_conf(app).locks.release(a_key, a.id)
+            get_conf(app).locks.release(a_key, "any owner")
         assert task.apply_async((token,), queue="tenant-b-queue").id == b.id
 
     with producing(broker.url, tenant_url(secure_redis, "tenant-a"), prefix="tenant-a"):
         assert task.apply_async((token,), queue="tenant-a-queue").id == a.id
     with redis.Redis.from_url(secure_redis.url) as admin:
-        assert admin.get(a_key) == a.id.encode() and admin.get(b_key) == b.id.encode()
+        assert lock_holder(admin, a_key) == a.id and lock_holder(admin, b_key) == b.id
         admin.delete(a_key, b_key)

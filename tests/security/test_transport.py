@@ -22,7 +22,7 @@ from celery_unique import LockBackendError
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app
 from tests.chaos.conftest import chaos_worker, producing
-from tests.integration.conftest import Worker, read_events, wait_for
+from tests.integration.conftest import Worker, lock_holder, read_events, wait_for
 from tests.security.conftest import tenant_url
 from tests.security.servers import SecureRedisServer
 
@@ -57,7 +57,7 @@ def test_a_unique_task_runs_over_tls_as_an_acl_user_confined_to_its_prefix(
         wait_for(lambda: events(broker, token), worker=tls_worker)
         assert task.apply_async((token,), {"seconds": 1.0}, queue=QUEUE).id == first.id
         key = task.unique_lock_key((token,), {"seconds": 1.0})
-        assert admin.get(key) == first.id.encode()
+        assert lock_holder(admin, key) == first.id
         wait_for(lambda: [e for e in events(broker, token) if e["event"] == "end"], worker=tls_worker)
         wait_for(lambda: admin.get(key) is None)  # released by the worker, as tenant-a
     # Every key the plugin wrote (lock, fence) is under the prefix: the ACL allows nothing else.

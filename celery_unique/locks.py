@@ -345,14 +345,18 @@ class LockStore:
         mode: str,
         ttl_ms: int,
         result: str | None = None,
+        args: tuple[str, str] | None = None,
     ) -> RunStart:
         """Check or take the locks of a starting run and draw a fencing token.
 
         With ``result`` (an idempotent task) a stored outcome comes back as
-        ``RunStart.outcome`` and nothing is taken.
+        ``RunStart.outcome`` and nothing is taken; ``args`` (its key, the
+        call's argument digest) is written with a queued lock the run holds.
         """
+        args_at, digest = args or (fence, "")
         reply = self._begin_run(
-            keys=[lock, run, fence, result or fence], args=[owner, mode, ttl_ms, "1" if result else ""]
+            keys=[lock, run, fence, result or fence, args_at],
+            args=[owner, mode, ttl_ms, "1" if result else "", digest],
         )
         if int(reply[0]) == 2:
             return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=text(reply[1]))

@@ -89,6 +89,7 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
             lifetime,
             ttl_ms,
             result=result_key(family) if checks_outcome else None,
+            args=(args_key(family), _arguments_digest(task, request, header)) if checks_outcome else None,
         )
     except REDIS_ERRORS as exc:
         setattr(request, STATE, NOTHING_HELD)
@@ -236,8 +237,7 @@ def _outcome(
     conflict or a lock error)."""
     if not getattr(request, RAN, False) or getattr(request, idempotency.REPLAY, None) is not None:
         return None
-    # The producer's digest: JSON has turned tuples into lists since.
-    digest_of_args = (header or {}).get("args") or task.arguments_digest(request.args, request.kwargs)
+    digest_of_args = _arguments_digest(task, request, header)
     task_id = request.id
     if state == states.SUCCESS:
         try:
@@ -254,6 +254,11 @@ def _outcome(
     if state == states.FAILURE and task.idempotent_failures and isinstance(retval, BaseException):
         return idempotency.encode_failure(task_id, digest_of_args, retval)
     return None
+
+
+def _arguments_digest(task: Any, request: Any, header: headers.LockHeader | None) -> str:
+    """An idempotent call's argument digest: the producer's (JSON has turned tuples into lists since)."""
+    return (header or {}).get("args") or str(task.arguments_digest(request.args, request.kwargs))
 
 
 def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str, why: str) -> None:

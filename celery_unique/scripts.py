@@ -52,15 +52,21 @@ return 1
 #   KEYS[2]  running lock
 #   KEYS[3]  fencing counter
 #   KEYS[4]  stored outcome (idempotent tasks)
-#   ARGV[1]  owner token (the task id)
+#   KEYS[5]  argument digest of the queued lock's holder (idempotent tasks)
+#   ARGV[1]  owner token
 #   ARGV[2]  lifetime: until_executed | until_executing | while_executing |
 #            until_and_while_executing
 #   ARGV[3]  time to live of the held lock in milliseconds
 #   ARGV[4]  "1" when the task is idempotent
+#   ARGV[5]  the call's argument digest (idempotent tasks; "" otherwise)
 # Returns {1, fence, released} when the run may go on (released: 1 when it
 # gave up its queued lock, as until_executing and until_and_while_executing
 # do), {0, holder, pttl} on conflict, or {2, outcome} when an idempotent
 # task's outcome is already stored.
+#
+# An idempotent run that holds the queued lock (until_executed) writes its
+# argument digest with it: the message may have waited past its lock's TTL,
+# and the digest is what tells a conflicting idempotency_key.
 #
 # The fence is max(previous + 1, server time in microseconds): it increases
 # across holders even when the counter key has expired meanwhile.
@@ -89,6 +95,9 @@ if held_key then
         return {0, holder, redis.call('PTTL', held_key)}
     end
     redis.call('SET', held_key, owner, 'PX', ttl)
+    if held_key == KEYS[1] and ARGV[5] ~= '' then
+        redis.call('SET', KEYS[5], ARGV[5], 'PX', ttl)
+    end
     if mode == 'until_and_while_executing' and redis.call('GET', KEYS[1]) == owner then
         released = redis.call('DEL', KEYS[1])
     end

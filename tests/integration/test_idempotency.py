@@ -200,3 +200,26 @@ def test_a_retried_call_with_tuples_replays_without_a_conflict(worker: Any, toke
     assert first.get(timeout=20) == [3, 4]
     wait_for(lambda: idempotent_retry_tuple.stored_outcome(idempotency_key=key) is not None, timeout=5)
     assert idempotent_retry_tuple.apply_async((token, (3, 4)), idempotency_key=key).replayed
+
+
+def test_a_message_that_waited_past_its_lock_timeout_still_guards_its_arguments(
+    worker: Any, celery_app: Any, token: str, events: Events, redis_client: Any
+) -> None:
+    """The message waits in a queue no worker reads until its 1 s lock and argument digest
+    have expired; its run takes the lock again and must restore the digest with it."""
+    from celery_unique.keys import args_key, family_of
+    from tests.integration.worker_app import idempotent_long
+
+    key = f"parked-{token}"
+    parked = f"parked-{token}"
+    first = idempotent_long.apply_async((token, 1, 3.0), idempotency_key=key, queue=parked)
+    lock = idempotent_long.unique_lock_key(idempotency_key=key)
+    wait_for(lambda: not redis_client.exists(lock, args_key(family_of(lock))), timeout=10)
+    celery_app.control.add_consumer(parked, destination=[worker.name], reply=True)
+    try:
+        wait_for(lambda: starts(events) == 1, timeout=20, worker=worker)
+        with pytest.raises(IdempotencyConflict):
+            idempotent_long.apply_async((token, 2, 3.0), idempotency_key=key)
+        assert first.get(timeout=20) == 1
+    finally:
+        celery_app.control.cancel_consumer(parked, destination=[worker.name], reply=True)

@@ -8,9 +8,10 @@ hook                       process                      does
 ``task_postrun``           pool child (or eager call)   :func:`runs.end`: release what the
                                                         lifetime releases at the end;
                                                         a fan-in part reports itself
-``task_revoked``           worker main process          revoked before start, expired,
-                                                        ``terminate=True``
-``UniqueRequest``          worker main process          hard time limit, killed pool child
+``task_revoked``           worker main process          revoked before start, expired
+``UniqueRequest``          worker main process          hard time limit, killed pool child,
+                                                        the child's exit after
+                                                        ``revoke(terminate=True)``
                                                         (no postrun runs there)
 ``worker_init``            worker main process          refuse to start with settings or
                                                         task options that cannot work
@@ -29,7 +30,7 @@ import logging
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import Terminated, WorkerLostError
 from celery import Task, signals
 from celery.worker.request import Request
 
@@ -56,10 +57,17 @@ def _end_of_run(
     aggregate.report_from_worker(task, state, retval)
 
 
-def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    if sender is not None and request is not None and _is_unique(sender):
-        header = headers.from_context(request)
-        runs.release_abandoned(sender, header, request.id, request.args, request.kwargs, "revoked")
+def _revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
+    if sender is None or request is None or not _is_unique(sender):
+        return
+    if terminated:
+        # Celery sends this as it signals the running child (revoke with
+        # terminate=True), not when the child is gone: a task that handles
+        # SIGTERM goes on. The run releases at its end (task_postrun), or
+        # UniqueRequest when the child exits.
+        return
+    header = headers.from_context(request)
+    runs.release_abandoned(sender, header, request.id, request.args, request.kwargs, "revoked")
 
 
 def _refuse_invalid_configuration(sender: Any = None, **_: Any) -> None:
@@ -128,9 +136,14 @@ class UniqueRequest(Request):  # type: ignore[misc]
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         exc = _unwrap(exc_info.exception)
-        if not isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
+        if not isinstance(exc, (WorkerLostError, Terminated, SystemExit, KeyboardInterrupt)):
             return  # failures in the task body are released by task_postrun
-        if getattr(self, "_already_revoked", False) or getattr(self, "_already_cancelled", False):
+        if getattr(self, "_already_cancelled", False):
+            return  # cancelled (the broker connection was lost): the message is delivered again
+        if isinstance(exc, Terminated) or getattr(self, "_already_revoked", False):
+            # The child is gone after a revoke(terminate=True) (or a signal from elsewhere):
+            # the message is acknowledged, nothing runs it again.
+            self._release("terminated")
             return
         task = self.task
         # As Celery decides (worker/request.py, on_failure): a lost worker's

@@ -125,6 +125,23 @@ REDELIVERED = {
 }
 
 
+@app.task(base=UniqueTask, bind=True, name="chaos.graceful", unique_on=("token", "item"), lock_timeout=60)
+def graceful(self: Any, token: str, item: str = "") -> None:
+    """Handles SIGTERM (records it) and finishes its work: a revoke(terminate=True) does
+    not end it. Runs until released (``release_key(f"{token}:{item}")``)."""
+
+    def terminated(signum: int, frame: Any) -> None:
+        record(token, "sigterm", id=self.request.id, item=item)
+
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        record(token, "start", id=self.request.id, item=item)
+        wait_released(f"{token}:{item}")
+        record(token, "end", id=self.request.id, item=item)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @app.task(base=UniqueTask, bind=True, name="chaos.hard_limited", unique_on=("token",), time_limit=1)
 def hard_limited(self: Any, token: str) -> None:
     # Only the pool's SIGKILL ends the child: no task_postrun runs in it,

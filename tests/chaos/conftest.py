@@ -3,7 +3,7 @@
 Two private redis-servers for the session: the broker (never stopped; the
 tasks' events are recorded there) and the lock Redis. A scenario that stops a
 server or a worker starts its own. Each scenario reports its figures (load
-held, faults injected, duplicates observed, tasks lost) and the suite prints
+held, faults injected, overlapping runs per key, tasks lost) and the suite prints
 them at the end.
 
 ``CHAOS_SCALE`` (default 1) multiplies the load and the number of faults; the
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +42,9 @@ class Figures:
     load: str
     faults: str
     injected: int
-    duplicates: int
-    lost: int
+    overlapping: int  # runs of one key that overlapped in time (see overlapping())
+    lost: int  # messages believed published that never ran
+    completed_twice: int = 0  # runs of one task id that ran to their end again
     note: str = ""
 
 
@@ -54,10 +57,8 @@ Report = Callable[..., None]
 def report() -> Report:
     """Record a scenario's figures for the summary (call it before asserting on them)."""
 
-    def add(
-        scenario: str, load: str, faults: str, injected: int, duplicates: int, lost: int, note: str = ""
-    ) -> None:
-        _reported.append(Figures(scenario, load, faults, injected, duplicates, lost, note))
+    def add(scenario: str, load: str, faults: str, **figures: Any) -> None:
+        _reported.append(Figures(scenario, load, faults, **figures))
 
     return add
 
@@ -68,15 +69,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section(f"celery-unique chaos summary (CHAOS_SCALE={SCALE})")
     for f in sorted(_reported, key=lambda f: f.scenario):
         terminalreporter.write_line(f"{f.scenario}")
-        terminalreporter.write_line(f"    load held        {f.load}")
-        terminalreporter.write_line(f"    faults injected  {f.faults}")
-        terminalreporter.write_line(f"    duplicates       {f.duplicates}")
-        terminalreporter.write_line(f"    tasks lost       {f.lost}")
+        terminalreporter.write_line(f"    load held         {f.load}")
+        terminalreporter.write_line(f"    faults injected   {f.faults}")
+        terminalreporter.write_line(f"    overlapping runs  {f.overlapping} (two runs of one key at once)")
+        terminalreporter.write_line(f"    completed twice   {f.completed_twice} (an id ran to its end again)")
+        terminalreporter.write_line(f"    tasks lost        {f.lost}")
         if f.note:
-            terminalreporter.write_line(f"    observed         {f.note}")
+            terminalreporter.write_line(f"    observed          {f.note}")
     terminalreporter.write_line(
         f"total: {len(_reported)} scenarios, {sum(f.injected for f in _reported)} faults injected, "
-        f"{sum(f.duplicates for f in _reported)} duplicates, {sum(f.lost for f in _reported)} tasks lost"
+        f"{sum(f.overlapping for f in _reported)} overlapping runs per key, "
+        f"{sum(f.completed_twice for f in _reported)} completed twice, "
+        f"{sum(f.lost for f in _reported)} tasks lost"
     )
 
 
@@ -171,6 +175,48 @@ def events(broker_client: redis.Redis, token: str) -> Events:
     return read
 
 
+def spans(
+    seen: list[dict[str, Any]], unended: Callable[[dict[str, Any]], float] | None = None
+) -> dict[str, list[tuple[float, float, str]]]:
+    """The runs of each key (the ``item`` a task records): (start, end, task id), by start.
+
+    A start is paired with the first end of its task id that follows it, before
+    that id starts again (a redelivery). A run without an end lasts until
+    ``unended(start)`` (when it was killed, say), else forever: it may still run.
+    """
+    found: dict[str, list[tuple[float, float, str]]] = {}
+    ordered = sorted(seen, key=lambda e: e["time"])
+    for n, start in enumerate(ordered):
+        if start["event"] != "start":
+            continue
+        end = math.inf if unended is None else unended(start)
+        for later in ordered[n + 1 :]:
+            if later["id"] != start["id"]:
+                continue
+            if later["event"] == "end":
+                end = later["time"]
+            if later["event"] in ("end", "start"):
+                break
+        found.setdefault(start.get("item", ""), []).append((start["time"], end, start["id"]))
+    return found
+
+
+def overlapping(seen: list[dict[str, Any]], unended: Callable[[dict[str, Any]], float] | None = None) -> int:
+    """Runs that started while another run of the same key was still going: what a user
+    of a unique task counts as a duplicate, whatever the task ids."""
+    return sum(
+        1
+        for runs in spans(seen, unended).values()
+        for n, (begin, _, _) in enumerate(runs)
+        if any(b <= begin < e for b, e, _ in runs[:n])
+    )
+
+
+def completed_twice(seen: list[dict[str, Any]]) -> int:
+    """Ends of one task id beyond its first: a message that ran to its end again."""
+    return sum(n - 1 for n in Counter(e["id"] for e in ends(seen)).values())
+
+
 def starts(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in seen if e["event"] == "start"]
 
@@ -183,10 +229,18 @@ class Producers:
     """Producer processes (:mod:`tests.chaos.producers`) of one token.
 
     They start, connect, and wait until :meth:`go`; :meth:`reports` collects
-    what each one saw.
+    what each one saw. Process ``i`` adds ``variants[i % len(variants)]`` to
+    the options, when given.
     """
 
-    def __init__(self, env: dict[str, str], token: str, processes: int, *options: str) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        token: str,
+        processes: int,
+        *options: str,
+        variants: list[list[str]] | None = None,
+    ) -> None:
         self.token = token
         # Their logs go to files: a pipe nobody reads while they run would fill and block them.
         self.logs = [tempfile.TemporaryFile("w+") for _ in range(processes)]  # noqa: SIM115
@@ -199,9 +253,10 @@ class Producers:
             "--processes",
             str(processes),
         ]
+        variants = variants or [[]]
         self.processes = [
             subprocess.Popen(
-                [*command, "--index", str(index), *options],
+                [*command, "--index", str(index), *options, *variants[index % len(variants)]],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                 stdout=subprocess.PIPE,

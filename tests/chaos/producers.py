@@ -6,10 +6,14 @@ test it is ready (``INCR chaos-ready:<token>``), waits for ``chaos-go:<token>``,
 then each thread calls ``delay()``:
 
 * ``--calls N``: N calls in all (shared by the threads), all of one key;
-* ``--until-stopped``: a new key per call until ``chaos-stop:<token>`` is set.
+* ``--until-stopped``: a new key per call until ``chaos-stop:<token>`` is set;
+* ``--keys N``: instead, every thread hammers the same N keys (as users
+  do: a few hot keys from everywhere);
+* ``--fixed-ids``: every other call chooses its own task id.
 
 Every call's outcome is counted: published (``after_task_publish`` fired, so
-a message really left), duplicate (the holder's id) or raised (by type).
+a message really left), duplicate (the holder's id) or raised (by type, with
+the ids it asked for or built: none of them may run).
 Progress counters live in the broker Redis (``chaos-published:<token>``,
 ``chaos-raised:<token>``) so the test can wait on them. At the end the process
 prints one JSON line.
@@ -18,7 +22,9 @@ prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import random
 import threading
 import time
 from collections import Counter
@@ -57,8 +63,13 @@ def main() -> None:
     parser.add_argument("--index", type=int, default=0, help="this process's number")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--calls", type=int, default=0, help="calls of one key, over all processes")
-    parser.add_argument("--until-stopped", action="store_true", help="a new key per call until stopped")
+    parser.add_argument("--calls", type=int, default=0, help="calls in all, over all processes")
+    parser.add_argument("--until-stopped", action="store_true", help="call until stopped")
+    parser.add_argument(
+        "--keys", type=int, default=0, help="the keys every producer hammers (0: one key for --calls, a new "
+        "key per call for --until-stopped)"
+    )  # fmt: skip
+    parser.add_argument("--fixed-ids", action="store_true", help="every other call chooses its task id")
     parser.add_argument("--seconds", type=float, default=0.0, help="how long each task runs")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between a thread's calls")
     parser.add_argument("--queue", default=None)
@@ -70,25 +81,33 @@ def main() -> None:
     published: list[list[str]] = []  # [item, task id] of every message that left
     returned: list[list[Any]] = []  # [item, id returned, duplicate] of every call that returned
     raised: Counter[str] = Counter()
-    raised_items: list[str] = []
+    unpublished: list[str] = []  # ids that calls which raised asked for or built: none may run
     sent = threading.local()
+
+    def before_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if (headers or {}).get("task") == options.task:
+            sent.built.append(headers["id"])  # type: ignore[index]
 
     def after_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
         if (headers or {}).get("task") == options.task:
             sent.ids.append(headers["id"])  # type: ignore[index]
 
+    signals.before_task_publish.connect(before_publish, weak=False)
     signals.after_task_publish.connect(after_publish, weak=False)
 
-    def call(item: str) -> None:
-        sent.ids = []
+    def call(item: str, task_id: str | None) -> None:
+        sent.ids, sent.built = [], []
         try:
             result = task.apply_async(
-                (options.token,), {"seconds": options.seconds or None, "item": item}, queue=options.queue
+                (options.token,),
+                {"seconds": options.seconds or None, "item": item},
+                task_id=task_id,
+                queue=options.queue,
             )
         except Exception as exc:
             with lock:
                 raised[type(exc).__name__] += 1
-                raised_items.append(item)
+                unpublished.extend({*sent.built, *([task_id] if task_id else [])} - set(sent.ids))
             client.incr(raised_key(options.token))
         else:
             with lock:
@@ -102,16 +121,21 @@ def main() -> None:
 
     def thread(number: int) -> None:
         position = options.index * options.threads + number
-        if options.until_stopped:
-            n = 0
-            while not client.exists(stop_key(options.token)):
-                call(f"{options.index}-{number}-{n}")
-                n += 1
-                time.sleep(options.pause)
-            return
-        share = options.calls // total_threads + (1 if position < options.calls % total_threads else 0)
-        for _ in range(share):
-            call("")
+        chooser = random.Random(f"{options.token}-{position}")
+        calls = itertools.count()
+        if not options.until_stopped:
+            share = options.calls // total_threads + (1 if position < options.calls % total_threads else 0)
+            calls = iter(range(share))  # type: ignore[assignment]
+        for n in calls:
+            if options.until_stopped and client.exists(stop_key(options.token)):
+                return
+            if options.keys:
+                item = f"key-{chooser.randrange(options.keys)}"
+            else:
+                item = f"{options.index}-{number}-{n}" if options.until_stopped else ""
+            # A caller-chosen id, unique to the call, with characters keys and patterns treat apart.
+            task_id = f"fixed:*[{{#{options.token}-{position}-{n}" if options.fixed_ids and n % 2 else None
+            call(item, task_id)
             time.sleep(options.pause)
 
     client.incr(ready_key(options.token))
@@ -128,7 +152,7 @@ def main() -> None:
         time.sleep(0.1)
     print(
         json.dumps(
-            {"published": published, "returned": returned, "raised": raised, "raised_items": raised_items}
+            {"published": published, "returned": returned, "raised": raised, "unpublished": unpublished}
         )
     )
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -20,13 +21,14 @@ import pytest
 import redis
 
 from tests.chaos import chaos_app
-from tests.chaos.conftest import SCALE, Events, Report, ends, starts
+from tests.chaos.conftest import SCALE, Events, Report, completed_twice, ends, overlapping, starts
 from tests.integration.conftest import Worker, lock_holder, wait_for
 
 pytestmark = pytest.mark.worker
 
 KILLS = 2 * SCALE
 REVOKES = 3 * SCALE
+GRACEFUL_REVOKES = 2 * SCALE
 FREE_WITHIN = 1.0  # seconds: the one timed bound of the suite, asked for by design
 
 
@@ -100,7 +102,11 @@ def test_killed_child_is_redelivered_and_reenters_its_lock(
         "1 task held by its lock while its pool child is killed",
         f"{KILLS} SIGKILL of the pool child",
         injected=KILLS,
-        duplicates=len(seen) - (KILLS + 1) + sum(1 for e in seen if e["id"] != first.id),
+        overlapping=overlapping(
+            events(),
+            unended=lambda start: min((k for k in killed_at if k >= start["time"]), default=math.inf),
+        ),
+        completed_twice=completed_twice(events()),
         lost=0 if ends(events()) else 1,
         note=f"redelivered {len(seen) - 1} times, largest lock TTL {max(ttls) / 1000:.1f}s "
         f"of {task.lock_timeout}s ({len(ttls)} samples)",
@@ -144,11 +150,65 @@ def test_revoke_terminate_frees_the_lock_within_a_second(
         f"{REVOKES} running tasks holding their locks",
         f"{REVOKES} revoke(terminate=True)",
         injected=REVOKES,
-        duplicates=0,
+        overlapping=overlapping(events()),
         lost=0,
         note=f"lock free {max(delays):.2f}s after the revoke at most",
     )
     assert ends(events()) == []
+    assert max(delays) <= FREE_WITHIN
+
+
+def test_revoke_terminate_of_a_task_that_handles_sigterm_keeps_its_lock_until_it_ends(
+    request: pytest.FixtureRequest,
+    worker: Worker,
+    broker_client: redis.Redis,
+    lock_client: redis.Redis,
+    token: str,
+    events: Events,
+    report: Report,
+) -> None:
+    """Celery fires task_revoked as it sends the signal; the run goes on. Its lock is freed
+    when the run has really ended (postrun in the child, or the child's exit)."""
+    task = chaos_app.graceful
+    delays, duplicates_while_running = [], 0
+
+    def of(item: str, event: str) -> list[dict[str, Any]]:
+        return [e for e in events() if e["item"] == item and e["event"] == event]
+
+    for round_ in range(GRACEFUL_REVOKES):
+        item = str(round_)
+        key = str(task.unique_lock_key((token,), {"item": item}))
+        # Whatever happens, the runs of this item end: the worker is shared with other scenarios.
+        request.addfinalizer(lambda i=item: broker_client.set(chaos_app.release_key(f"{token}:{i}"), 1))
+        first = task.delay(token, item=item)
+        wait_for(lambda i=item: of(i, "start"), worker=worker)
+        first.revoke(terminate=True)
+        wait_for(lambda i=item: of(i, "sigterm"), worker=worker)  # the signal arrived; the run goes on
+        again = task.delay(token, item=item)
+        assert not of(item, "end")  # asked while the first run was still running
+        duplicates_while_running += again.duplicate and again.id == first.id
+        assert lock_holder(lock_client, key) == first.id
+        broker_client.set(chaos_app.release_key(f"{token}:{item}"), 1)
+        [ended] = wait_for(lambda i=item: of(i, "end"), worker=worker)
+        since = time.monotonic() - (time.time() - ended["time"])
+        delays.append(free_after(lock_client, key, since))
+        after = task.delay(token, item=item)  # the key is free for the next call, which runs
+        assert not after.duplicate
+        wait_for(lambda i=item: len(of(i, "end")) == 2, worker=worker)
+    seen = events()
+    report(
+        "3c revoke(terminate=True) of a task that handles SIGTERM",
+        f"{GRACEFUL_REVOKES} running tasks that catch SIGTERM and finish their work",
+        f"{GRACEFUL_REVOKES} revoke(terminate=True)",
+        injected=GRACEFUL_REVOKES,
+        overlapping=overlapping(seen),
+        completed_twice=completed_twice(seen),
+        lost=2 * GRACEFUL_REVOKES - len(ends(seen)),
+        note=f"{duplicates_while_running} of {GRACEFUL_REVOKES} delay() while the revoked run went on "
+        f"were duplicates; lock free {max(delays):.2f}s after the run ended at most",
+    )
+    assert duplicates_while_running == GRACEFUL_REVOKES
+    assert overlapping(seen) == 0
     assert max(delays) <= FREE_WITHIN
 
 
@@ -168,7 +228,7 @@ def test_hard_time_limit_frees_the_lock_within_a_second(
         "1 task past its 1 s time_limit, ignoring SIGTERM",
         "1 SIGKILL by the pool (hard time limit)",
         injected=1,
-        duplicates=0,
+        overlapping=overlapping(events()),
         lost=0,
         note=f"lock free {max(delay, 0):.2f}s after the limit",
     )

@@ -14,6 +14,7 @@ They find their lock held by B:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -23,7 +24,7 @@ import pytest
 import redis
 
 from tests.chaos import chaos_app
-from tests.chaos.conftest import Events, Report, chaos_worker, ends, starts
+from tests.chaos.conftest import Events, Report, chaos_worker, completed_twice, ends, overlapping, starts
 from tests.integration.conftest import lock_holder, wait_for
 
 pytestmark = pytest.mark.worker
@@ -37,30 +38,6 @@ def unacknowledged_for(broker: redis.Redis) -> float:
     """Seconds since the newest unacknowledged message was delivered (kombu's index)."""
     delivered = [score for _, score in broker.zrange("unacked_index", 0, -1, withscores=True)]
     return time.time() - max(delivered) if delivered else 0.0
-
-
-def overlapping(seen: list[dict[str, Any]], killed_at: float) -> int:
-    """Runs that started while another run of the same key was still going.
-
-    A run lasts from its start to its end, or to the kill for runs of the
-    killed worker (they have no end; a later delivery of the same id does).
-    """
-    spans: dict[str, list[tuple[float, float]]] = {}
-    for start in starts(seen):
-        end = (
-            killed_at
-            if start["time"] < killed_at
-            else next(
-                (e["time"] for e in ends(seen) if e["id"] == start["id"] and e["time"] >= start["time"]), 0
-            )
-        )
-        spans.setdefault(start["item"], []).append((start["time"], end))
-    return sum(
-        1
-        for item_spans in spans.values()
-        for n, (begin, _) in enumerate(item_spans)
-        if any(b < begin < e for b, e in item_spans[:n])
-    )
 
 
 def test_redelivered_message_meets_the_new_holder_by_policy(
@@ -108,13 +85,15 @@ def test_redelivered_message_meets_the_new_holder_by_policy(
     runs = [(e["item"], e["id"]) for e in starts(seen)]
     finished = [(e["item"], e["id"]) for e in ends(seen)]
     retry_runs = [e for e in starts(seen) if e["item"] == "retry"]
-    beside = overlapping(seen, killed_at)
+    # The killed worker's runs have no end: they lasted until the kill.
+    beside = overlapping(seen, unended=lambda start: killed_at if start["time"] < killed_at else math.inf)
     report(
         "6 redelivery after the lock changed hands",
         "2 acks_late tasks (on_conflict discard and retry) lost with their worker",
         "1 SIGKILL of the whole worker; 2 redeliveries (visibility timeout) after new holders took the locks",
         injected=1,
-        duplicates=beside,
+        overlapping=beside,
+        completed_twice=completed_twice(seen),
         lost=sum(1 for p in tasks if not any(item == p for item, _ in finished)),
         note=f"discard: dropped and logged, the new holder ran; retry: {len(conflicts('retry'))} "
         "conflicts, then ran after the holder",

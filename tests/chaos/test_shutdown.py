@@ -15,7 +15,16 @@ import pytest
 import redis
 
 from tests.chaos import chaos_app
-from tests.chaos.conftest import SCALE, Events, Report, chaos_worker, ends, starts
+from tests.chaos.conftest import (
+    SCALE,
+    Events,
+    Report,
+    chaos_worker,
+    completed_twice,
+    ends,
+    overlapping,
+    starts,
+)
 from tests.integration.conftest import lock_holder, wait_for
 
 pytestmark = pytest.mark.worker
@@ -70,7 +79,8 @@ def test_warm_shutdown_restores_queued_tasks_with_their_locks(
         f"{TASKS} unique tasks queued, {SECONDS}s each",
         f"{shutdowns} SIGTERM of the worker while it ran and held reserved tasks",
         injected=shutdowns,
-        duplicates=sum(n - 1 for n in runs.values()),
+        overlapping=overlapping(events()),
+        completed_twice=completed_twice(events()),
         lost=len({h.id for h in handles.values()} - set(runs)),
     )
     assert shutdowns == SHUTDOWNS

@@ -80,9 +80,12 @@ def record(token: str, event: str, **data: Any) -> None:
 
 
 def wait_released(token: str, limit: float = 120.0) -> None:
-    """Block until the test sets the token's release key (or ``limit`` passes)."""
+    """Block until the test sets the token's release key; a run not released within
+    ``limit`` fails (recorded as a "failure" event) instead of ending as if released."""
     deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and not broker_client().exists(release_key(token)):
+    while not broker_client().exists(release_key(token)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{token} was not released within {limit}s")
         time.sleep(0.02)
 
 

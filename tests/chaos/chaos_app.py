@@ -31,6 +31,7 @@ from celery import Celery, signals
 
 from celery_unique import UniqueTask
 from celery_unique import signals as unique_signals
+from tests.barrier import add_barrier
 
 app = Celery("celery_unique_chaos", set_as_current=False)
 app.conf.update(
@@ -77,6 +78,9 @@ def broker_client() -> redis.Redis:
 def record(token: str, event: str, **data: Any) -> None:
     entry = {"event": event, "pid": os.getpid(), "time": time.time(), **data}
     broker_client().rpush(events_key(token), json.dumps(entry))
+
+
+barrier = add_barrier(app, broker_client)
 
 
 def wait_released(token: str, limit: float = 120.0) -> None:

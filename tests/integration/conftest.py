@@ -20,10 +20,13 @@ import pytest
 import redis
 
 from celery_unique.conf import get_conf
+from tests.barrier import barrier_key
 from tests.integration import worker_app
 from tests.integration.results import polling_backend_url
 
 ROOT = Path(__file__).resolve().parents[2]
+# Pool processes of every test worker (prefork, prefetch multiplier 1).
+CONCURRENCY = 2
 
 
 class Worker:
@@ -43,6 +46,7 @@ class Worker:
     ) -> None:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
         self.app = importlib.import_module(app).app
+        self.broker_url = redis_url
         # Kept open for the worker's lifetime; stop() closes and removes it.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="celery-worker-", suffix=".log", delete=False
@@ -50,7 +54,7 @@ class Worker:
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **(env or {})}
         command = [
             sys.executable, "-m", "celery", "-A", app, "worker",
-            "--pool", "prefork", "--concurrency", "2", "--hostname", self.name,
+            "--pool", "prefork", "--concurrency", str(CONCURRENCY), "--hostname", self.name,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", "INFO", *extra,
         ]  # fmt: skip
@@ -78,8 +82,42 @@ class Worker:
                 return
         raise RuntimeError(f"worker did not answer ping within {timeout}s:\n{self.log_text()}")
 
+    def whole_log(self) -> str:
+        """All of the log (a line soon leaves the tail that log_text() gives)."""
+        return Path(self.log.name).read_text(errors="replace")
+
     def log_text(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-6000:]
+        return self.whole_log()[-6000:]
+
+    def drain(self, queue: str | None = None, countdown: float = 0.0, timeout: float = 60.0) -> None:
+        """Return once this worker has run every message sent to ``queue`` before this
+        call (with a countdown of at most ``countdown`` seconds), and every message
+        that those runs sent there in turn. Published through ``self.app`` (this
+        process's instance of the worker's app, so configured for the same broker).
+
+        Why that holds: the worker takes the queue's messages in the order they were
+        sent and hands them, in that order, to its CONCURRENCY pool processes, each
+        running one at a time and only then taking the next (prefork, fair
+        scheduling). A round sends CONCURRENCY barrier tasks (tests/barrier.py),
+        which wait until all of them run at once, so in all the processes: each has
+        finished what it was handed before its barrier task, that is every message
+        sent before the round. A message with a countdown waits in the worker's
+        timer and is handed over at its time, in the order of those times: the
+        round has ``countdown`` too, so a later time. A message that a run sent (a
+        callback, a retry) was sent before the first round ended: a second round
+        proves that it has run as well.
+        """
+        barrier = self.app.tasks["tests.barrier"]
+        with redis.Redis.from_url(self.broker_url) as client:
+            for _ in range(2):
+                name = uuid.uuid4().hex
+                for _ in range(CONCURRENCY):
+                    barrier.apply_async((name, CONCURRENCY, timeout), queue=queue, countdown=countdown)
+                wait_for(
+                    lambda name=name: int(client.get(barrier_key(name)) or 0) >= CONCURRENCY,  # type: ignore[misc]
+                    timeout=timeout + countdown,
+                    worker=self,
+                )
 
     def child_pids(self) -> list[int]:
         out = subprocess.run(

@@ -19,6 +19,7 @@ from celery import Celery, signals
 
 from celery_unique import UniqueTask
 from celery_unique.contrib.django import UniqueDjangoTask
+from tests.barrier import add_barrier
 
 app = Celery("celery_unique_tests", set_as_current=False)
 app.conf.update(
@@ -53,6 +54,27 @@ def events_key(token: str) -> str:
 def record(token: str, event: str, **data: Any) -> None:
     entry = {"event": event, "pid": os.getpid(), "time": time.time(), **data}
     events_client().rpush(events_key(token), json.dumps(entry))
+
+
+barrier = add_barrier(app, events_client)
+
+
+def finished_key(task_id: str) -> str:
+    return f"test-finished:{task_id}"
+
+
+def _finished(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+    """Record that a run's task_postrun is done, celery-unique's receiver (connected
+    first, when celery_unique was imported) and its release among it: a test waits
+    for this instead of sleeping through a release that must not free a lock."""
+    if task_id:
+        pipe = events_client().pipeline()
+        pipe.rpush(finished_key(task_id), state or "")
+        pipe.expire(finished_key(task_id), 600)
+        pipe.execute()
+
+
+signals.task_postrun.connect(_finished, weak=False)
 
 
 @app.task(base=UniqueTask, bind=True, name="tests.sleeper")

@@ -153,11 +153,6 @@ def stored_text(client: redis.Redis, key: bytes) -> str:
     return b"\n".join(parts).decode(errors="replace")
 
 
-def whole_log(worker: Worker) -> str:
-    """All of a worker's log (at DEBUG, a line soon leaves the tail that log_text() shows)."""
-    return Path(worker.log.name).read_text(errors="replace")
-
-
 def unique_lines(log: str) -> list[str]:
     """celery-unique's own lines of a worker log (its format names the logger)."""
     return [line for line in log.splitlines() if " celery_unique." in line]
@@ -199,8 +194,8 @@ def test_no_key_value_or_log_line_holds_a_raw_argument(
         )
         wait_for(lambda: [e for e in seen() if e["event"] == "end" and e["id"] == first.id], worker=worker)
         wait_for(lambda: lock_client.get(chaos_app.work.unique_lock_key((token,), {"item": secret})) is None)
-        wait_for(lambda: "replayed" in whole_log(worker))
-    worker_lines = unique_lines(whole_log(worker))
+        wait_for(lambda: "replayed" in worker.whole_log())
+    worker_lines = unique_lines(worker.whole_log())
     producer_lines = [r.getMessage() for r in caplog.records if r.name.startswith("celery_unique")]
     stored = {key.decode(): stored_text(lock_client, key) for key in lock_client.scan_iter("celery_unique:*")}
     errors = [str(e.value) for e in (duplicate, unserialisable, misfit)]

@@ -36,6 +36,11 @@ class Worker:
     unless given) and ``env`` adds to its environment.
     """
 
+    #: Worker subprocesses started in this test run, the demo's counted by
+    #: run_with_a_worker(): the ``worker`` marker check (tests/conftest.py) compares
+    #: it around each test.
+    started = 0
+
     def __init__(
         self,
         redis_url: str,
@@ -61,6 +66,7 @@ class Worker:
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        Worker.started += 1
 
     def __enter__(self) -> Worker:
         try:
@@ -135,6 +141,13 @@ class Worker:
                 self.process.wait(10)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def run_with_a_worker(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` of a command that starts a Celery worker of its own (the
+    example project's demo), counted in :attr:`Worker.started`."""
+    Worker.started += 1
+    return subprocess.run(command, **options)
 
 
 def service_reachable(host: str, port: int) -> bool:

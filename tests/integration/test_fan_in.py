@@ -20,8 +20,6 @@ from tests.integration.worker_app import (
     fan_worker,
 )
 
-pytestmark = pytest.mark.worker
-
 
 def callbacks(events: Events) -> list[dict[str, Any]]:
     return [e for e in events() if e["event"] == "callback"]
@@ -31,6 +29,7 @@ def errbacks(events: Events) -> list[dict[str, Any]]:
     return [e for e in events() if e["event"] == "errback"]
 
 
+@pytest.mark.worker
 def test_1000_parts_fire_the_callback_once_with_every_payload(
     worker: Worker, token: str, events: Events
 ) -> None:
@@ -42,6 +41,7 @@ def test_1000_parts_fire_the_callback_once_with_every_payload(
     assert handle.state is None  # cleaned up
 
 
+@pytest.mark.worker
 def test_a_part_delivered_twice_counts_once(
     worker: Worker, celery_app: Any, token: str, events: Events
 ) -> None:
@@ -60,6 +60,7 @@ def test_a_part_delivered_twice_counts_once(
     assert [c["results"] for c in callbacks(events)] == [{"a": 2, "b": 4}]
 
 
+@pytest.mark.worker
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [
@@ -85,6 +86,7 @@ def test_collect_and_ignore_policies(
     assert errbacks(events) == []
 
 
+@pytest.mark.worker
 def test_fail_policy_fires_the_errback_once_and_never_the_callback(
     worker: Worker, token: str, events: Events
 ) -> None:
@@ -98,6 +100,7 @@ def test_fail_policy_fires_the_errback_once_and_never_the_callback(
     assert callbacks(events) == []
 
 
+@pytest.mark.worker
 def test_deadline_fires_the_errback_with_the_missing_parts(
     worker: Worker, celery_app: Any, token: str, events: Events
 ) -> None:
@@ -113,6 +116,7 @@ def test_deadline_fires_the_errback_with_the_missing_parts(
     assert callbacks(events) == []
 
 
+@pytest.mark.worker
 def test_a_part_killed_mid_run_is_redelivered_and_the_fan_in_completes_once(
     worker: Worker, token: str, events: Events
 ) -> None:
@@ -123,6 +127,7 @@ def test_a_part_killed_mid_run_is_redelivered_and_the_fan_in_completes_once(
     assert [c["results"] for c in callbacks(events)] == [{"0": 0, "1": 2, "2": 4}]
 
 
+@pytest.mark.worker
 def test_named_parts_of_different_task_types(worker: Worker, token: str, events: Events) -> None:
     fan_in(
         {

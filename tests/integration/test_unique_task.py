@@ -19,8 +19,6 @@ from celery_unique.hooks import CELERY_RETRIES_LOST_WORKERS
 from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import failing, finished_key, flaky, sleeper, typed
 
-pytestmark = pytest.mark.worker
-
 
 def holder_of(task: Any, *args: Any, **kwargs: Any) -> str | None:
     return task.unique_store().holder(task.unique_lock_key(args, kwargs))[0]
@@ -30,6 +28,7 @@ def ended(events: Events, count: int = 1) -> Any:
     return lambda: len([e for e in events() if e["event"] == "end"]) >= count
 
 
+@pytest.mark.worker
 def test_concurrent_duplicates_publish_and_run_once(worker: Worker, token: str, events: Events) -> None:
     handles: list[Any] = []
     lock = threading.Lock()
@@ -55,6 +54,7 @@ def test_concurrent_duplicates_publish_and_run_once(worker: Worker, token: str, 
     assert [e["id"] for e in starts] == [handles[0].id]
 
 
+@pytest.mark.worker
 def test_lock_is_released_after_the_task_and_a_new_delay_runs(
     worker: Worker, token: str, events: Events
 ) -> None:
@@ -69,6 +69,7 @@ def test_lock_is_released_after_the_task_and_a_new_delay_runs(
     assert [e["id"] for e in events() if e["event"] == "start"] == [first.id, second.id]
 
 
+@pytest.mark.worker
 def test_retry_keeps_the_lock_and_reenters_it(worker: Worker, token: str, events: Events) -> None:
     result = flaky.delay(token, failures=2, countdown=0.7)
     wait_for(lambda: len(events()) >= 1)
@@ -83,6 +84,7 @@ def test_retry_keeps_the_lock_and_reenters_it(worker: Worker, token: str, events
     wait_for(lambda: holder_of(flaky, token) is None, timeout=5)
 
 
+@pytest.mark.worker
 def test_failing_task_frees_its_lock(worker: Worker, token: str, events: Events) -> None:
     failing.delay(token)
     wait_for(lambda: events())
@@ -90,6 +92,7 @@ def test_failing_task_frees_its_lock(worker: Worker, token: str, events: Events)
     assert not failing.delay(token).duplicate
 
 
+@pytest.mark.worker
 def test_expired_lock_taken_by_another_is_not_freed_by_the_first(
     worker: Worker, token: str, events: Events, redis_client: redis.Redis
 ) -> None:
@@ -103,6 +106,7 @@ def test_expired_lock_taken_by_another_is_not_freed_by_the_first(
     wait_for(ended(events, 2))
 
 
+@pytest.mark.worker
 def test_revoking_a_queued_task_frees_its_lock(worker: Worker, token: str, events: Events) -> None:
     busy = [f"{token}-busy-{n}" for n in range(2)]
     for busy_token in busy:
@@ -117,6 +121,7 @@ def test_revoking_a_queued_task_frees_its_lock(worker: Worker, token: str, event
     assert events() == []  # the revoked task never ran
 
 
+@pytest.mark.worker
 def test_killed_pool_child_frees_its_lock(worker: Worker, token: str, events: Events) -> None:
     sleeper.delay(token, 30)
     started = wait_for(lambda: events())
@@ -125,6 +130,7 @@ def test_killed_pool_child_frees_its_lock(worker: Worker, token: str, events: Ev
     assert not any(e["event"] == "end" for e in events())
 
 
+@pytest.mark.worker
 @pytest.mark.parametrize(
     ("first", "second"),
     [
@@ -154,6 +160,7 @@ def test_typed_arguments_deduplicate_across_the_worker_boundary(
     wait_for(ended(events, 2))
 
 
+@pytest.mark.worker
 def test_keyword_and_positional_calls_are_one_key(worker: Worker, token: str, events: Events) -> None:
     original = sleeper.delay(token, 0.5)
     assert sleeper.delay(seconds=0.5, token=token).id == original.id
@@ -172,6 +179,7 @@ def test_settings_come_from_app_conf(celery_app: Any, unique_redis: Any) -> None
     assert isinstance(pool, SentinelConnectionPool) == (unique_redis.topology == "sentinel")
 
 
+@pytest.mark.worker
 @pytest.mark.skipif(
     not CELERY_RETRIES_LOST_WORKERS, reason="this Celery has no Task.retry_on_worker_lost (5.6+)"
 )

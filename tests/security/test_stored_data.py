@@ -33,8 +33,6 @@ from tests.chaos.conftest import chaos_worker, producing
 from tests.integration.conftest import Worker, wait_for
 from tests.security import tripwire
 
-pytestmark = pytest.mark.worker
-
 QUEUE = "security-data"
 
 
@@ -95,6 +93,7 @@ def test_the_package_imports_no_unpickler() -> None:
             assert not names & unpicklers, f"{path} imports {names & unpicklers}"
 
 
+@pytest.mark.worker
 def test_a_pickle_planted_in_its_keys_is_never_unpickled(
     app: Any, worker: Worker, lock_client: redis.Redis, later: str, tmp_path: Path
 ) -> None:
@@ -158,6 +157,7 @@ def unique_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if " celery_unique." in line]
 
 
+@pytest.mark.worker
 def test_no_key_value_or_log_line_holds_a_raw_argument(
     app: Any, worker: Worker, lock_client: redis.Redis, later: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -75,6 +75,18 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
+# Exactly one SHA-256 hex digest: with "*" in its place, the tag pattern of task
+# "a" also matched the keys of task "a:b" ("{a:b:<digest>}").
+_DIGEST_PATTERN = "[0-9a-f]" * 64
+
+
+def _tag_pattern(task_name: str | None) -> str:
+    """The hash tag, as a SCAN pattern, of the keys of ``task_name`` (of every task without one)."""
+    if not task_name:
+        return "{*}"
+    return f"{{{_glob_escape(tag_name(task_name))}:{_DIGEST_PATTERN}}}"
+
+
 def _scan(client: Any, pattern: str, count: int) -> Iterator[str]:
     """The keys matching ``pattern``, each once (SCAN may return a key twice)."""
     seen: set[str] = set()
@@ -179,7 +191,7 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
     """
     conf = get_conf(app)
     store = conf.locks
-    tag = f"{{{_glob_escape(tag_name(task_name))}:*}}" if task_name else "{*}"
+    tag = _tag_pattern(task_name)
     lifetimes: dict[str, str] = {}
     for kind in KINDS:
         pattern = f"{conf.key_prefix}:{KEY_VERSION}:{tag}:{kind}"

@@ -7,6 +7,9 @@ ever flushed.
 ``--unique-redis=cluster`` (or ``sentinel``) puts the plugin's locks on a
 private Redis Cluster (or behind a Sentinel) while the broker stays on the
 plain Redis: the worker tests then run unchanged against that topology.
+
+The ``worker`` marker is on exactly the tests that start a Celery worker
+subprocess or use one a fixture started: a test on which the two disagree fails.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import pytest
 import redis
 
 from celery_unique.testing import ClusterServers, RedisServer, SentinelServers
+from tests.integration.conftest import Worker
 
 TOPOLOGIES = ("single", "cluster", "sentinel")
+_WORKERS_BEFORE = pytest.StashKey[int]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,6 +37,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("UNIQUE_REDIS_TOPOLOGY", "single"),
         help="where the plugin keeps its locks: the broker's Redis (single), a Redis Cluster or Sentinel",
     )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    item.stash[_WORKERS_BEFORE] = Worker.started
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail a test that passed but whose ``worker`` marker disagrees with what it did:
+    start a worker (in its fixtures' set-up or its body) or get one from a fixture."""
+    result = yield
+    fixtures = getattr(item, "funcargs", {}).values()
+    uses = Worker.started > item.stash[_WORKERS_BEFORE] or any(isinstance(f, Worker) for f in fixtures)
+    marked = item.get_closest_marker("worker") is not None
+    if uses and not marked:
+        pytest.fail("this test uses a Celery worker subprocess: mark it @pytest.mark.worker")
+    if marked and not uses:
+        pytest.fail("this test uses no Celery worker subprocess: remove its worker marker")
+    return result
 
 
 @pytest.fixture(scope="session")

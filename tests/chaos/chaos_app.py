@@ -31,6 +31,7 @@ from celery import Celery, signals
 
 from celery_unique import UniqueTask
 from celery_unique import signals as unique_signals
+from tests.barrier import add_barrier
 
 app = Celery("celery_unique_chaos", set_as_current=False)
 app.conf.update(
@@ -79,10 +80,16 @@ def record(token: str, event: str, **data: Any) -> None:
     broker_client().rpush(events_key(token), json.dumps(entry))
 
 
+barrier = add_barrier(app, broker_client)
+
+
 def wait_released(token: str, limit: float = 120.0) -> None:
-    """Block until the test sets the token's release key (or ``limit`` passes)."""
+    """Block until the test sets the token's release key; a run not released within
+    ``limit`` fails (recorded as a "failure" event) instead of ending as if released."""
     deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and not broker_client().exists(release_key(token)):
+    while not broker_client().exists(release_key(token)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{token} was not released within {limit}s")
         time.sleep(0.02)
 
 

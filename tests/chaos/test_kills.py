@@ -93,7 +93,7 @@ def test_killed_child_is_redelivered_and_reenters_its_lock(
         broker_client.set(chaos_app.release_key(token), 1)
         wait_for(lambda: ends(events()), worker=worker)
         wait_for(lambda: lock_client.get(key) is None)
-        time.sleep(0.3)  # another delivery, if any, would have started by now
+        worker.drain()  # another delivery, if any, has run by now
 
     seen = starts(events())
     pids = [e["pid"] for e in seen]

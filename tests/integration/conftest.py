@@ -21,10 +21,13 @@ import redis
 
 from celery_unique.conf import get_conf
 from celery_unique.locks import task_id_of
+from tests.barrier import barrier_key
 from tests.integration import worker_app
 from tests.integration.results import polling_backend_url
 
 ROOT = Path(__file__).resolve().parents[2]
+# Pool processes of every test worker (prefork, prefetch multiplier 1).
+CONCURRENCY = 2
 
 
 class Worker:
@@ -33,6 +36,11 @@ class Worker:
     ``app`` names the module of the Celery app it runs (``tests.integration.worker_app``
     unless given) and ``env`` adds to its environment.
     """
+
+    #: Worker subprocesses started in this test run, the demo's counted by
+    #: run_with_a_worker(): the ``worker`` marker check (tests/conftest.py) compares
+    #: it around each test.
+    started = 0
 
     def __init__(
         self,
@@ -44,6 +52,7 @@ class Worker:
     ) -> None:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
         self.app = importlib.import_module(app).app
+        self.broker_url = redis_url
         # Kept open for the worker's lifetime; stop() closes and removes it.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="celery-worker-", suffix=".log", delete=False
@@ -51,13 +60,14 @@ class Worker:
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **(env or {})}
         command = [
             sys.executable, "-m", "celery", "-A", app, "worker",
-            "--pool", "prefork", "--concurrency", "2", "--hostname", self.name,
+            "--pool", "prefork", "--concurrency", str(CONCURRENCY), "--hostname", self.name,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", "INFO", *extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        Worker.started += 1
 
     def __enter__(self) -> Worker:
         try:
@@ -79,8 +89,42 @@ class Worker:
                 return
         raise RuntimeError(f"worker did not answer ping within {timeout}s:\n{self.log_text()}")
 
+    def whole_log(self) -> str:
+        """All of the log (a line soon leaves the tail that log_text() gives)."""
+        return Path(self.log.name).read_text(errors="replace")
+
     def log_text(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-6000:]
+        return self.whole_log()[-6000:]
+
+    def drain(self, queue: str | None = None, countdown: float = 0.0, timeout: float = 60.0) -> None:
+        """Return once this worker has run every message sent to ``queue`` before this
+        call (with a countdown of at most ``countdown`` seconds), and every message
+        that those runs sent there in turn. Published through ``self.app`` (this
+        process's instance of the worker's app, so configured for the same broker).
+
+        Why that holds: the worker takes the queue's messages in the order they were
+        sent and hands them, in that order, to its CONCURRENCY pool processes, each
+        running one at a time and only then taking the next (prefork, fair
+        scheduling). A round sends CONCURRENCY barrier tasks (tests/barrier.py),
+        which wait until all of them run at once, so in all the processes: each has
+        finished what it was handed before its barrier task, that is every message
+        sent before the round. A message with a countdown waits in the worker's
+        timer and is handed over at its time, in the order of those times: the
+        round has ``countdown`` too, so a later time. A message that a run sent (a
+        callback, a retry) was sent before the first round ended: a second round
+        proves that it has run as well.
+        """
+        barrier = self.app.tasks["tests.barrier"]
+        with redis.Redis.from_url(self.broker_url) as client:
+            for _ in range(2):
+                name = uuid.uuid4().hex
+                for _ in range(CONCURRENCY):
+                    barrier.apply_async((name, CONCURRENCY, timeout), queue=queue, countdown=countdown)
+                wait_for(
+                    lambda name=name: int(client.get(barrier_key(name)) or 0) >= CONCURRENCY,  # type: ignore[misc]
+                    timeout=timeout + countdown,
+                    worker=self,
+                )
 
     def child_pids(self) -> list[int]:
         out = subprocess.run(
@@ -111,6 +155,13 @@ def release_held(store: Any, key: str, task_id: str) -> bool:
     """Release a lock that ``task_id`` holds, with the owner token it holds it by (owner-checked)."""
     owner, _ = store.owner(key)
     return owner is not None and task_id_of(owner) == task_id and bool(store.release(key, owner))
+
+
+def run_with_a_worker(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` of a command that starts a Celery worker of its own (the
+    example project's demo), counted in :attr:`Worker.started`."""
+    Worker.started += 1
+    return subprocess.run(command, **options)
 
 
 def service_reachable(host: str, port: int) -> bool:

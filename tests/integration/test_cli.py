@@ -208,6 +208,45 @@ def test_release_by_task_asks_first(
     assert [store.holder(key)[0] for key in keys] == [None, None]
 
 
+# Task names whose SCAN patterns could reach each other: a name and the same name
+# with a ":sub" (a pattern "{name:*}" matched both), names with glob characters,
+# braces (percent-encoded in the tag) and names one character apart.
+SIBLINGS = ("rel.pfx", "a", "a*", "a?b", "a[1]", "a{x}", "a%7Bx%7D", "ab", "axb", "a1")
+SIBLING_NAMES = (*SIBLINGS, *(f"{name}:sub" for name in SIBLINGS))
+
+
+@pytest.fixture
+def siblings(celery_app: Any, store: LockStore, planted: list[str], token: str) -> dict[str, set[str]]:
+    """A queued lock and a run lock of each of SIBLING_NAMES (under this test's token): name -> keys."""
+    held: dict[str, set[str]] = {}
+    for name in SIBLING_NAMES:
+        full = f"tests.exact.{token}.{name}"
+        queued, running = family(celery_app, full, "queued"), family(celery_app, full, "running")
+        planted += [lock_key(queued), run_key(running), fence_key(running)]
+        assert store.acquire(lock_key(queued), "owner", 60_000).acquired
+        assert store.begin_run(
+            lock_key(running), run_key(running), fence_key(running), "owner", "while_executing", 60_000
+        ).acquired
+        held[full] = {lock_key(queued), run_key(running)}
+    return held
+
+
+@pytest.mark.parametrize("name", SIBLING_NAMES)
+def test_locks_and_release_by_task_touch_exactly_that_task(
+    siblings: dict[str, set[str]], store: LockStore, token: str, name: str
+) -> None:
+    asked = f"tests.exact.{token}.{name}"
+    listed = run("locks", "--task", asked)
+    assert listed.exit_code == 0
+    *lines, total = listed.output.splitlines()
+    assert {line.split("  ")[0] for line in lines} == siblings[asked]
+    assert total == "2 lock(s) and outcome(s)"
+    done = run("release", "--task", asked, "--yes")
+    assert done.exit_code == 0 and done.output.splitlines() == ["released 2 lock(s)"]
+    kept = {key for keys in siblings.values() for key in keys if store.client.exists(key)}
+    assert kept == {key for each, keys in siblings.items() if each != asked for key in keys}
+
+
 def test_release_needs_a_key_or_a_task() -> None:
     assert run("release").exit_code != 0
     assert run("release", "not-a-lock", "--yes").exit_code != 0

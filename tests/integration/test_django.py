@@ -147,6 +147,7 @@ def test_savepoints_follow_django_on_commit_semantics(celery_app: Any, alias: st
     release_held(django_recompute.unique_store(), django_recompute.unique_lock_key((kept,)), outer.id)
 
 
+@pytest.mark.worker
 def test_concurrent_requests_run_the_recompute_once(
     worker: Any, alias: str, token: str, events: Events, redis_client: redis.Redis
 ) -> None:

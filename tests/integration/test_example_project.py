@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import pytest
 
-from tests.integration.conftest import require_service
+from tests.integration.conftest import require_service, run_with_a_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +24,7 @@ def test_demo_runs_every_published_recompute_once(database: str, redis_url: str)
     if database == "postgresql":
         require_service("PostgreSQL", "127.0.0.1", 5432)
         env["DATABASE_URL"] = "postgres://postgres@127.0.0.1:5432/test"
-    done = subprocess.run(
+    done = run_with_a_worker(
         [sys.executable, "-m", "example_project", "demo", "--payments", "10"],
         cwd=ROOT,
         env=env,

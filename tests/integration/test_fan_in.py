@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 from celery_unique import fan_in
 from celery_unique.aggregate import aggregator
 from celery_unique.headers import FAN_IN_HEADER
-from tests.integration.conftest import Events, wait_for
+from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import (
     fan_collect,
     fan_errback,
@@ -20,8 +19,6 @@ from tests.integration.worker_app import (
     fan_part_killed_once,
     fan_worker,
 )
-
-pytestmark = pytest.mark.worker
 
 
 def callbacks(events: Events) -> list[dict[str, Any]]:
@@ -32,22 +29,22 @@ def errbacks(events: Events) -> list[dict[str, Any]]:
     return [e for e in events() if e["event"] == "errback"]
 
 
-def settle() -> None:
-    time.sleep(0.5)  # a second callback, if any, would have arrived by now
-
-
+@pytest.mark.worker
 def test_1000_parts_fire_the_callback_once_with_every_payload(
-    worker: Any, token: str, events: Events
+    worker: Worker, token: str, events: Events
 ) -> None:
     handle = fan_in([fan_part.s(token, n) for n in range(1000)], fan_collect.s(token), timeout=120)
     wait_for(lambda: callbacks(events), timeout=120, worker=worker)
-    settle()
+    worker.drain()  # a second callback or errback, if any, has run by now
     [done] = callbacks(events)
     assert done["results"] == {str(n): n * 2 for n in range(1000)}
     assert handle.state is None  # cleaned up
 
 
-def test_a_part_delivered_twice_counts_once(worker: Any, celery_app: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_a_part_delivered_twice_counts_once(
+    worker: Worker, celery_app: Any, token: str, events: Events
+) -> None:
     aggregator(celery_app).create(token, ["a", "b"], fan_collect.s(token))
     part_id = str(uuid.uuid4())
     for _ in range(2):  # the same message twice: same task id, same part
@@ -55,14 +52,15 @@ def test_a_part_delivered_twice_counts_once(worker: Any, celery_app: Any, token:
             (token, 1), task_id=part_id, headers={FAN_IN_HEADER: {"token": token, "part": "a"}}
         )
     wait_for(lambda: "a" in aggregator(celery_app).reports(token), timeout=10)
-    time.sleep(0.5)
+    worker.drain()  # both deliveries of "a" have run, and a callback either sent
     assert callbacks(events) == []  # "a" twice did not complete a set of two
     fan_part.apply_async((token, 2), headers={FAN_IN_HEADER: {"token": token, "part": "b"}})
     wait_for(lambda: callbacks(events), timeout=10)
-    settle()
+    worker.drain()
     assert [c["results"] for c in callbacks(events)] == [{"a": 2, "b": 4}]
 
 
+@pytest.mark.worker
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [
@@ -78,55 +76,59 @@ def test_a_part_delivered_twice_counts_once(worker: Any, celery_app: Any, token:
     ],
 )
 def test_collect_and_ignore_policies(
-    worker: Any, token: str, events: Events, policy: str, expected: dict[str, Any]
+    worker: Worker, token: str, events: Events, policy: str, expected: dict[str, Any]
 ) -> None:
     header = [fan_part.s(token, 0), fan_part.s(token, 1, fail=True), fan_part.s(token, 2)]
     fan_in(header, fan_collect.s(token), errback=fan_errback.s(token), policy=policy)
     wait_for(lambda: callbacks(events), timeout=20)
-    settle()
+    worker.drain()
     assert [c["results"] for c in callbacks(events)] == [expected]
     assert errbacks(events) == []
 
 
+@pytest.mark.worker
 def test_fail_policy_fires_the_errback_once_and_never_the_callback(
-    worker: Any, token: str, events: Events
+    worker: Worker, token: str, events: Events
 ) -> None:
     header = [fan_part.s(token, n, fail=n in (3, 7)) for n in range(10)]
     handle = fan_in(header, fan_collect.s(token), errback=fan_errback.s(token), policy="fail")
     wait_for(lambda: errbacks(events), timeout=20)
-    settle()
+    worker.drain()
     [failed] = errbacks(events)
     assert failed["info"]["reason"] == "failed" and failed["info"]["token"] == handle.token
     assert len(failed["info"]["failed"]) == 1  # the first failure closed the fan-in
     assert callbacks(events) == []
 
 
+@pytest.mark.worker
 def test_deadline_fires_the_errback_with_the_missing_parts(
-    worker: Any, celery_app: Any, token: str, events: Events
+    worker: Worker, celery_app: Any, token: str, events: Events
 ) -> None:
     aggregator(celery_app).create(
         token, ["present", "late", "lost"], fan_collect.s(token), fan_errback.s(token), timeout=1.5
     )
     fan_part.apply_async((token, 1), headers={FAN_IN_HEADER: {"token": token, "part": "present"}})
     wait_for(lambda: errbacks(events), timeout=20, worker=worker)
-    settle()
+    worker.drain()
     [expired] = errbacks(events)
     assert expired["info"]["reason"] == "expired"
     assert expired["info"]["missing"] == ["late", "lost"]
     assert callbacks(events) == []
 
 
+@pytest.mark.worker
 def test_a_part_killed_mid_run_is_redelivered_and_the_fan_in_completes_once(
-    worker: Any, token: str, events: Events
+    worker: Worker, token: str, events: Events
 ) -> None:
     header = [fan_part.s(token, 0), fan_part_killed_once.s(token, 1), fan_part.s(token, 2)]
     fan_in(header, fan_collect.s(token), timeout=60)
     wait_for(lambda: callbacks(events), timeout=60, worker=worker)
-    settle()
+    worker.drain()
     assert [c["results"] for c in callbacks(events)] == [{"0": 0, "1": 2, "2": 4}]
 
 
-def test_named_parts_of_different_task_types(worker: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_named_parts_of_different_task_types(worker: Worker, token: str, events: Events) -> None:
     fan_in(
         {
             "key-info": fan_key_info.s(token),
@@ -136,7 +138,7 @@ def test_named_parts_of_different_task_types(worker: Any, token: str, events: Ev
         fan_collect.s(token),
     )
     wait_for(lambda: callbacks(events), timeout=20)
-    settle()
+    worker.drain()
     assert [c["results"] for c in callbacks(events)] == [
         {"key-info": {"key": f"k-{token}"}, "worker1": "worker1 done", "worker2": "worker2 done"}
     ]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from celery_unique import IdempotencyConflict
-from tests.integration.conftest import Events, wait_for
+from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import idempotent, idempotent_killed, idempotent_short
 
 pytestmark = pytest.mark.worker
@@ -19,14 +19,16 @@ def starts(events: Events) -> int:
     return sum(1 for e in events() if e["event"] == "start")
 
 
-def test_a_duplicate_after_the_run_gets_the_stored_outcome(worker: Any, token: str, events: Events) -> None:
+def test_a_duplicate_after_the_run_gets_the_stored_outcome(
+    worker: Worker, token: str, events: Events
+) -> None:
     first = idempotent.delay(token, amount=5)
     assert first.get(timeout=20) == {"token": token, "charged": 5}
     wait_for(lambda: idempotent.stored_outcome((token,)) is not None, timeout=5)
     again = idempotent.delay(token, amount=5)
     assert again.replayed and again.duplicate and again.id == first.id
     assert again.get() == {"token": token, "charged": 5}
-    time.sleep(0.3)
+    worker.drain()  # a second run, if any, has happened by now
     assert starts(events) == 1
 
 
@@ -72,6 +74,7 @@ def test_an_outcome_expires_after_result_ttl(worker: Any, token: str, events: Ev
     replay = idempotent_short.delay(token)
     assert replay.replayed
     time.sleep(1.3)  # result_ttl is 1 s
+    assert idempotent_short.stored_outcome((token,)) is None  # expired
     fresh = idempotent_short.delay(token)
     assert not fresh.duplicate and fresh.get(timeout=20) == token
     assert starts(events) == 2
@@ -174,6 +177,9 @@ def test_conflicts_are_detected_for_the_whole_of_a_long_run(worker: Any, token: 
     key = f"long-{token}"
     first = idempotent_long.apply_async((token, 1, 3.0), idempotency_key=key)
     time.sleep(2.2)  # twice the 1 s lock_timeout: renewed, with its argument digest
+    lock = idempotent_long.unique_lock_key((token, 1, 3.0), idempotency_key=key)
+    holder, ttl = idempotent_long.unique_store().holder(lock)
+    assert holder == first.id and ttl is not None and ttl <= 1.0  # past its first TTL: renewed
     with pytest.raises(IdempotencyConflict):
         idempotent_long.apply_async((token, 2, 3.0), idempotency_key=key)
     assert first.get(timeout=20) == 1

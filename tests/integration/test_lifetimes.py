@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from celery_unique.keys import family_of, lock_key, run_key
 from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import (
     CONFLICT_TASKS,
     LIFETIME_TASKS,
+    finished_key,
     renewed,
     replacer,
     rescheduler,
@@ -31,8 +33,12 @@ def locks_free(task: Any, *args: Any) -> bool:
     return store.holder(lock_key(family))[0] is None and store.holder(run_key(family))[0] is None
 
 
-def settle(task: Any, token: str, events: Events, runs: int) -> list[dict[str, Any]]:
-    """Wait until ``runs`` runs have ended and no run of this token is left or queued."""
+def settle(
+    task: Any, token: str, events: Events, runs: int, worker: Worker, countdown: float = 0.0
+) -> list[dict[str, Any]]:
+    """Wait until ``runs`` runs have ended and no run of this token is left or queued:
+    every message sent so far (``countdown``: the longest countdown one may have) has
+    run, so a run that should not happen has happened by then."""
 
     def done() -> bool:
         seen = events()
@@ -43,7 +49,7 @@ def settle(task: Any, token: str, events: Events, runs: int) -> list[dict[str, A
     wait_for(done, timeout=20)
     if task.unique_lifetime != "until_expired":
         wait_for(lambda: locks_free(task, token), timeout=5)
-    time.sleep(0.5)  # a run that should not happen would have started by now
+    worker.drain(countdown=countdown)
     return events()
 
 
@@ -60,11 +66,12 @@ EXPECTED = {
 @pytest.mark.parametrize("phase", ["queued", "running", "finished"])
 @pytest.mark.parametrize("lifetime", list(EXPECTED))
 def test_when_a_second_delay_is_accepted(
-    worker: Any, token: str, events: Events, lifetime: str, phase: str
+    worker: Worker, token: str, events: Events, lifetime: str, phase: str
 ) -> None:
     task = LIFETIME_TASKS[lifetime]
+    countdown = 1.0 if phase == "queued" else 0.0
     if phase == "queued":
-        task.apply_async((token, 0.2), countdown=1.0)
+        task.apply_async((token, 0.2), countdown=countdown)
     elif phase == "running":
         task.delay(token, 1.5)
         wait_for(lambda: events())
@@ -78,36 +85,37 @@ def test_when_a_second_delay_is_accepted(
 
     accepted, runs = EXPECTED[lifetime][phase]
     assert (not second.duplicate) is accepted
-    seen = settle(task, token, events, runs)
+    seen = settle(task, token, events, runs, worker, countdown)
     assert sum(1 for e in seen if e["event"] == "start") == runs
 
 
-def test_until_expired_is_accepted_again_after_its_ttl(worker: Any, token: str, events: Events) -> None:
+def test_until_expired_is_accepted_again_after_its_ttl(worker: Worker, token: str, events: Events) -> None:
     task = LIFETIME_TASKS["until_expired"]
     first = task.delay(token)
     wait_for(lambda: any(e["event"] == "end" for e in events()))
     assert task.delay(token).id == first.id  # finished, but the throttle holds
     wait_for(lambda: locks_free(task, token), timeout=5)  # lock_timeout is 2 s
     assert not task.delay(token).duplicate
-    settle(task, token, events, 2)
+    settle(task, token, events, 2, worker)
 
 
 def test_while_executing_sent_by_name_runs_once_and_discards_the_other(
-    worker: Any, celery_app: Any, token: str, events: Events
+    worker: Worker, celery_app: Any, token: str, events: Events
 ) -> None:
     for _ in range(2):
         celery_app.send_task("tests.conflict.discard", (token, 1.0))
-    seen = settle(CONFLICT_TASKS["discard"], token, events, 1)
+    seen = settle(CONFLICT_TASKS["discard"], token, events, 1, worker)
     assert sum(1 for e in seen if e["event"] == "start") == 1
     assert "is held by" in worker.log_text()
 
 
 def test_while_executing_retry_runs_the_other_after(
-    worker: Any, celery_app: Any, token: str, events: Events
+    worker: Worker, celery_app: Any, token: str, events: Events
 ) -> None:
     for _ in range(2):
         celery_app.send_task("tests.conflict.retry", (token, 1.0))
-    seen = settle(CONFLICT_TASKS["retry"], token, events, 2)
+    task = CONFLICT_TASKS["retry"]
+    seen = settle(task, token, events, 2, worker, task.conflict_retry_countdown)
     starts = [e for e in seen if e["event"] == "start"]
     ends = [e for e in seen if e["event"] == "end"]
     assert len(starts) == 2
@@ -116,7 +124,7 @@ def test_while_executing_retry_runs_the_other_after(
 
 @pytest.mark.parametrize("lifetime", ["while_executing", "until_executed", "until_and_while_executing"])
 def test_fencing_token_increases_across_holders(
-    worker: Any, token: str, events: Events, lifetime: str
+    worker: Worker, token: str, events: Events, lifetime: str
 ) -> None:
     task = LIFETIME_TASKS[lifetime]
     for run in range(1, 4):
@@ -129,7 +137,7 @@ def test_fencing_token_increases_across_holders(
     assert fences[0] < fences[1] < fences[2]
 
 
-def test_self_rescheduling_hands_the_lock_over(worker: Any, token: str, events: Events) -> None:
+def test_self_rescheduling_hands_the_lock_over(worker: Worker, token: str, events: Events) -> None:
     rescheduler.delay(token, 2)
     wait_for(lambda: sum(1 for e in events() if e["event"] == "end") == 3, timeout=20)
     rescheduled = [e for e in events() if e["event"] == "rescheduled"]
@@ -139,7 +147,7 @@ def test_self_rescheduling_hands_the_lock_over(worker: Any, token: str, events: 
 
 
 def test_self_rescheduling_keeps_the_running_lock_of_until_and_while(
-    worker: Any, token: str, events: Events
+    worker: Worker, token: str, events: Events
 ) -> None:
     rescheduler_while.delay(token, 1)
     wait_for(lambda: sum(1 for e in events() if e["event"] == "end") == 2, timeout=20)
@@ -152,10 +160,13 @@ def test_self_rescheduling_keeps_the_running_lock_of_until_and_while(
     wait_for(lambda: sum(1 for e in events() if e["event"] == "end") == 3, timeout=20)
 
 
-def test_replace_with_the_same_task_keeps_the_lock(worker: Any, token: str, events: Events) -> None:
+def test_replace_with_the_same_task_keeps_the_lock(
+    worker: Worker, token: str, events: Events, redis_client: redis.Redis
+) -> None:
     first = replacer.delay(token)
     wait_for(lambda: events())  # the first run replaced itself; the replacement waits 1 s
-    time.sleep(0.3)
+    # The first run's task_postrun, where a release would free the lock, is done.
+    wait_for(lambda: redis_client.llen(finished_key(first.id)), worker=worker)
     key = replacer.unique_lock_key((token,))
     assert replacer.unique_store().holder(key)[0] == first.id
     assert replacer.delay(token).id == first.id
@@ -164,7 +175,9 @@ def test_replace_with_the_same_task_keeps_the_lock(worker: Any, token: str, even
     wait_for(lambda: locks_free(replacer, token), timeout=5)
 
 
-def test_per_call_lock_timeout_is_kept_when_the_run_starts(worker: Any, token: str, events: Events) -> None:
+def test_per_call_lock_timeout_is_kept_when_the_run_starts(
+    worker: Worker, token: str, events: Events
+) -> None:
     sleeper.apply_async((token, 1.0), unique_options={"lock_timeout": 30})
     wait_for(lambda: events())
     ttl = sleeper.unique_store().holder(sleeper.unique_lock_key((token, 1.0)))[1]
@@ -183,6 +196,8 @@ def test_renewal_keeps_a_lock_three_times_its_timeout(own_worker: Worker, token:
     first = renewed.apply_async((token, 3.5), queue="own")
     wait_for(lambda: events())
     time.sleep(2.5)  # more than twice the 1 s lock_timeout
+    holder, ttl = renewed.unique_store().holder(renewed.unique_lock_key((token, 3.5)))
+    assert holder == first.id and ttl is not None and ttl <= 1.0  # past its first TTL: renewed
     assert renewed.apply_async((token, 3.5), queue="own").id == first.id
     wait_for(lambda: any(e["event"] == "end" for e in events()), timeout=10)
     assert [e["lost"] for e in events() if e["event"] == "end"] == [False]
@@ -193,7 +208,8 @@ def test_killed_worker_lock_expires_within_one_ttl(own_worker: Worker, token: st
     wait_for(lambda: events())
     time.sleep(1.5)  # renewed past its first TTL
     key = renewed.unique_lock_key((token, 30))
-    assert renewed.unique_store().holder(key)[0] is not None
+    holder, ttl = renewed.unique_store().holder(key)
+    assert holder is not None and ttl is not None and ttl <= 1.0  # past its first TTL: renewed
     os.killpg(own_worker.process.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     wait_for(lambda: renewed.unique_store().holder(key)[0] is None, timeout=3)

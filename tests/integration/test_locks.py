@@ -109,9 +109,12 @@ def test_extend_is_owner_checked(store: LockStore, key: str, redis_client: redis
     assert redis_client.pttl(key) > 50_000
 
 
-def test_lock_expires_after_its_ttl_and_can_be_taken(store: LockStore, key: str) -> None:
+def test_lock_expires_after_its_ttl_and_can_be_taken(
+    store: LockStore, key: str, redis_client: redis.Redis
+) -> None:
     store.acquire(key, "a", 100)
     time.sleep(0.2)
+    assert not redis_client.exists(key)  # the 100 ms TTL passed
     assert store.acquire(key, "b", 10_000).acquired
     assert not store.release(key, "a")  # the expired owner cannot free b's lock
     assert store.holder(key)[0] == "b"

@@ -182,14 +182,17 @@ def test_a_dropped_lease_is_never_reported_lost(app: Celery) -> None:
     key = f"test:v1:{{signals:{uuid.uuid4().hex}}}:lock"
 
     class SlowStore:
-        """extend() takes a while and finds the lock gone (released meanwhile)."""
+        """extend() is in flight when the run ends: it finds the lock gone (released
+        meanwhile), and returns only once drop() has taken the lease out."""
 
         def __init__(self) -> None:
             self.started = threading.Event()
 
         def extend(self, *args: Any) -> bool:
             self.started.set()
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while lease in keeper._leases and time.monotonic() < deadline:
+                time.sleep(0.01)
             return False
 
     store = SlowStore()

@@ -5,21 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+import redis
 from redis.sentinel import SentinelConnectionPool
 
 from celery_unique.clients import is_cluster
 from celery_unique.conf import get_conf
 from celery_unique.hooks import CELERY_RETRIES_LOST_WORKERS
-from tests.integration.conftest import Events, wait_for
-from tests.integration.worker_app import failing, flaky, sleeper, typed
-
-pytestmark = pytest.mark.worker
+from tests.integration.conftest import Events, Worker, wait_for
+from tests.integration.worker_app import failing, finished_key, flaky, sleeper, typed
 
 
 def holder_of(task: Any, *args: Any, **kwargs: Any) -> str | None:
@@ -30,7 +28,8 @@ def ended(events: Events, count: int = 1) -> Any:
     return lambda: len([e for e in events() if e["event"] == "end"]) >= count
 
 
-def test_concurrent_duplicates_publish_and_run_once(worker: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_concurrent_duplicates_publish_and_run_once(worker: Worker, token: str, events: Events) -> None:
     handles: list[Any] = []
     lock = threading.Lock()
 
@@ -50,13 +49,14 @@ def test_concurrent_duplicates_publish_and_run_once(worker: Any, token: str, eve
     assert len({h.id for h in handles}) == 1
     assert sum(1 for h in handles if not h.duplicate) == 1
     wait_for(ended(events))
-    time.sleep(0.5)  # a second execution, if any, would have started by now
+    worker.drain()  # a second execution, if any, has run by now
     starts = [e for e in events() if e["event"] == "start"]
     assert [e["id"] for e in starts] == [handles[0].id]
 
 
+@pytest.mark.worker
 def test_lock_is_released_after_the_task_and_a_new_delay_runs(
-    worker: Any, token: str, events: Events
+    worker: Worker, token: str, events: Events
 ) -> None:
     first = sleeper.delay(token)
     wait_for(ended(events))
@@ -69,7 +69,8 @@ def test_lock_is_released_after_the_task_and_a_new_delay_runs(
     assert [e["id"] for e in events() if e["event"] == "start"] == [first.id, second.id]
 
 
-def test_retry_keeps_the_lock_and_reenters_it(worker: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_retry_keeps_the_lock_and_reenters_it(worker: Worker, token: str, events: Events) -> None:
     result = flaky.delay(token, failures=2, countdown=0.7)
     wait_for(lambda: len(events()) >= 1)
     during_retries = flaky.delay(token, failures=2, countdown=0.7)
@@ -83,28 +84,30 @@ def test_retry_keeps_the_lock_and_reenters_it(worker: Any, token: str, events: E
     wait_for(lambda: holder_of(flaky, token) is None, timeout=5)
 
 
-def test_failing_task_frees_its_lock(worker: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_failing_task_frees_its_lock(worker: Worker, token: str, events: Events) -> None:
     failing.delay(token)
     wait_for(lambda: events())
     wait_for(lambda: holder_of(failing, token) is None, timeout=5)
     assert not failing.delay(token).duplicate
 
 
+@pytest.mark.worker
 def test_expired_lock_taken_by_another_is_not_freed_by_the_first(
-    worker: Any, token: str, events: Events
+    worker: Worker, token: str, events: Events, redis_client: redis.Redis
 ) -> None:
     first = sleeper.apply_async((token, 2.5), unique_options={"lock_timeout": 1})
     wait_for(lambda: holder_of(sleeper, token, 2.5) is None, timeout=5)  # A's lock expired
     second = sleeper.apply_async((token, 2.5), unique_options={"lock_timeout": 30})
     assert not second.duplicate
 
-    wait_for(lambda: any(e["event"] == "end" and e["id"] == first.id for e in events()))
-    time.sleep(0.3)  # A's task_postrun release has run by now
+    wait_for(lambda: redis_client.llen(finished_key(first.id)), worker=worker)  # A's task_postrun ran
     assert holder_of(sleeper, token, 2.5) == second.id
     wait_for(ended(events, 2))
 
 
-def test_revoking_a_queued_task_frees_its_lock(worker: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_revoking_a_queued_task_frees_its_lock(worker: Worker, token: str, events: Events) -> None:
     busy = [f"{token}-busy-{n}" for n in range(2)]
     for busy_token in busy:
         sleeper.delay(busy_token, seconds=1.5)
@@ -114,10 +117,12 @@ def test_revoking_a_queued_task_frees_its_lock(worker: Any, token: str, events: 
     wait_for(lambda: holder_of(sleeper, token) is None, timeout=10)
     for busy_token in busy:
         wait_for(lambda t=busy_token: any(e["event"] == "end" for e in events(t)))  # type: ignore[misc]
+    worker.drain()  # the revoked message has been taken and dropped
     assert events() == []  # the revoked task never ran
 
 
-def test_killed_pool_child_frees_its_lock(worker: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_killed_pool_child_frees_its_lock(worker: Worker, token: str, events: Events) -> None:
     sleeper.delay(token, 30)
     started = wait_for(lambda: events())
     os.kill(started[0]["pid"], signal.SIGKILL)
@@ -125,6 +130,7 @@ def test_killed_pool_child_frees_its_lock(worker: Any, token: str, events: Event
     assert not any(e["event"] == "end" for e in events())
 
 
+@pytest.mark.worker
 @pytest.mark.parametrize(
     ("first", "second"),
     [
@@ -142,7 +148,7 @@ def test_killed_pool_child_frees_its_lock(worker: Any, token: str, events: Event
     ],
 )
 def test_typed_arguments_deduplicate_across_the_worker_boundary(
-    worker: Any, token: str, events: Events, first: dict[str, Any], second: dict[str, Any]
+    worker: Worker, token: str, events: Events, first: dict[str, Any], second: dict[str, Any]
 ) -> None:
     original = typed.apply_async((token,), first)
     wait_for(lambda: events())  # running in the worker, arguments decoded from JSON
@@ -154,7 +160,8 @@ def test_typed_arguments_deduplicate_across_the_worker_boundary(
     wait_for(ended(events, 2))
 
 
-def test_keyword_and_positional_calls_are_one_key(worker: Any, token: str, events: Events) -> None:
+@pytest.mark.worker
+def test_keyword_and_positional_calls_are_one_key(worker: Worker, token: str, events: Events) -> None:
     original = sleeper.delay(token, 0.5)
     assert sleeper.delay(seconds=0.5, token=token).id == original.id
     assert sleeper.apply_async(kwargs={"token": token, "seconds": 0.5}).id == original.id
@@ -172,17 +179,22 @@ def test_settings_come_from_app_conf(celery_app: Any, unique_redis: Any) -> None
     assert isinstance(pool, SentinelConnectionPool) == (unique_redis.topology == "sentinel")
 
 
+@pytest.mark.worker
 @pytest.mark.skipif(
     not CELERY_RETRIES_LOST_WORKERS, reason="this Celery has no Task.retry_on_worker_lost (5.6+)"
 )
 def test_retry_on_worker_lost_keeps_the_lock_for_the_republished_message(
-    worker: Any, token: str, events: Events
+    worker: Worker, token: str, events: Events
 ) -> None:
     from tests.integration.worker_app import lost_then_retried
 
     first = lost_then_retried.delay(token)
     wait_for(lambda: events())  # the first run started and killed its child
-    time.sleep(0.8)  # the main process republished it (2 s countdown)
+    # The main process publishes it again (2 s countdown) as it handles the lost
+    # child, where a release would be, and only after that, in the same thread,
+    # receives the message: its second "received" line comes after the decision.
+    received = f"Task {lost_then_retried.name}[{first.id}] received"
+    wait_for(lambda: worker.whole_log().count(received) >= 2, worker=worker)
     assert holder_of(lost_then_retried, token) == first.id
     assert lost_then_retried.delay(token).id == first.id
     wait_for(lambda: any(e["event"] == "end" for e in events()), timeout=20, worker=worker)

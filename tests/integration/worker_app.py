@@ -19,6 +19,7 @@ from celery import Celery, signals
 
 from celery_unique import UniqueTask
 from celery_unique.contrib.django import UniqueDjangoTask
+from tests.barrier import add_barrier
 
 app = Celery("celery_unique_tests", set_as_current=False)
 app.conf.update(
@@ -38,16 +39,42 @@ app.conf.update(
 _events: redis.Redis | None = None
 
 
+def events_client() -> redis.Redis:
+    """The broker's Redis, where the tasks record what they observe."""
+    global _events
+    if _events is None:
+        _events = redis.Redis.from_url(app.conf.broker_url)
+    return _events
+
+
 def events_key(token: str) -> str:
     return f"test-events:{token}"
 
 
 def record(token: str, event: str, **data: Any) -> None:
-    global _events
-    if _events is None:
-        _events = redis.Redis.from_url(app.conf.broker_url)
     entry = {"event": event, "pid": os.getpid(), "time": time.time(), **data}
-    _events.rpush(events_key(token), json.dumps(entry))
+    events_client().rpush(events_key(token), json.dumps(entry))
+
+
+barrier = add_barrier(app, events_client)
+
+
+def finished_key(task_id: str) -> str:
+    return f"test-finished:{task_id}"
+
+
+def _finished(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+    """Record that a run's task_postrun is done, celery-unique's receiver (connected
+    first, when celery_unique was imported) and its release among it: a test waits
+    for this instead of sleeping through a release that must not free a lock."""
+    if task_id:
+        pipe = events_client().pipeline()
+        pipe.rpush(finished_key(task_id), state or "")
+        pipe.expire(finished_key(task_id), 600)
+        pipe.execute()
+
+
+signals.task_postrun.connect(_finished, weak=False)
 
 
 @app.task(base=UniqueTask, bind=True, name="tests.sleeper")
@@ -178,10 +205,14 @@ def open_gate(client: redis.Redis, token: str, seconds: int = 600) -> None:
 
 
 def wait_at_gate(token: str, timeout: float = 60.0) -> None:
-    """Block until the test sets the token's gate key (a run that outlasts the test's calls)."""
-    assert _events is not None  # record() connected it
+    """Block until the test sets the token's gate key (a run that outlasts the test's calls).
+
+    A gate not opened within ``timeout`` fails the run: going on would let a test
+    pass whose order of events it never caused."""
     deadline = time.monotonic() + timeout
-    while not _events.exists(gate_key(token)) and time.monotonic() < deadline:
+    while not events_client().exists(gate_key(token)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gate of {token} was not opened within {timeout}s")
         time.sleep(0.05)
 
 
@@ -266,9 +297,8 @@ def fan_part(self: Any, token: str, number: int, fail: bool = False) -> int:
 
 @app.task(bind=True, name="tests.fan.part_killed_once", acks_late=True, reject_on_worker_lost=True)
 def fan_part_killed_once(self: Any, token: str, number: int) -> int:
-    record(token, "part-start", number=number)  # also connects _events
-    assert _events is not None
-    if _events.set(f"killed-once:{token}", 1, nx=True):
+    record(token, "part-start", number=number)
+    if events_client().set(f"killed-once:{token}", 1, nx=True):
         os.kill(os.getpid(), signal.SIGKILL)  # mid-part: the message is not acknowledged
     return number * 2
 
@@ -333,8 +363,7 @@ def idempotent_long(self: Any, token: str, amount: int, seconds: float) -> int:
 )
 def lost_then_retried(self: Any, token: str) -> None:
     record(token, "start", id=self.request.id, retries=self.request.retries)
-    assert _events is not None
-    if _events.set(f"lost-once:{token}", 1, nx=True):
+    if events_client().set(f"lost-once:{token}", 1, nx=True):
         os.kill(os.getpid(), signal.SIGKILL)
     record(token, "end", id=self.request.id)
 

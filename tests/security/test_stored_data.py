@@ -33,8 +33,6 @@ from tests.chaos.conftest import chaos_worker, producing
 from tests.integration.conftest import Worker, wait_for
 from tests.security import tripwire
 
-pytestmark = pytest.mark.worker
-
 QUEUE = "security-data"
 
 
@@ -95,6 +93,7 @@ def test_the_package_imports_no_unpickler() -> None:
             assert not names & unpicklers, f"{path} imports {names & unpicklers}"
 
 
+@pytest.mark.worker
 def test_a_pickle_planted_in_its_keys_is_never_unpickled(
     app: Any, worker: Worker, lock_client: redis.Redis, later: str, tmp_path: Path
 ) -> None:
@@ -153,16 +152,12 @@ def stored_text(client: redis.Redis, key: bytes) -> str:
     return b"\n".join(parts).decode(errors="replace")
 
 
-def whole_log(worker: Worker) -> str:
-    """All of a worker's log (at DEBUG, a line soon leaves the tail that log_text() shows)."""
-    return Path(worker.log.name).read_text(errors="replace")
-
-
 def unique_lines(log: str) -> list[str]:
     """celery-unique's own lines of a worker log (its format names the logger)."""
     return [line for line in log.splitlines() if " celery_unique." in line]
 
 
+@pytest.mark.worker
 def test_no_key_value_or_log_line_holds_a_raw_argument(
     app: Any, worker: Worker, lock_client: redis.Redis, later: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -199,8 +194,8 @@ def test_no_key_value_or_log_line_holds_a_raw_argument(
         )
         wait_for(lambda: [e for e in seen() if e["event"] == "end" and e["id"] == first.id], worker=worker)
         wait_for(lambda: lock_client.get(chaos_app.work.unique_lock_key((token,), {"item": secret})) is None)
-        wait_for(lambda: "replayed" in whole_log(worker))
-    worker_lines = unique_lines(whole_log(worker))
+        wait_for(lambda: "replayed" in worker.whole_log())
+    worker_lines = unique_lines(worker.whole_log())
     producer_lines = [r.getMessage() for r in caplog.records if r.name.startswith("celery_unique")]
     stored = {key.decode(): stored_text(lock_client, key) for key in lock_client.scan_iter("celery_unique:*")}
     errors = [str(e.value) for e in (duplicate, unserialisable, misfit)]

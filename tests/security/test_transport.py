@@ -26,8 +26,6 @@ from tests.integration.conftest import Worker, lock_holder, read_events, wait_fo
 from tests.security.conftest import tenant_url
 from tests.security.servers import SecureRedisServer
 
-pytestmark = pytest.mark.worker
-
 QUEUE = "security-tls"
 
 
@@ -46,6 +44,7 @@ def events(broker: RedisServer, token: str) -> list[dict[str, Any]]:
         return read_events(client, chaos_app.events_key(token))
 
 
+@pytest.mark.worker
 def test_a_unique_task_runs_over_tls_as_an_acl_user_confined_to_its_prefix(
     tls_worker: Worker, broker: RedisServer, secure_redis: SecureRedisServer
 ) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,10 @@ DEFAULT_TTL = 7 * 86400.0
 DEADLINE_TASK = "celery_unique.fan_in_deadline"
 
 COMPLETED, FAILED, RECORDED, DUPLICATE, UNKNOWN_PART, CLOSED = 1, 2, 0, -1, -2, -3
+
+#: A fault-injection point for tests: called with (token, "callback" | "errback")
+#: after a fan-in was closed and before its callback or errback is published.
+before_publish: Callable[[str, str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,8 @@ class Aggregator:
         return meta, parts
 
     def _complete(self, token: str) -> None:
+        if before_publish is not None:
+            before_publish(token, "callback")
         meta, parts = self._meta(token)
         if meta.get("policy") == "collect":
             results: dict[str, Any] = parts
@@ -193,6 +199,8 @@ class Aggregator:
         signals.fan_in_completed.send(sender=self.app, token=token, parts=len(parts))
 
     def _fail(self, token: str, reason: str, missing: list[str] | None = None) -> None:
+        if before_publish is not None:
+            before_publish(token, "errback")
         meta, parts = self._meta(token)
         failed = {name: part["error"] for name, part in parts.items() if not part["ok"]}
         if meta.get("errback"):

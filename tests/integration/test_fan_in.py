@@ -14,6 +14,7 @@ from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import (
     fan_collect,
     fan_errback,
+    fan_in_fault_key,
     fan_key_info,
     fan_part,
     fan_part_killed_once,
@@ -125,6 +126,38 @@ def test_a_part_killed_mid_run_is_redelivered_and_the_fan_in_completes_once(
     wait_for(lambda: callbacks(events), timeout=60, worker=worker)
     worker.drain()
     assert [c["results"] for c in callbacks(events)] == [{"0": 0, "1": 2, "2": 4}]
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize("fault", ["kill", "refuse"])
+@pytest.mark.parametrize("policy", ["fail", "collect"])
+def test_the_callback_is_published_once_when_the_completing_process_dies_or_the_broker_refuses(
+    worker: Worker, redis_client: Any, token: str, events: Events, fault: str, policy: str
+) -> None:
+    """The fan-in has no timeout and its parts are not acks_late: nothing but the plugin
+    itself can finish what the completing child left. With policy "fail" the first part
+    fails, so it is the errback that must go out once."""
+    redis_client.set(fan_in_fault_key(token), fault)
+    failing = policy == "fail"
+    handle = fan_in(
+        [fan_part.s(token, 0, fail=failing), fan_part.s(token, 1), fan_part.s(token, 2)],
+        fan_collect.s(token),
+        fan_errback.s(token),
+        policy=policy,
+        token=token,  # the fan-in's token: the one its fault is keyed on
+    )
+    wait_for(lambda: (errbacks if failing else callbacks)(events), timeout=60, worker=worker)
+    wait_for(lambda: handle.state is None, timeout=30, worker=worker)  # finished: nothing can send another
+    worker.drain()
+    assert not redis_client.exists(fan_in_fault_key(token))  # the fault was met
+    if failing:
+        [failed] = errbacks(events)
+        assert failed["info"]["reason"] == "failed" and callbacks(events) == []
+    else:
+        assert [c["results"] for c in callbacks(events)] == [
+            {"0": {"ok": True, "value": 0}, "1": {"ok": True, "value": 2}, "2": {"ok": True, "value": 4}}
+        ]
+        assert errbacks(events) == []
 
 
 @pytest.mark.worker

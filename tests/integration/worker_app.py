@@ -16,8 +16,9 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from kombu.exceptions import OperationalError
 
-from celery_unique import UniqueTask
+from celery_unique import UniqueTask, aggregate
 from celery_unique.contrib.django import UniqueDjangoTask
 from tests.barrier import add_barrier
 
@@ -286,6 +287,23 @@ signals.task_postrun.connect(_after_idempotent_killed, weak=False)
 
 
 # -- fan-in ------------------------------------------------------------------------
+
+
+def fan_in_fault_key(token: str) -> str:
+    """What the fan-in of a token meets once, before its callback or errback is published:
+    "kill" (the completing process is SIGKILLed) or "refuse" (the broker refuses it)."""
+    return f"fan-in-fault:{token}"
+
+
+def _fan_in_fault(token: str, kind: str) -> None:
+    fault = events_client().getdel(fan_in_fault_key(token))
+    if fault == b"kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == b"refuse":
+        raise OperationalError(f"the broker refused the {kind} (a test fault)")
+
+
+aggregate.before_publish = _fan_in_fault
 
 
 @app.task(bind=True, name="tests.fan.part")

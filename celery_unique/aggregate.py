@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ from typing import Any
 from celery import shared_task, signature, states
 
 from celery_unique import headers, scripts, signals
+from celery_unique.clients import text
 from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError
-from celery_unique.keys import fan_in_key
+from celery_unique.keys import fan_in_due_key, fan_in_key
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,12 @@ POLICIES = ("fail", "collect", "ignore")
 DEFAULT_TTL = 7 * 86400.0
 DEADLINE_TASK = "celery_unique.fan_in_deadline"
 
-COMPLETED, FAILED, RECORDED, DUPLICATE, UNKNOWN_PART, CLOSED = 1, 2, 0, -1, -2, -3
+COMPLETED, FAILED, EXPIRED, RECORDED, DUPLICATE, UNKNOWN_PART, CLOSED = 1, 2, 3, 0, -1, -2, -3
+# What a report or a sweep may hand its caller: a claim to publish the callback or errback.
+_ACTIONS = (COMPLETED, FAILED, EXPIRED)
+#: Seconds between two looks of the sweep at an open fan-in without a deadline
+#: (a closer that died before it put the context on the sweep is found then).
+RECHECK = 300.0
 
 #: A fault-injection point for tests: called with (token, "callback" | "errback")
 #: after a fan-in was closed and before its callback or errback is published.
@@ -81,9 +88,14 @@ class Aggregator:
         self.app = app
         self.conf = get_conf(app)
         self.client = self.conf.locks.client
+        self.due = fan_in_due_key(self.conf.key_prefix)
         self._create = self.client.register_script(scripts.FAN_IN_CREATE)
         self._report = self.client.register_script(scripts.FAN_IN_REPORT)
         self._expire = self.client.register_script(scripts.FAN_IN_EXPIRE)
+        self._sweep = self.client.register_script(scripts.FAN_IN_SWEEP)
+        self._finish = self.client.register_script(scripts.FAN_IN_FINISH)
+        self._unclaim = self.client.register_script(scripts.FAN_IN_UNCLAIM)
+        self._started = self.client.register_script(scripts.FAN_IN_STARTED)
 
     def key(self, token: str) -> str:
         return fan_in_key(self.conf.key_prefix, token)
@@ -97,7 +109,7 @@ class Aggregator:
         policy: str = "fail",
         timeout: float | None = None,
     ) -> FanIn:
-        """Create the context for ``token`` expecting ``parts``; schedule the deadline."""
+        """Create the context for ``token`` expecting ``parts``, and put it on the sweep."""
         names = [str(part) for part in parts]
         if not names or len(set(names)) != len(names):
             raise ConfigurationError("a fan-in needs at least one part, with distinct names")
@@ -114,12 +126,14 @@ class Aggregator:
         }
         fields.update({f"e:{name}": 1 for name in names})
         ttl_ms = int(((timeout or DEFAULT_TTL) + 3600) * 1000)
+        timeout_ms = "" if timeout is None else int(timeout * 1000)
         pairs = [item for field in fields.items() for item in field]
         # The creator's id makes a retried call (its reply lost) find its own context.
-        if not self._create(keys=[key], args=[ttl_ms, uuid.uuid4().hex, *pairs]):
+        if not self._create(keys=[key], args=[ttl_ms, uuid.uuid4().hex, timeout_ms, *pairs]):
             raise ConfigurationError(f"a fan-in context for token {token!r} exists already")
-        if timeout is not None:
-            self.app.tasks[DEADLINE_TASK].apply_async((token,), countdown=timeout)
+        # Before any part is published: the sweep expires it at its deadline,
+        # and looks again now and then at one without a deadline.
+        self._look_at(token, time.time() + (RECHECK if timeout is None else timeout))
         return FanIn(self.app, token)
 
     def report(
@@ -132,8 +146,8 @@ class Aggregator:
     ) -> int:
         """Record a part (a success ``value`` or a failure ``error``); one round trip.
 
-        When this report completes the set (or fails a ``fail`` fan-in), this
-        call also publishes the callback (or errback) and cleans up.
+        When this report closes the set (completes it, or fails a ``fail``
+        fan-in), this call also publishes the callback (or errback) and cleans up.
         """
         if error is None:
             try:
@@ -143,11 +157,12 @@ class Aggregator:
         if error is not None:
             failure = {"type": type(error).__name__, "message": str(error)}
             payload, ok = _json({"ok": False, "error": failure}), "0"
-        status = int(self._report(keys=[self.key(token)], args=[part, payload, ok, policy]))
-        if status == COMPLETED:
-            self._complete(token)
-        elif status == FAILED:
-            self._fail(token, "failed")
+        claimant = uuid.uuid4().hex
+        status = int(
+            self._report(keys=[self.key(token)], args=[part, payload, ok, policy, claimant, self._claim_ms()])
+        )
+        if status in _ACTIONS:
+            self._publish(token, claimant)
         elif status == UNKNOWN_PART:
             logger.warning("fan-in %s has no part %r (or is gone): report ignored", token, part)
         elif status == CLOSED:
@@ -155,61 +170,110 @@ class Aggregator:
         return status
 
     def reports(self, token: str) -> dict[str, dict[str, Any]]:
-        raw = self.client.hgetall(self.key(token))
-        found = {}
-        for field, value in raw.items():
-            name = field.decode() if isinstance(field, bytes) else field
-            if name.startswith("p:"):
-                found[name[2:]] = json.loads(value)
-        return found
+        return self._meta(token)[1]
 
     def expire(self, token: str) -> list[str] | None:
         """Close the context if still open; fire the errback with the missing parts."""
-        missing = self._expire(keys=[self.key(token)])
-        if missing is None:
+        claimant = uuid.uuid4().hex
+        if int(self._expire(keys=[self.key(token)], args=[claimant, self._claim_ms()])) != EXPIRED:
             return None
-        names = sorted(m.decode() if isinstance(m, bytes) else m for m in missing)
-        self._fail(token, "expired", missing=names)
-        return names
+        return self._publish(token, claimant)
 
-    def _meta(self, token: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        raw = self.client.hgetall(self.key(token))
+    def sweep(self, limit: int = 100) -> int:
+        """Look at the fan-ins that are due: expire those past their deadline, and
+        publish what a closer left unpublished (it died, or the broker refused).
+        How many were due. The workers call it every second (:mod:`celery_unique.sweeper`)."""
+        due = self.client.zrangebyscore(self.due, "-inf", time.time(), start=0, num=limit)
+        for raw in due:
+            token = text(raw)
+            claimant = uuid.uuid4().hex
+            reply = self._sweep(keys=[self.key(token)], args=[claimant, self._claim_ms()])
+            action = int(reply[0])
+            if action in _ACTIONS:
+                self._publish(token, claimant)
+            elif action == UNKNOWN_PART:
+                self.client.zrem(self.due, token)  # gone: finished, or its TTL passed
+            else:
+                when = text(reply[1])
+                self._look_at(token, int(when) / 1000 if when else time.time() + RECHECK)
+        return len(due)
+
+    def started(self, token: str) -> None:
+        """Note that the callback or errback of ``token`` began to run."""
+        self._started(keys=[self.key(token)])
+
+    def _claim_ms(self) -> int:
+        return int(self.conf.fan_in_claim_timeout * 1000)
+
+    def _look_at(self, token: str, when: float) -> None:
+        self.client.zadd(self.due, {token: when})
+
+    def _meta(self, token: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """(the context's own fields, the parts reported) of a context; both empty once it is gone."""
         meta, parts = {}, {}
-        for field, value in raw.items():
-            name = field.decode() if isinstance(field, bytes) else field
-            text = value.decode() if isinstance(value, bytes) else value
+        for field, value in self.client.hgetall(self.key(token)).items():
+            name, content = text(field), text(value)
             if name.startswith("p:"):
-                parts[name[2:]] = json.loads(text)
-            elif not name.startswith("e:"):
-                meta[name] = text
+                parts[name[2:]] = json.loads(content)
+            elif name.startswith("e:"):
+                meta[name] = ""
+            else:
+                meta[name] = content
         return meta, parts
 
-    def _complete(self, token: str) -> None:
-        if before_publish is not None:
-            before_publish(token, "callback")
+    def _publish(self, token: str, claimant: str) -> list[str] | None:
+        """Publish the callback or errback of a closed context the claimant holds, then
+        delete the context. The errback's missing parts (None for a callback)."""
+        key = self.key(token)
+        # If this process dies from here on, the sweep takes the claim over once it lapses.
+        self._look_at(token, time.time() + self.conf.fan_in_claim_timeout)
         meta, parts = self._meta(token)
-        if meta.get("policy") == "collect":
-            results: dict[str, Any] = parts
-        else:
-            results = {name: part["value"] for name, part in parts.items() if part["ok"]}
-        callback = signature(json.loads(meta["callback"]), app=self.app)
-        callback.apply_async((results,), task_id=f"{token}-callback")
-        self.client.delete(self.key(token))
-        logger.info("fan-in %s completed: callback %s published", token, callback.task)
-        signals.fan_in_completed.send(sender=self.app, token=token, parts=len(parts))
-
-    def _fail(self, token: str, reason: str, missing: list[str] | None = None) -> None:
+        state = meta.get("state")
+        if state not in ("completed", "failed", "expired"):
+            return None  # gone meanwhile (finished by another after our claim lapsed)
+        kind = "callback" if state == "completed" else "errback"
         if before_publish is not None:
-            before_publish(token, "errback")
-        meta, parts = self._meta(token)
+            before_publish(token, kind)
+        missing = sorted(name[2:] for name in meta if name.startswith("e:") and name[2:] not in parts)
         failed = {name: part["error"] for name, part in parts.items() if not part["ok"]}
-        if meta.get("errback"):
-            errback = signature(json.loads(meta["errback"]), app=self.app)
-            info = {"token": token, "reason": reason, "failed": failed, "missing": missing or []}
-            errback.apply_async((info,), task_id=f"{token}-errback")
-        self.client.delete(self.key(token))
-        logger.warning("fan-in %s %s (failed parts: %s, missing: %s)", token, reason, sorted(failed), missing)
-        signals.fan_in_failed.send(sender=self.app, token=token, reason=reason)
+        if state == "completed":
+            if meta.get("policy") == "collect":
+                results: dict[str, Any] = parts
+            else:
+                results = {name: part["value"] for name, part in parts.items() if part["ok"]}
+            message: Any = signature(json.loads(meta["callback"]), app=self.app)
+            arguments: Any = results
+        elif meta.get("errback"):
+            message = signature(json.loads(meta["errback"]), app=self.app)
+            arguments = {"token": token, "reason": state, "failed": failed, "missing": missing}
+        else:
+            message = None
+        try:
+            if message is not None:
+                message.apply_async(
+                    (arguments,),
+                    task_id=f"{token}-{kind}",
+                    headers={**(message.options.get("headers") or {}), headers.FAN_IN_CALLBACK_HEADER: token},
+                )
+        except Exception as exc:
+            # Let the sweep try again at once; the error, not its traceback.
+            self._unclaim(keys=[key], args=[claimant])
+            self._look_at(token, time.time())
+            logger.warning(
+                "fan-in %s: its %s could not be published (%r); tried again soon", token, kind, exc
+            )
+            return None
+        if self._finish(keys=[key], args=[claimant]):
+            self.client.zrem(self.due, token)
+        if state == "completed":
+            logger.info("fan-in %s completed: callback %s published", token, message.task)
+            signals.fan_in_completed.send(sender=self.app, token=token, parts=len(parts))
+        else:
+            logger.warning(
+                "fan-in %s %s (failed parts: %s, missing: %s)", token, state, sorted(failed), missing
+            )
+            signals.fan_in_failed.send(sender=self.app, token=token, reason=state)
+        return missing
 
 
 def aggregator(app: Any) -> Aggregator:
@@ -268,8 +332,17 @@ def report_from_worker(task: Any, state: str | None, retval: Any) -> None:
         aggregator(task.app).report(part["token"], part["part"], error=error, policy=policy)
 
 
+def callback_started(task: Any) -> None:
+    """task_prerun: a fan-in's callback or errback notes that it began to run."""
+    token = headers.fan_in_callback(task.request)
+    if token is not None:
+        aggregator(task.app).started(token)
+
+
 def _deadline(token: str) -> list[str] | None:
-    """Fires when a fan-in's timeout passes: closes it if parts are still missing."""
+    """Closes a fan-in if parts are still missing. Deadlines are now swept from Redis
+    (:mod:`celery_unique.sweeper`); this task only serves messages that an earlier
+    version scheduled."""
     from celery import current_app
 
     return aggregator(current_app).expire(token)

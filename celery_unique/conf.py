@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "unique_redis_socket_timeout": 5.0,
     "unique_redis_connect_timeout": 5.0,
     "unique_prometheus": None,
+    "unique_fan_in_claim_timeout": 30.0,
 }
 
 
@@ -200,6 +201,12 @@ class UniqueConf:
         return found
 
     @property
+    def fan_in_claim_timeout(self) -> float:
+        """Seconds a fan-in's closer has to publish its callback before another takes over."""
+        value = self._get("unique_fan_in_claim_timeout")
+        return check_lock_timeout(value, "unique_fan_in_claim_timeout")
+
+    @property
     def prometheus(self) -> bool | None:
         value = self._get("unique_prometheus")
         if not (value is None or isinstance(value, bool)):
@@ -247,6 +254,7 @@ _VALIDATED = (
     "redis_target",
     "socket_timeout",
     "connect_timeout",
+    "fan_in_claim_timeout",
     "prometheus",
 )
 

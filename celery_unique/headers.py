@@ -66,3 +66,16 @@ def fan_in_part(request: Any) -> dict[str, str] | None:
     if isinstance(value, dict) and isinstance(value.get("token"), str) and isinstance(value.get("part"), str):
         return value
     return None
+
+
+# The header of a fan-in's callback or errback: the token whose context it closes.
+FAN_IN_CALLBACK_HEADER = "celery_unique_fan_in_callback"
+
+
+def fan_in_callback(request: Any) -> str | None:
+    """The token of the fan-in whose callback or errback a task request is, if any."""
+    value = getattr(request, FAN_IN_CALLBACK_HEADER, None)
+    if value is None:
+        found = getattr(request, "headers", None)
+        value = found.get(FAN_IN_CALLBACK_HEADER) if isinstance(found, dict) else None
+    return value if isinstance(value, str) else None

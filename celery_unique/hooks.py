@@ -15,7 +15,10 @@ hook                       process                      does
                                                         (no postrun runs there)
 ``worker_init``            worker main process          refuse to start with settings or
                                                         task options that cannot work
-``worker_ready``           worker main process          log :mod:`checks` findings
+``worker_ready``           worker main process          log :mod:`checks` findings; start
+                                                        the fan-in sweep (:mod:`sweeper`)
+``task_prerun``            pool child                   a fan-in's callback notes that it
+                                                        began to run
 =========================  ===========================  ==================================
 
 Every release is the owner-checked compare-and-delete, so a late or repeated
@@ -34,7 +37,7 @@ from billiard.exceptions import Terminated, WorkerLostError
 from celery import Task, signals
 from celery.worker.request import Request
 
-from celery_unique import aggregate, checks, headers, runs
+from celery_unique import aggregate, checks, headers, runs, sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,26 @@ def _revoked(sender: Any = None, request: Any = None, terminated: bool = False, 
     runs.release_abandoned(sender, header, request.id, request.args, request.kwargs, "revoked")
 
 
+def _callback_started(sender: Any = None, task: Any = None, **_: Any) -> None:
+    if task is not None:
+        aggregate.callback_started(task)
+
+
+_sweepers: list[sweeper.Sweeper] = []
+
+
+def _start_sweeping(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    started = sweeper.start(app) if app is not None else None
+    if started is not None:
+        _sweepers.append(started)
+
+
+def _stop_sweeping(**_: Any) -> None:
+    while _sweepers:
+        _sweepers.pop().stop()
+
+
 def _refuse_invalid_configuration(sender: Any = None, **_: Any) -> None:
     """A worker does not start with settings or task options that cannot work.
 
@@ -96,6 +119,9 @@ signals.worker_init.connect(
 signals.worker_ready.connect(_check_configuration, weak=False, dispatch_uid="celery_unique.checks")
 signals.task_postrun.connect(_end_of_run, weak=False, dispatch_uid="celery_unique.end_of_run")
 signals.task_revoked.connect(_revoked, weak=False, dispatch_uid="celery_unique.revoked")
+signals.task_prerun.connect(_callback_started, weak=False, dispatch_uid="celery_unique.callback_started")
+signals.worker_ready.connect(_start_sweeping, weak=False, dispatch_uid="celery_unique.sweep")
+signals.worker_shutdown.connect(_stop_sweeping, weak=False, dispatch_uid="celery_unique.stop_sweep")
 
 
 def _retries_lost_workers(task: Any) -> bool:

@@ -178,6 +178,11 @@ def fan_in_key(prefix: str, token: str) -> str:
     return f"{prefix}:{KEY_VERSION}:{{fanin:{validate_token(token)}}}:ctx"
 
 
+def fan_in_due_key(prefix: str) -> str:
+    """The sorted set of fan-in tokens by when the workers' sweep should look at them."""
+    return f"{prefix}:{KEY_VERSION}:{{fanin}}:due"
+
+
 def context_family(prefix: str, name: str) -> str:
     return f"{prefix}:{KEY_VERSION}:{{context:{validate_token(name)}}}"
 

@@ -181,18 +181,68 @@ return {stored, released}
 # -- fan-in -------------------------------------------------------------------
 # A fan-in context is one hash (one slot): fields "remaining" (parts still to
 # report; pushed far below zero once closed), "failed", "state" (open |
-# completed | failed | expired), "policy", "callback", "errback", "e:<part>"
-# (expected parts) and "p:<part>" (a part's report, JSON).
+# completed | failed | expired), "policy", "callback", "errback", "deadline"
+# (server time in ms, or absent), "e:<part>" (expected parts), "p:<part>" (a
+# part's report, JSON), and, once closed, the publishing claim: "claim" (the
+# claimant's id) and "until" (server time in ms when an unfinished claim may be
+# taken over), and "started" once the callback or errback began to run.
+#
+# Closing the context and publishing its callback cannot be one atomic step:
+# the callback goes to the broker. So the call that closes the context also
+# claims the publishing, for a while; the claimant publishes and then deletes
+# the context (FAN_IN_FINISH). A claimant that dies or meets a broker error
+# leaves the context closed and its claim lapsing: a redelivered part or the
+# workers' sweep (FAN_IN_SWEEP) takes the claim over and publishes.
+
+_FAN_IN_CLAIMS = """
+if redis.replicate_commands then redis.replicate_commands() end
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local ACTIONS = {completed = 1, failed = 2, expired = 3}
+-- Claim the publishing of a context just closed, for claim_ms.
+local function claim(claimant, claim_ms)
+    redis.call('HSET', KEYS[1], 'claim', claimant, 'until', now_ms() + tonumber(claim_ms))
+end
+-- Take over a closed context's lapsed claim: its action (1 callback, 2 errback
+-- of a failure, 3 errback of an expiry), or `otherwise` when there is nothing
+-- to take (open, gone, a live claim). A context whose callback or errback began
+-- to run was published: it is deleted.
+local function take_over(claimant, claim_ms, otherwise)
+    local state = redis.call('HGET', KEYS[1], 'state')
+    local action = state and ACTIONS[state]
+    if not action or tonumber(redis.call('HGET', KEYS[1], 'until') or '0') > now_ms() then
+        return otherwise
+    end
+    if redis.call('HEXISTS', KEYS[1], 'started') == 1 then
+        redis.call('UNLINK', KEYS[1])
+        return otherwise
+    end
+    claim(claimant, claim_ms)
+    return action
+end
+-- Close an open context as expired and claim the publishing of its errback.
+local function expire(claimant, claim_ms)
+    redis.call('HSET', KEYS[1], 'state', 'expired')
+    redis.call('HINCRBY', KEYS[1], 'remaining', -1000000000)
+    claim(claimant, claim_ms)
+    return 3
+end
+"""
 
 # Create a fan-in context unless one exists for the token; atomic, so two
 # creators of one token cannot both succeed (and no context lives without TTL).
 #   KEYS[1]  context hash
 #   ARGV[1]  time to live in milliseconds
 #   ARGV[2]  the creator's own id (a retried call that already ran finds it)
-#   ARGV[3], ARGV[4], ...  field, value, field, value, ...
+#   ARGV[3]  the timeout in milliseconds ("" for none): the deadline is set from the server's clock
+#   ARGV[4], ARGV[5], ...  field, value, field, value, ...
 # Returns 1 when created (or created before by this creator), 0 when another
 # creator's context exists (nothing changed).
-FAN_IN_CREATE = """
+FAN_IN_CREATE = (
+    _FAN_IN_CLAIMS
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
     if redis.call('HGET', KEYS[1], 'creator') == ARGV[2] then
         return 1
@@ -200,31 +250,41 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     return 0
 end
 redis.call('HSET', KEYS[1], 'creator', ARGV[2])
+if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[1], 'deadline', now_ms() + tonumber(ARGV[3]))
+end
 -- In batches: Lua's unpack() cannot spread ten thousand parts at once.
-for first = 3, #ARGV, 1000 do
+for first = 4, #ARGV, 1000 do
     redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
+)
 
-# Record one part's report; tell the reporter whether it completed the set.
-# The success path costs three commands besides the call itself.
+# Record one part's report; tell the reporter whether it closed the set, in
+# which case the reporter holds the publishing claim.
 #   KEYS[1]  context hash
 #   ARGV[1]  part name
 #   ARGV[2]  the report (JSON)
 #   ARGV[3]  "1" for a success, "0" for a failure
 #   ARGV[4]  the fan-in's policy when the reporter knows it ("" to look it up)
+#   ARGV[5]  the reporter's claimant id
+#   ARGV[6]  how long a claim lasts, in milliseconds
 # Returns 1: this report completed the set (the caller publishes the
 # callback); 2: it failed a "fail" fan-in (the caller publishes the errback);
-# 0: recorded, not complete; -1: a part already reported (counted once);
-# -2: no such part or context; -3: the fan-in is already closed.
-FAN_IN_REPORT = """
+# 3: it took over the claim of an expired fan-in (the caller publishes the
+# errback); 0: recorded, not complete; -1: a part already reported (counted
+# once); -2: no such part or context; -3: the fan-in is already closed. A part
+# reported again, or after the close, takes over a lapsed claim (1, 2 or 3).
+FAN_IN_REPORT = (
+    _FAN_IN_CLAIMS
+    + """
 if redis.call('HEXISTS', KEYS[1], 'e:' .. ARGV[1]) == 0 then
     return -2
 end
 if redis.call('HSETNX', KEYS[1], 'p:' .. ARGV[1], ARGV[2]) == 0 then
-    return -1
+    return take_over(ARGV[5], ARGV[6], -1)
 end
 if ARGV[3] == '0' then
     redis.call('HINCRBY', KEYS[1], 'failed', 1)
@@ -236,43 +296,106 @@ if ARGV[3] == '0' then
         -- Close it; the first failure finds it open (remaining was >= 0).
         if redis.call('HINCRBY', KEYS[1], 'remaining', -1000000000) > -1000000001 then
             redis.call('HSET', KEYS[1], 'state', 'failed')
+            claim(ARGV[5], ARGV[6])
             return 2
         end
-        return -3
+        return take_over(ARGV[5], ARGV[6], -3)
     end
 end
 local remaining = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
 if remaining == 0 then
     redis.call('HSET', KEYS[1], 'state', 'completed')
+    claim(ARGV[5], ARGV[6])
     return 1
 end
 if remaining < 0 then
-    return -3
+    return take_over(ARGV[5], ARGV[6], -3)
 end
 return 0
 """
+)
 
-# Close a fan-in whose deadline passed, if it is still open.
+# Close a fan-in now (an operator's or the API's expiry), if it is still open,
+# and claim the publishing of its errback.
 #   KEYS[1]  context hash
-# Returns the names of the parts that never reported, or false when the
-# context was no longer open (completed, failed, gone).
-FAN_IN_EXPIRE = """
+#   ARGV[1]  the claimant's id   ARGV[2]  how long a claim lasts, in ms
+# Returns 3 when closed (the caller publishes the errback), 0 when it was not open.
+FAN_IN_EXPIRE = (
+    _FAN_IN_CLAIMS
+    + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'open' then
-    return false
+    return 0
 end
-redis.call('HSET', KEYS[1], 'state', 'expired')
-redis.call('HINCRBY', KEYS[1], 'remaining', -1000000000)
-local missing = {}
-local fields = redis.call('HKEYS', KEYS[1])
-for _, field in ipairs(fields) do
-    if string.sub(field, 1, 2) == 'e:' then
-        local part = string.sub(field, 3)
-        if redis.call('HEXISTS', KEYS[1], 'p:' .. part) == 0 then
-            table.insert(missing, part)
-        end
+return expire(ARGV[1], ARGV[2])
+"""
+)
+
+# The workers' look at a fan-in that is due: expire it at its deadline, or
+# take over a lapsed publishing claim.
+#   KEYS[1]  context hash
+#   ARGV[1]  the claimant's id   ARGV[2]  how long a claim lasts, in ms
+# Returns {action} (1, 2, 3 as FAN_IN_REPORT: the caller publishes),
+# {0, when} (nothing to do before `when`, server ms; "" when nothing is
+# scheduled: open, without a deadline), or {-2} (gone: nothing to do, ever).
+FAN_IN_SWEEP = (
+    _FAN_IN_CLAIMS
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+    return {-2}
+end
+if state == 'open' then
+    local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline') or '')
+    if not deadline then
+        return {0, ''}
     end
+    if deadline > now_ms() then
+        return {0, tostring(deadline)}
+    end
+    return {expire(ARGV[1], ARGV[2])}
 end
-return missing
+local action = take_over(ARGV[1], ARGV[2], 0)
+if action ~= 0 then
+    return {action}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return {-2}
+end
+return {0, redis.call('HGET', KEYS[1], 'until') or ''}
+"""
+)
+
+# Delete a context whose callback or errback the claimant published.
+#   KEYS[1]  context hash   ARGV[1]  the claimant's id
+# Returns 1 when deleted, 0 when the claim was another's (taken over).
+FAN_IN_FINISH = """
+if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1] then
+    return 0
+end
+redis.call('UNLINK', KEYS[1])
+return 1
+"""
+
+# Give a claim up at once (the publish failed): the next look takes it over.
+#   KEYS[1]  context hash   ARGV[1]  the claimant's id
+# Returns 1 when given up, 0 when the claim was another's.
+FAN_IN_UNCLAIM = """
+if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1] then
+    return 0
+end
+redis.call('HSET', KEYS[1], 'until', 0)
+return 1
+"""
+
+# Note that a fan-in's callback or errback began to run (it was published):
+# a claimant that died before FAN_IN_FINISH is then not replaced by a second
+# publish. Nothing is written for a context that is gone.
+#   KEYS[1]  context hash
+FAN_IN_STARTED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('HSET', KEYS[1], 'started', 1)
+end
+return 0
 """
 
 # -- split contexts -------------------------------------------------------------

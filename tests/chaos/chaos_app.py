@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
-from celery_unique import UniqueTask
+from celery_unique import UniqueTask, aggregate
 from celery_unique import signals as unique_signals
 from tests.barrier import add_barrier
 
@@ -47,6 +47,8 @@ app.conf.update(
         "unacked_restore_throttle": 1,
     },
     task_ignore_result=True,
+    # A fan-in whose closer died is finished by the workers' sweep this soon after.
+    unique_fan_in_claim_timeout=2,
     worker_prefetch_multiplier=1,
     task_publish_retry=False,
     broker_connection_retry_on_startup=True,
@@ -156,6 +158,40 @@ def hard_limited(self: Any, token: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     record(token, "start", id=self.request.id)
     time.sleep(60)
+
+
+# -- fan-in ----------------------------------------------------------------------
+
+
+def fan_in_fault_key(token: str) -> str:
+    """Set to "kill" to SIGKILL, once, the process that closes the token's fan-in,
+    between its close and the publish of its callback."""
+    return f"chaos-fan-in-fault:{token}"
+
+
+def _fan_in_fault(token: str, kind: str) -> None:
+    if broker_client().getdel(fan_in_fault_key(token)) == b"kill":
+        record(token, "closer-killed", kind=kind)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+aggregate.before_publish = _fan_in_fault
+
+
+@app.task(name="chaos.fan_part")
+def fan_part(token: str, number: int) -> int:
+    return number
+
+
+@app.task(name="chaos.fan_part_late", acks_late=True, reject_on_worker_lost=True)
+def fan_part_late(token: str, number: int) -> int:
+    """A part whose message is delivered again when its child dies."""
+    return number
+
+
+@app.task(name="chaos.fan_callback")
+def fan_callback(results: dict[str, Any], token: str) -> None:
+    record(token, "callback", results=results)
 
 
 def _retried(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:

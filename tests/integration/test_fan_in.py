@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from celery_unique import fan_in
-from celery_unique.aggregate import aggregator
+from celery_unique.aggregate import COMPLETED, DUPLICATE, aggregator
 from celery_unique.headers import FAN_IN_HEADER
 from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import (
@@ -209,7 +209,35 @@ def test_a_retried_create_finds_its_own_context(celery_app: Any, token: str) -> 
     # What a client retry does after the reply to a create that ran was lost.
     agg = aggregator(celery_app)
     key, ttl_ms, fields = agg.key(token), 60_000, ["remaining", 1, "state", "open", "e:x", 1]
-    assert agg._create(keys=[key], args=[ttl_ms, "creator-1", *fields]) == 1
-    assert agg._create(keys=[key], args=[ttl_ms, "creator-1", *fields]) == 1
-    assert agg._create(keys=[key], args=[ttl_ms, "creator-2", *fields]) == 0
+    assert agg._create(keys=[key], args=[ttl_ms, "creator-1", "", *fields]) == 1
+    assert agg._create(keys=[key], args=[ttl_ms, "creator-1", "", *fields]) == 1
+    assert agg._create(keys=[key], args=[ttl_ms, "creator-2", "", *fields]) == 0
     agg.client.delete(key)
+
+
+def test_a_part_reported_again_takes_over_a_lapsed_claim(celery_app: Any, token: str) -> None:
+    """The closer claimed the publishing and never published (it died): a part reported
+    again (a redelivery) gets the claim once it lapsed, and must publish."""
+    agg = aggregator(celery_app)
+    agg.create(token, ["a"], fan_collect.s(token))
+    key, payload = agg.key(token), '{"ok": true, "value": 1}'
+    try:
+        assert agg._report(keys=[key], args=["a", payload, "1", "", "closer", 300]) == COMPLETED
+        assert agg._report(keys=[key], args=["a", payload, "1", "", "other", 60_000]) == DUPLICATE
+        # Once the closer's 0.3 s claim lapsed, the redelivered report takes it over.
+        retaken = wait_for(
+            lambda: agg._report(keys=[key], args=["a", payload, "1", "", "redelivery", 60_000]) == COMPLETED,
+            timeout=10,
+        )
+        assert retaken and agg.client.hget(key, "claim") == b"redelivery"
+        # A live claim is not taken over.
+        assert agg._report(keys=[key], args=["a", payload, "1", "", "late", 60_000]) == DUPLICATE
+        # The callback began to run (it was published): nothing takes the claim over, and the
+        # context goes.
+        agg.started(token)
+        agg.client.hset(key, "until", 0)
+        assert agg._report(keys=[key], args=["a", payload, "1", "", "late", 60_000]) == DUPLICATE
+        assert not agg.client.exists(key)
+    finally:
+        agg.client.delete(key)
+        agg.client.zrem(agg.due, token)

@@ -30,6 +30,8 @@ app.conf.update(
     task_publish_retry=False,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # A fan-in whose closer died is finished by the sweep this soon after.
+    unique_fan_in_claim_timeout=2,
     # Set by the test run to put the locks on a Redis Cluster or behind a Sentinel.
     unique_redis_url=os.environ.get("UNIQUE_REDIS_URL") or None,
     unique_redis_transport_options=(

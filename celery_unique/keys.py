@@ -163,6 +163,10 @@ def args_key(family: str) -> str:
     return family + ":args"
 
 
+def done_key(family: str) -> str:
+    return family + ":done"
+
+
 def validate_token(token: str) -> str:
     """A fan-in or context token: a non-empty string without braces (it is a hash tag)."""
     if not isinstance(token, str) or not token or "{" in token or "}" in token or len(token) > 200:

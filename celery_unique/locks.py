@@ -34,6 +34,7 @@ from redis.exceptions import NoScriptError
 
 from celery_unique import scripts
 from celery_unique.clients import REDIS_ERRORS, certainly_not_run, text
+from celery_unique.keys import done_key, family_of
 
 # The suffix of an owner token: "#" and 12 hex digits (48 random bits, unique
 # among the messages of one task id).
@@ -78,6 +79,7 @@ class RunStart(Acquisition):
     fence: int | None = None
     outcome: str | None = None  # a stored outcome (JSON) found instead of running
     released_queued: bool = False  # the run gave up its queued lock (until_executing)
+    done: bool = False  # this very message already ran to its end (a copy delivered again)
 
 
 def _acquisition(owner: str, reply: Any) -> Acquisition:
@@ -332,9 +334,13 @@ class LockStore:
         """Delete the lock if ``owner`` holds it; True when it did."""
         return self.release_all([key], owner) == 1
 
-    def release_all(self, keys: list[str], owner: str) -> int:
-        """Delete those of ``keys`` (one family) that ``owner`` holds; how many."""
-        return int(self._release_all(keys=keys, args=[owner]))
+    def release_all(self, keys: list[str], owner: str, done_ttl_ms: int | None = None) -> int:
+        """Delete those of ``keys`` (one family) that ``owner`` holds; how many. With
+        ``done_ttl_ms``, also note for that long that the owner's message ran to its end."""
+        done = done_key(family_of(keys[0]))
+        return int(
+            self._release_all(keys=[done, *keys], args=[owner, "" if done_ttl_ms is None else done_ttl_ms])
+        )
 
     def begin_run(
         self,
@@ -346,18 +352,23 @@ class LockStore:
         ttl_ms: int,
         result: str | None = None,
         args: tuple[str, str] | None = None,
+        check_done: bool = False,
     ) -> RunStart:
         """Check or take the locks of a starting run and draw a fencing token.
 
         With ``result`` (an idempotent task) a stored outcome comes back as
         ``RunStart.outcome`` and nothing is taken; ``args`` (its key, the
         call's argument digest) is written with a queued lock the run holds.
+        With ``check_done``, a message that already ran to its end comes back
+        as ``RunStart.done`` and nothing is taken.
         """
         args_at, digest = args or (fence, "")
         reply = self._begin_run(
-            keys=[lock, run, fence, result or fence, args_at],
-            args=[owner, mode, ttl_ms, "1" if result else "", digest],
+            keys=[lock, run, fence, result or fence, args_at, done_key(family_of(lock))],
+            args=[owner, mode, ttl_ms, "1" if result else "", digest, "1" if check_done else ""],
         )
+        if int(reply[0]) == 3:
+            return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, done=True)
         if int(reply[0]) == 2:
             return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=text(reply[1]))
         if int(reply[0]) == 1:

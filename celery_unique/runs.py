@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from celery_unique import headers, idempotency, signals
 from celery_unique.clients import REDIS_ERRORS
@@ -42,6 +42,7 @@ from celery_unique.conf import (
 from celery_unique.exceptions import LockBackendError, LockConflictError
 from celery_unique.keys import args_key, digest_of_key, family_of, fence_key, lock_key, result_key, run_key
 from celery_unique.lease import Lease, keeper
+from celery_unique.locks import RunStart
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ T = TypeVar("T")
 WORKER_SIDE = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
 
 RELEASE_ATTEMPTS = 3
+#: Seconds a run that can neither check its lock nor publish its retry waits for Redis.
+OUTAGE_WAIT = 30.0
 STATE = "_celery_unique"  # attribute of the request context that holds the run's Lease
 PASSED_ON = "_celery_unique_passed_on"  # set when the run published its own lock onward
 RAN = "_celery_unique_ran"  # set when begin() let the task body run
@@ -79,9 +82,9 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     timeout = (header or {}).get("timeout") or task.unique_lock_timeout
     ttl_ms = int(timeout * 1000)
     conf = get_conf(task.app)
-    try:
-        store = conf.locks
-        start = store.begin_run(
+
+    def check() -> RunStart:
+        return conf.locks.begin_run(
             lock_key(family),
             run_key(family),
             fence_key(family),
@@ -90,7 +93,11 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
             ttl_ms,
             result=result_key(family) if checks_outcome else None,
             args=(args_key(family), _arguments_digest(task, request, header)) if checks_outcome else None,
+            check_done=header is not None,
         )
+
+    try:
+        start = check()
     except REDIS_ERRORS as exc:
         setattr(request, STATE, NOTHING_HELD)
         if conf.on_redis_error == "allow":
@@ -102,22 +109,19 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
             )
             setattr(request, RAN, True)
             return
-        error = LockBackendError(
-            f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis ({exc!r})"
-        )
-        error.__cause__ = exc
-        # Failing here would lose a message that was published and counted on
-        # (a Redis restart, a failover): the run is retried instead, like a
-        # conflict under on_conflict="retry", and fails with the error only
-        # once its retries are spent.
-        logger.warning(
-            "%s[%s]: Redis failed (%r); the run is retried in %ss",
+        start = _when_redis_answers(task, task_id, family, exc, check)
+    store = conf.locks
+    if start.done:
+        # A copy of a message that already ran to its end: its acknowledgement was
+        # lost in a broker outage, or a retry was published while it was still held.
+        setattr(request, STATE, NOTHING_HELD)
+        logger.info(
+            "%s[%s]: this message already ran to its end (key %s): not run again",
             task.name,
             task_id,
-            exc,
-            task.conflict_retry_countdown,
+            digest_of_key(family)[:12],
         )
-        raise task.retry(countdown=task.conflict_retry_countdown, exc=error) from exc
+        raise Ignore(f"{task.name}[{task_id}] already ran to its end")
     if start.outcome is not None:
         # Already ran for this key (a redelivery, or a call sent by name):
         # the body is skipped and the stored outcome is the result.
@@ -142,6 +146,60 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     setattr(request, RAN, True)
     if lifetime in HELD_WHILE_RUNNING and task.renew_lock:
         keeper.keep(lease)
+
+
+def _when_redis_answers(
+    task: Any, task_id: str, family: str, failure: BaseException, check: Callable[[], RunStart]
+) -> RunStart:
+    """A run could not check its lock: retry it through the broker, or, when that cannot
+    be published either (one Redis for both, down), wait here for Redis.
+
+    Failing would lose a message that was published and counted on (a Redis
+    restart, a failover): the run is retried instead, like a conflict under
+    ``on_conflict="retry"``, and fails with the error only once its retries are
+    spent. A retry that cannot be published would make Celery reject the
+    message for good; the run waits for Redis instead (:data:`OUTAGE_WAIT`),
+    and, past that, leaves the message to the broker's redelivery.
+    """
+    error = LockBackendError(
+        f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis ({failure!r})"
+    )
+    error.__cause__ = failure
+    logger.warning(
+        "%s[%s]: Redis failed (%r); the run is retried in %ss",
+        task.name,
+        task_id,
+        failure,
+        task.conflict_retry_countdown,
+    )
+    try:
+        raise task.retry(countdown=task.conflict_retry_countdown, exc=error) from failure
+    except Reject:
+        pass  # the retry could not be published: the broker fails too
+    logger.warning(
+        "%s[%s]: the retry could not be published either; the run waits for Redis (up to %ss)",
+        task.name,
+        task_id,
+        OUTAGE_WAIT,
+    )
+    deadline = time.monotonic() + OUTAGE_WAIT
+    pause = 0.25
+    while True:
+        time.sleep(pause)
+        try:
+            return check()
+        except REDIS_ERRORS as exc:
+            if time.monotonic() + pause > deadline:
+                logger.error(
+                    "%s[%s]: Redis did not answer within %ss (%r); the message is left to the "
+                    "broker's redelivery",
+                    task.name,
+                    task_id,
+                    OUTAGE_WAIT,
+                    exc,
+                )
+                raise Reject(error, requeue=True) from exc
+        pause = min(pause * 2, 2.0)
 
 
 def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
@@ -197,7 +255,7 @@ def end(task: Any, state: str | None, retval: Any) -> None:
     keys, owner = _ending_locks(lifetime, header, lease, keeps_queued_lock, request.id)
     if not task.idempotent:
         if keys:
-            release(task, keys, owner, why)
+            release(task, keys, owner, why, done_ttl_ms=_done_ttl_ms(state, header, request))
         return
     family = (
         family_of(header["key"])
@@ -206,6 +264,21 @@ def end(task: Any, state: str | None, retval: Any) -> None:
     )
     outcome = _outcome(task, state, retval, request, header)
     _store(task, family, keys, owner, outcome or "", why)
+
+
+def _done_ttl_ms(state: str | None, header: headers.LockHeader | None, request: Any) -> int | None:
+    """How long to remember that this run's message ran to its end (None: not at all).
+
+    A run that ended (success or failure) after taking its lock; not a retry, a
+    replace() or a message that handed its lock on (the same token goes on), and
+    not a message without a token. Remembered as long as its lock could have lived:
+    the window in which a broker delivers a copy again.
+    """
+    if state not in (states.SUCCESS, states.FAILURE) or header is None:
+        return None
+    if not getattr(request, RAN, False) or getattr(request, PASSED_ON, False):
+        return None
+    return int(float(header.get("timeout") or 0) * 1000) or None
 
 
 def _ending_locks(
@@ -293,11 +366,19 @@ def release_abandoned(
     release(task, [lock_key(family), run_key(family)], owner, why, attempts=1)
 
 
-def release(task: Any, keys: list[str], owner: str, why: str, attempts: int = RELEASE_ATTEMPTS) -> int:
-    """Owner-checked release, retried a few times; the TTL is the backstop."""
+def release(
+    task: Any,
+    keys: list[str],
+    owner: str,
+    why: str,
+    attempts: int = RELEASE_ATTEMPTS,
+    done_ttl_ms: int | None = None,
+) -> int:
+    """Owner-checked release, retried a few times; the TTL is the backstop. With
+    ``done_ttl_ms``, the owner's message is noted as run to its end."""
     locks = get_conf(task.app).locks
     count = _retried(
-        lambda: locks.release_all(keys, owner),
+        lambda: locks.release_all(keys, owner, done_ttl_ms),
         attempts,
         "could not release lock %s of %s (%s); it expires after its timeout",
         digest_of_key(keys[0])[:12],

@@ -53,16 +53,18 @@ return 1
 #   KEYS[3]  fencing counter
 #   KEYS[4]  stored outcome (idempotent tasks)
 #   KEYS[5]  argument digest of the queued lock's holder (idempotent tasks)
+#   KEYS[6]  done marker: the owner of the message that last ran to its end
 #   ARGV[1]  owner token
 #   ARGV[2]  lifetime: until_executed | until_executing | while_executing |
 #            until_and_while_executing
 #   ARGV[3]  time to live of the held lock in milliseconds
 #   ARGV[4]  "1" when the task is idempotent
 #   ARGV[5]  the call's argument digest (idempotent tasks; "" otherwise)
+#   ARGV[6]  "1" to check the done marker (a message with an owner token)
 # Returns {1, fence, released} when the run may go on (released: 1 when it
 # gave up its queued lock, as until_executing and until_and_while_executing
-# do), {0, holder, pttl} on conflict, or {2, outcome} when an idempotent
-# task's outcome is already stored.
+# do), {0, holder, pttl} on conflict, {2, outcome} when an idempotent task's
+# outcome is already stored, or {3} when this very message already ran to its end.
 #
 # An idempotent run that holds the queued lock (until_executed) writes its
 # argument digest with it: the message may have waited past its lock's TTL,
@@ -78,6 +80,9 @@ if ARGV[4] == '1' then
     if stored then
         return {2, stored}
     end
+end
+if ARGV[6] == '1' and redis.call('GET', KEYS[6]) == owner then
+    return {3}
 end
 local held_key = KEYS[2]
 local released = 0
@@ -109,16 +114,24 @@ redis.call('SET', KEYS[3], string.format('%d', fence), 'PX', math.max(tonumber(t
 return {1, fence, released}
 """
 
-# Delete every given lock that the owner still holds (idempotent).
-#   KEYS     lock keys of one family
+# Delete every given lock that the owner still holds (idempotent), and, at
+# the end of a run, note that the owner's message ran to its end: a copy of it
+# delivered again (an acknowledgement lost in a broker outage, a retry
+# published while the first delivery was still held) is then discarded.
+#   KEYS[1]  the family's done marker
+#   KEYS[2…] lock keys of the family
 #   ARGV[1]  owner token
+#   ARGV[2]  time to live of the done marker in milliseconds ("": none written)
 # Returns how many locks were deleted.
 RELEASE_ALL = """
 local released = 0
-for _, key in ipairs(KEYS) do
-    if redis.call('GET', key) == ARGV[1] then
-        released = released + redis.call('DEL', key)
+for i = 2, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[1] then
+        released = released + redis.call('DEL', KEYS[i])
     end
+end
+if ARGV[2] ~= '' then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 return released
 """

@@ -96,7 +96,10 @@ class RedisServer:
         ]  # fmt: skip
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self._dir = tempfile.TemporaryDirectory(prefix="celery-unique-redis-")
+        """Start the server: in a new, empty directory, or in the one a :meth:`crash`
+        left (it reads its persistence files again, when it has any)."""
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="celery-unique-redis-")
         self.process = subprocess.Popen(
             self.command(self._dir.name),
             stdout=subprocess.DEVNULL,
@@ -120,6 +123,13 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def crash(self) -> None:
+        """Kill the server with SIGKILL and keep its directory, for :meth:`start` to restart it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -4,13 +4,16 @@ It is configured from the environment, so each scenario can give its workers
 their own broker, lock Redis, key prefix and broker transport options:
 
 * ``CHAOS_BROKER_URL``: the broker (a private redis-server that is never
-  stopped; the tasks' events are recorded there too);
+  stopped; the tasks' events are recorded there too, unless
+  ``CHAOS_EVENTS_URL`` names another Redis: a scenario that restarts the
+  broker keeps its events apart);
 * ``CHAOS_LOCK_URL``: the Redis that holds the locks (may be stopped,
   restarted, or be a TLS/ACL server);
 * ``CHAOS_KEY_PREFIX``: ``unique_key_prefix``;
 * ``CHAOS_SOCKET_TIMEOUT``: the lock client's socket and connect timeouts;
 * ``CHAOS_VISIBILITY_TIMEOUT``: the Redis broker's visibility timeout (a
   message not acknowledged within it is delivered again);
+* ``CHAOS_BROKER_SOCKET_TIMEOUT``: the Redis broker connections' socket timeout;
 * ``CHAOS_SETTINGS``: more settings, as a JSON object.
 
 Each task records what happened (start, end, its id, pid and retries) in a
@@ -45,6 +48,12 @@ app.conf.update(
         # Look for messages to deliver again every second, not every 100 s.
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
+        # Unset: kombu waits on a stalled broker for as long as it stalls.
+        **(
+            {"socket_timeout": float(os.environ["CHAOS_BROKER_SOCKET_TIMEOUT"])}
+            if os.environ.get("CHAOS_BROKER_SOCKET_TIMEOUT")
+            else {}
+        ),
     },
     task_ignore_result=True,
     # A fan-in whose closer died is finished by the workers' sweep this soon after.
@@ -71,9 +80,11 @@ def release_key(token: str) -> str:
 
 
 def broker_client() -> redis.Redis:
+    """The Redis where tasks record events and tests keep their flags (the broker's,
+    unless ``CHAOS_EVENTS_URL`` says otherwise)."""
     global _events
     if _events is None:
-        _events = redis.Redis.from_url(app.conf.broker_url)
+        _events = redis.Redis.from_url(os.environ.get("CHAOS_EVENTS_URL") or app.conf.broker_url)
     return _events
 
 
@@ -132,6 +143,23 @@ REDELIVERED = {
     )
     for policy in ("discard", "retry")
 }
+
+
+class _GatedStart(UniqueTask):  # type: ignore[misc]
+    """Records "gated" and waits for ``release_key(f"{token}:start")`` before its run
+    checks its lock: a test can make Redis fail at exactly that moment."""
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        token = args[0]
+        record(token, "gated", id=task_id)
+        wait_released(f"{token}:start")
+        super().before_start(task_id, args, kwargs)
+
+
+@app.task(base=_GatedStart, bind=True, name="chaos.gated_start", unique_on=("token",), lock_timeout=60)
+def gated_start(self: Any, token: str) -> None:
+    record(token, "start", id=self.request.id, item="")
+    record(token, "end", id=self.request.id, item="")
 
 
 @app.task(base=UniqueTask, bind=True, name="chaos.graceful", unique_on=("token", "item"), lock_timeout=60)

@@ -199,3 +199,27 @@ def test_retry_on_worker_lost_keeps_the_lock_for_the_republished_message(
     assert lost_then_retried.delay(token).id == first.id
     wait_for(lambda: any(e["event"] == "end" for e in events()), timeout=20, worker=worker)
     assert [e["retries"] for e in events() if e["event"] == "start"] == [0, 1]
+
+
+@pytest.mark.worker
+def test_a_copy_of_a_message_that_already_ran_to_its_end_is_not_run_again(
+    worker: Worker, celery_app: Any, redis_client: redis.Redis, token: str, events: Events
+) -> None:
+    """The broker delivers a message a second time after its first delivery ran (an
+    acknowledgement lost in an outage): the copy carries the same owner token and is
+    discarded at its start. A new call of the key still runs."""
+    parked = f"parked-{token}"
+    first = sleeper.apply_async((token,), queue=parked)
+    [raw] = redis_client.lrange(parked, 0, -1)
+    celery_app.control.add_consumer(parked, destination=[worker.name], reply=True)
+    try:
+        wait_for(ended(events), worker=worker)
+        redis_client.rpush(parked, raw)  # the copy, once the first delivery ran
+        worker.drain(parked)  # the copy has been handled
+    finally:
+        celery_app.control.cancel_consumer(parked, destination=[worker.name], reply=True)
+    assert [e["id"] for e in events() if e["event"] == "start"] == [first.id]
+    assert f"{first.id}]: this message already ran to its end" in worker.whole_log()
+    again = sleeper.delay(token)
+    assert not again.duplicate
+    wait_for(ended(events, 2), worker=worker)

@@ -46,8 +46,9 @@ SOCKET_TIMEOUT = "0.5"
 VISIBILITY_TIMEOUT = "10"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shared() -> Iterator[RedisServer]:
+    """The one Redis of a test (a scenario restarts it: the next one starts afresh)."""
     with RedisServer("--appendonly", "yes", "--appendfsync", "always") as server:
         yield server
 

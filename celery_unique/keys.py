@@ -84,10 +84,7 @@ def _encode(value: Any) -> Any:
         return _tagged("uuid", value.hex)
     if isinstance(value, Decimal):
         return _tagged("decimal", str(value))
-    raise UniqueKeyError(
-        f"cannot build a lock key from a value of type {kind.__qualname__}: "
-        "pass unique_on= to choose other arguments or a key function"
-    )
+    raise UniqueKeyError(f"a value of type {kind.__qualname__} cannot be part of a lock key")
 
 
 def _encode_mapping(value: Mapping[Any, Any]) -> Any:
@@ -107,8 +104,10 @@ def canonical_json(value: Any) -> str:
         return _dumps(_encode(value))
     except RecursionError as exc:
         raise UniqueKeyError(
-            "cannot build a lock key from a self-referencing or too deeply nested value"
+            "a self-referencing or too deeply nested value cannot be part of a lock key"
         ) from exc
+    except ValueError as exc:  # an integer too long to write (Python's int_max_str_digits)
+        raise UniqueKeyError(f"a value cannot be part of a lock key: {exc}") from exc
 
 
 def digest(value: Any) -> str:
@@ -278,4 +277,23 @@ class ArgumentKey:
         return arguments
 
     def digest(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> str:
-        return digest(self.material(args or (), kwargs or {}))
+        material = self.material(args or (), kwargs or {})
+        try:
+            return digest(material)
+        except UniqueKeyError as exc:
+            raise self._named(material, exc) from exc
+
+    def _named(self, material: Any, error: UniqueKeyError) -> UniqueKeyError:
+        """``error`` naming what could not be encoded: an argument, or the key function's value."""
+        what = "the value the unique_on function returned"
+        if self.key_function is None:
+            for name, value in material.items():
+                try:
+                    canonical_json(value)
+                except UniqueKeyError as found:
+                    what, error = f"argument {name!r}", found
+                    break
+        return UniqueKeyError(
+            f"{self.task_name}: cannot build a lock key from {what} ({error}): pass unique_on= "
+            "to choose other arguments, or a key function"
+        )

@@ -255,3 +255,39 @@ def test_any_task_name_keeps_one_hash_tag_per_family(task_name: str) -> None:
     # so every key of the family (":lock", ":run", ...) lands in one slot.
     assert tag.endswith(":" + "d" * 64) and _hash_tag(lock_key(family)) == tag
     assert task_name_of_tag(tag.rpartition(":")[0]) == task_name
+
+
+class Loan:
+    """A user's own class: not something a key can be built from."""
+
+
+def test_the_argument_that_cannot_be_encoded_is_named() -> None:
+    def recompute(loan: Any, amount: int = 0) -> None: ...
+
+    key = ArgumentKey("loans.recompute", recompute, None)
+    with pytest.raises(UniqueKeyError, match=r"loans\.recompute: .*argument 'loan'.* Loan") as info:
+        key.digest((Loan(),), {"amount": 5})
+    assert "unique_on" in str(info.value)  # and what to do about it
+
+
+def test_an_integer_too_long_to_write_is_a_unique_key_error() -> None:
+    def charge(amount: int) -> None: ...
+
+    with pytest.raises(UniqueKeyError, match="argument 'amount'"):
+        ArgumentKey("billing.charge", charge, None).digest((10**5000,), {})
+    with pytest.raises(UniqueKeyError):
+        digest(10**5000)
+
+
+def test_a_key_function_whose_value_cannot_be_encoded_is_named() -> None:
+    def recompute(loan: Any) -> None: ...
+
+    key = ArgumentKey("loans.recompute", recompute, lambda args, kwargs: args[0])
+    with pytest.raises(UniqueKeyError, match="unique_on function"):
+        key.digest((Loan(),), {})
+
+
+def test_one_and_one_point_zero_are_different_keys() -> None:
+    """As README says: JSON keeps an int and a float apart."""
+    assert digest(1) != digest(1.0)
+    assert digest(True) != digest(1)

@@ -194,7 +194,7 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
     tag = _tag_pattern(task_name)
     lifetimes: dict[str, str] = {}
     for kind in KINDS:
-        pattern = f"{conf.key_prefix}:{KEY_VERSION}:{tag}:{kind}"
+        pattern = f"{_glob_escape(conf.key_prefix)}:{KEY_VERSION}:{tag}:{kind}"
         for page in _pages(store.client, pattern, count):
             for key, value, pttl, fence, now in _snapshots(store, page):
                 if value is None:
@@ -226,7 +226,7 @@ def open_fan_ins(app: Any, count: int = 500) -> Counter[str]:
     conf = get_conf(app)
     client = conf.locks.client
     found: Counter[str] = Counter()
-    for page in _pages(client, fan_in_key(conf.key_prefix, "*"), count):
+    for page in _pages(client, fan_in_key(_glob_escape(conf.key_prefix), "*"), count):
         pipe = client.pipeline(transaction=False)
         for key in page:
             pipe.hmget(key, "state", "callback")

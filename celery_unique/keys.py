@@ -176,8 +176,7 @@ def validate_token(token: str) -> str:
 
 
 def fan_in_key(prefix: str, token: str) -> str:
-    if token == "*":  # a SCAN pattern for every context
-        return f"{prefix}:{KEY_VERSION}:{{fanin:*}}:ctx"
+    """A fan-in's context (with a glob-escaped prefix and the token ``*``: a SCAN pattern for all)."""
     return f"{prefix}:{KEY_VERSION}:{{fanin:{validate_token(token)}}}:ctx"
 
 

@@ -399,3 +399,29 @@ def test_an_app_without_a_redis_is_one_clear_error() -> None:
     assert done.exit_code == 1
     assert done.output.splitlines()[-1].startswith("Error: celery-unique needs a Redis: set unique_redis_url")
     assert "Traceback" not in done.output
+
+
+def test_a_prefix_with_glob_characters_is_matched_literally(
+    celery_app: Any, store: LockStore, planted: list[str], token: str
+) -> None:
+    """A prefix such as ``app[1]*?`` (the settings allow it): the listing, the counts and
+    the fan-in count find this app's keys and no other prefix's."""
+    conf = get_conf(celery_app)
+    before = celery_app.conf.get("unique_key_prefix")
+    celery_app.conf.unique_key_prefix = "app[1]*?"
+    conf.reload()
+    try:
+        digest_part = digest({"token": token})
+        own = lock_key(family_key("app[1]*?", "tests.cli.prefixed", digest_part))
+        foreign = lock_key(family_key("app1zz", "tests.cli.prefixed", digest_part))  # the glob matches it
+        planted.extend([own, foreign])
+        store.acquire(own, "own-holder", 60_000)
+        store.acquire(foreign, "foreign-holder", 60_000)
+        assert [(lock.key, lock.holder) for lock in iter_locks(celery_app)] == [(own, "own-holder")]
+        fan_in_token = f"prefixed-{token}"
+        aggregator(celery_app).create(fan_in_token, ["a"], sleeper.s(token))
+        planted.append(aggregator(celery_app).key(fan_in_token))
+        assert open_fan_ins(celery_app) == {"tests.sleeper": 1}
+    finally:
+        celery_app.conf.unique_key_prefix = before
+        conf.reload()

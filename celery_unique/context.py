@@ -71,7 +71,8 @@ class Context:
             base = merge(base, entry)
         new_base = json.dumps(base, allow_nan=False)
         keys = [self.base_key, self.log_key, self.lock_key]
-        return bool(self._compact(keys=keys, args=[owner, new_base, len(entries)]))
+        ttl = "" if self.ttl_ms is None else self.ttl_ms
+        return bool(self._compact(keys=keys, args=[owner, new_base, len(entries), ttl]))
 
     def delete(self) -> None:
         self.client.delete(self.base_key, self.log_key, self.lock_key)

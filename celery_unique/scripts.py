@@ -420,15 +420,23 @@ return {redis.call('GET', KEYS[1]) or '', redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
 # Replace the base of a split context with a compacted one and drop the
-# entries it absorbed, only while the compacting owner holds the lock.
+# entries it absorbed, only while the compacting owner holds the lock. The
+# context keeps its time to live: the one the compacting process knows, else
+# the longest its keys have left (a process that does not know it).
 #   KEYS[1]  base   KEYS[2]  log (list)   KEYS[3]  compaction lock
 #   ARGV[1]  owner  ARGV[2]  new base     ARGV[3]  number of entries absorbed
+#   ARGV[4]  the context's time to live in milliseconds ("" when not known)
 # Returns 1 when compacted, 0 when the lock was lost (nothing changed).
 CONTEXT_COMPACT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
     return 0
 end
-redis.call('SET', KEYS[1], ARGV[2])
+local ttl = tonumber(ARGV[4]) or math.max(redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2]))
+if ttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+else
+    redis.call('SET', KEYS[1], ARGV[2])
+end
 redis.call('LTRIM', KEYS[2], tonumber(ARGV[3]), -1)
 redis.call('DEL', KEYS[3])
 return 1

@@ -101,3 +101,20 @@ def test_all_keys_of_a_context_share_one_hash_tag(context: Context) -> None:
 def test_invalid_names_are_configuration_errors(app: Celery, name: str) -> None:
     with pytest.raises(ConfigurationError):
         Context(app, name)
+
+
+def test_compaction_keeps_the_context_s_time_to_live(app: Celery) -> None:
+    """Compacted, the base keeps an expiry: the context ends with its TTL, whichever
+    process compacts it (one that knows the TTL, or one that does not)."""
+    name = f"ctx-{uuid.uuid4().hex}"
+    with_ttl, without = Context(app, name, ttl=300), Context(app, name)
+    try:
+        with_ttl.append({"a": 1})
+        assert with_ttl.compact()
+        assert 0 < with_ttl.client.pttl(with_ttl.base_key) <= 300_000
+        with_ttl.append({"b": 2})
+        assert without.compact()  # a compacting process that does not know the TTL
+        assert 0 < with_ttl.client.pttl(with_ttl.base_key) <= 300_000
+        assert without.value() == {"a": 1, "b": 2}
+    finally:
+        with_ttl.delete()

@@ -71,7 +71,8 @@ return 1
 # and the digest is what tells a conflicting idempotency_key.
 #
 # The fence is max(previous + 1, server time in microseconds): it increases
-# across holders even when the counter key has expired meanwhile.
+# across holders even when the counter key has expired meanwhile (unless the
+# server's clock steps back), so the counter lives only as long as the lock.
 BEGIN_RUN = """
 if redis.replicate_commands then redis.replicate_commands() end
 local owner, mode, ttl = ARGV[1], ARGV[2], ARGV[3]
@@ -110,7 +111,7 @@ end
 local now = redis.call('TIME')
 local fence = math.max(tonumber(redis.call('GET', KEYS[3]) or '0') + 1,
                        tonumber(now[1]) * 1000000 + tonumber(now[2]))
-redis.call('SET', KEYS[3], string.format('%d', fence), 'PX', math.max(tonumber(ttl), 86400000))
+redis.call('SET', KEYS[3], string.format('%d', fence), 'PX', ttl)
 return {1, fence, released}
 """
 

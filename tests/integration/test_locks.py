@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from celery_unique.keys import family_of, fence_key, lock_key, run_key
 from celery_unique.locks import LockStore, _parse_acquire_reply, new_owner, task_id_of
 from celery_unique.testing import RedisServer
 
@@ -232,3 +233,24 @@ def test_an_unanswered_acquire_may_have_run_unless_nothing_reached_redis() -> No
         attempt.result()
     assert not attempt.sent and not attempt.may_have_run()
     down.close()
+
+
+def test_the_fence_lives_as_long_as_the_lock_it_guards(
+    store: LockStore, key: str, redis_client: redis.Redis
+) -> None:
+    """One fence key per key run: it goes with the run's lock (it lived a day at least)."""
+    family = family_of(key)
+    fences = [
+        store.begin_run(
+            lock_key(family), run_key(family), fence_key(family), f"o{n}", "while_executing", 5_000
+        )
+        for n in range(2)
+    ]
+    assert fences[0].acquired and not fences[1].acquired
+    assert 0 < redis_client.pttl(fence_key(family)) <= 5_000
+    store.release_all([run_key(family)], "o0")
+    later = store.begin_run(
+        lock_key(family), run_key(family), fence_key(family), "o2", "while_executing", 5_000
+    )
+    assert later.fence is not None and fences[0].fence is not None and later.fence > fences[0].fence
+    redis_client.delete(fence_key(family), run_key(family))

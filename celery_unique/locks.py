@@ -19,6 +19,16 @@ resharding, a ``READONLY`` after a failover, a dropped connection) falls back
 to the client's own script call, which knows how to follow it.
 :meth:`LockStore.begin_acquire` sends without waiting: the caller does its own
 work (Celery builds the message) and reads the reply only when it needs it.
+
+With ``replicas`` (``unique_lock_replicas``) a lock counts as taken only once
+that many replicas hold it: Redis's ``WAIT`` follows the acquire in the same
+write on the same connection (``WAIT`` counts the replicas that have what
+*its* connection wrote), so it adds the replication's latency and no round
+trip. A call that went through the client (a fallback, an idempotent
+acquire, a run's start) confirms afterwards on a connection of its own: it
+renews its lock there, a write after the one that took it, and waits for
+that (:meth:`LockStore.confirm`). A lock taken and not confirmed in time is a
+:class:`NotReplicated` error that carries it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from redis.exceptions import NoScriptError
 
 from celery_unique import scripts
 from celery_unique.clients import REDIS_ERRORS, certainly_not_run, text
+from celery_unique.exceptions import ConfigurationError
 
 # The suffix of an owner token: "#" and 12 hex digits (48 random bits, unique
 # among the messages of one task id).
@@ -92,6 +103,26 @@ class Redirected(redis.ResponseError):
     """A cluster's MOVED, ASK or TRYAGAIN, read whole: the connection stays usable."""
 
 
+class NotReplicated(redis.RedisError):
+    """A lock was taken, but fewer replicas than wanted acknowledged it in time
+    (``acknowledged`` is None when that could not be asked).
+
+    A failover could lose such a lock, so the caller treats it as a Redis
+    error, knowing that it holds the lock (``taken``).
+    """
+
+    def __init__(self, taken: Acquisition, acknowledged: int | None, wanted: int, timeout_ms: int) -> None:
+        acks = "an unknown number" if acknowledged is None else str(acknowledged)
+        super().__init__(f"the lock reached {acks} of {wanted} replicas within {timeout_ms} ms")
+        self.taken = taken
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+
+    def __repr__(self) -> str:
+        # redis-py's errors show their class only; this message names no secret.
+        return f"{type(self).__name__}({str(self)!r})"
+
+
 _REDIRECTIONS = ("MOVED ", "ASK ", "TRYAGAIN")
 
 
@@ -99,31 +130,37 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def _parse_acquire_reply(data: bytes) -> int | tuple[bytes, int] | None:
-    """Parse the acquire script's reply; None while it is incomplete.
+Reply = int | tuple[bytes, int]
 
-    The script answers ``:<ttl>`` or ``*2 $<n> <holder> :<pttl>`` (the same in
-    RESP2 and RESP3). An error reply raises, NOSCRIPT as NoScriptError.
+
+def _parse_reply(data: bytes, at: int = 0) -> tuple[Reply | redis.ResponseError, int] | None:
+    """Parse the reply that starts at ``data[at]``: (the reply, where it ends);
+    None while it is incomplete.
+
+    The acquire script answers ``:<ttl>`` or ``*2 $<n> <holder> :<pttl>`` (the
+    same in RESP2 and RESP3), ``WAIT`` an integer. An error reply is returned
+    as its exception (NOSCRIPT as NoScriptError), so that the replies after it
+    can be read before it is raised.
     """
-    end = data.find(b"\r\n")
+    end = data.find(b"\r\n", at)
     if end < 0:
         return None
-    kind = data[:1]
+    kind = data[at : at + 1]
     if kind == b":":
-        return int(data[1:end])
+        return int(data[at + 1 : end]), end + 2
     if kind == b"-":
-        message = data[1:end].decode(errors="replace")
+        message = data[at + 1 : end].decode(errors="replace")
         if message.startswith("NOSCRIPT"):
-            raise NoScriptError(message)
+            return NoScriptError(message), end + 2
         if message.startswith(_REDIRECTIONS):
-            raise Redirected(message)
-        raise redis.ResponseError(message)
-    if kind != b"*" or data[1:end] != b"2":
-        raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
+            return Redirected(message), end + 2
+        return redis.ResponseError(message), end + 2
+    if kind != b"*" or data[at + 1 : end] != b"2":
+        raise redis.ResponseError(f"unexpected acquire reply {data[at : at + 40]!r}")
     if len(data) < end + 3:
         return None
     if data[end + 2 : end + 3] != b"$":
-        raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
+        raise redis.ResponseError(f"unexpected acquire reply {data[at : at + 40]!r}")
     start = end + 3
     end = data.find(b"\r\n", start)
     if end < 0:
@@ -133,14 +170,28 @@ def _parse_acquire_reply(data: bytes) -> int | tuple[bytes, int] | None:
     ttl_end = data.find(b"\r\n", holder_end + 2)
     if ttl_end < 0:
         return None
-    return data[end + 2 : holder_end], int(data[holder_end + 3 : ttl_end])
+    return (data[end + 2 : holder_end], int(data[holder_end + 3 : ttl_end])), ttl_end + 2
 
 
-def _read_acquire_reply(connection: Any) -> int | tuple[bytes, int]:
+def _parse_acquire_reply(data: bytes) -> Reply | None:
+    """Parse the acquire script's reply; None while it is incomplete. An error
+    reply raises, NOSCRIPT as NoScriptError."""
+    parsed = _parse_reply(data)
+    if parsed is None:
+        return None
+    if isinstance(parsed[0], redis.ResponseError):
+        raise parsed[0]
+    return parsed[0]
+
+
+def _read_replies(connection: Any, count: int) -> list[Reply]:
+    """Read ``count`` replies (an acquire's, and a WAIT's) from a connection of
+    our own; the first error reply raises once all of them are read."""
     sock = connection._sock
     if sock is None:
         raise redis.ConnectionError("connection closed")
-    data = b""
+    data, at = b"", 0
+    replies: list[Reply | redis.ResponseError] = []
     while True:
         try:
             chunk = sock.recv(4096)
@@ -151,9 +202,19 @@ def _read_acquire_reply(connection: Any) -> int | tuple[bytes, int]:
         if not chunk:
             raise redis.ConnectionError("connection closed by server")
         data += chunk
-        reply = _parse_acquire_reply(data)
-        if reply is not None:
-            return reply
+        while len(replies) < count:
+            parsed = _parse_reply(data, at)
+            if parsed is None:
+                break
+            reply, at = parsed
+            replies.append(reply)
+        if len(replies) == count:
+            found: list[Reply] = []
+            for reply in replies:
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
+                found.append(reply)
+            return found
 
 
 class PendingAcquire:
@@ -168,6 +229,7 @@ class PendingAcquire:
         self._store = store
         self._call = (key, owner, ttl_ms, handover)
         self._result: Acquisition | None = None
+        self._short: NotReplicated | None = None  # taken, and not confirmed on the replicas
         self._node, self._connection = "", None
         #: Whether the first attempt went out (it may have run, answered or not).
         self.sent = False
@@ -178,7 +240,7 @@ class PendingAcquire:
         try:
             self._node, self._connection = store._take_connection(key)
             self._connection.send_packed_command(
-                [store._encode_acquire(key, owner, ttl_ms, handover)], check_health=False
+                [store._encode_acquire(key, owner, ttl_ms, handover) + store._wait], check_health=False
             )
             self.sent = True
         except REDIS_ERRORS:
@@ -199,17 +261,20 @@ class PendingAcquire:
 
         Unlike :meth:`result` it never asks again: once the caller has given
         up, a second acquire could take a lock for a message never published.
+        A lock taken and not confirmed on the replicas is returned as taken
+        (:meth:`result` raises :class:`NotReplicated` for it).
         """
         connection = self._connection
+        store = self._store
         if self._result is None and connection is not None:
             try:
-                reply = _read_acquire_reply(connection)
+                replies = _read_replies(connection, 2 if store.replicas else 1)
             except (NoScriptError, Redirected):
                 # The client's own call loads the script or follows the
                 # redirection; this connection is fine for other keys.
                 self.sent = False  # refused unrun: the first attempt cannot land
                 self._connection = None
-                self._store._give_back(self._node, connection)
+                store._give_back(self._node, connection)
             except REDIS_ERRORS:
                 self._drop()
             except BaseException:
@@ -217,8 +282,14 @@ class PendingAcquire:
                 raise
             else:
                 self._connection = None
-                self._store._give_back(self._node, connection)
-                self._result = _acquisition(self._call[1], reply)
+                store._give_back(self._node, connection)
+                found = self._result = _acquisition(self._call[1], replies[0])
+                if found.acquired and store.replicas:
+                    # WAIT counts what this connection wrote: only a lock it
+                    # wrote now (an integer reply) is covered by its answer.
+                    acks = replies[1] if isinstance(replies[0], int) and isinstance(replies[1], int) else None
+                    if acks is None or acks < store.replicas:
+                        self._short = store.not_replicated(found, acks)
         return self._result
 
     def may_have_run(self) -> bool:
@@ -231,23 +302,35 @@ class PendingAcquire:
 
         The script call loads the script when the server lost it. The first
         attempt may still have run: the answer then names our own token as
-        the holder, which is taken as acquired.
+        the holder, which is taken as acquired. A lock taken and not
+        confirmed on the replicas raises :class:`NotReplicated`.
         """
         found = self.reply()
         if found is None:
             try:
                 found = self._result = self._store.acquire_via_client(*self._call)
+            except NotReplicated as short:
+                found = self._result = short.taken
+                self._short = short
             except REDIS_ERRORS as exc:
                 self.error = exc
                 raise
+        if self._short is not None:
+            raise self._short
         return found
 
 
 class LockStore:
-    """Locks in one Redis, through one client (any redis-py client class)."""
+    """Locks in one Redis, through one client (any redis-py client class).
 
-    def __init__(self, client: Any) -> None:
+    With ``replicas``, a lock counts as taken once that many replicas
+    acknowledged it within ``replica_timeout_ms`` (Redis ``WAIT``).
+    """
+
+    def __init__(self, client: Any, replicas: int = 0, replica_timeout_ms: int = 1000) -> None:
         self.client = client
+        self.replicas = replicas
+        self.replica_timeout_ms = replica_timeout_ms
         self._acquire = client.register_script(scripts.ACQUIRE)
         self._release_all = client.register_script(scripts.RELEASE_ALL)
         self._extend = client.register_script(scripts.EXTEND)
@@ -258,13 +341,25 @@ class LockStore:
         self.cluster = isinstance(client, RedisCluster)
         self.lean = self.cluster or (isinstance(client, redis.Redis) and hasattr(client, "connection_pool"))
         self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
+        # Sent after every acquire, whatever its answer turns out to be: a
+        # duplicate needs no WAIT, but only a second round trip could leave it
+        # out, and a duplicate's WAIT answers at once unless the replicas lag.
+        self._wait = (
+            b"*3\r\n$4\r\nWAIT\r\n" + _bulk(b"%d" % replicas) + _bulk(b"%d" % replica_timeout_ms)
+            if replicas
+            else b""
+        )
+        # The confirmation's renewal, as EVAL: it never meets a NOSCRIPT.
+        self._confirm_head = b"*6\r\n$4\r\nEVAL\r\n" + _bulk(scripts.EXTEND.encode()) + b"$1\r\n1\r\n"
+        if replicas and not self.lean:
+            raise ConfigurationError("unique_lock_replicas needs a redis-py Redis or RedisCluster client")
         self._idle: dict[str, list[Any]] = {}  # by cluster node ("" for one server)
         self._pid = os.getpid()
 
     # -- connections of the lean path ------------------------------------
 
-    def _take_connection(self, key: str) -> tuple[Any, Any]:
-        """(the node, a connection to it) for ``key``."""
+    def _take_connection(self, key: str, fresh: bool = False) -> tuple[Any, Any]:
+        """(the node, a connection to it) for ``key``: a kept one, unless ``fresh``."""
         if self._pid != os.getpid():
             # After a fork the parent's sockets are not ours to use or close.
             self._idle = {}
@@ -275,17 +370,19 @@ class LockStore:
             name, pool = node.name, self.client.get_redis_connection(node).connection_pool
         else:
             name, pool = "", self.client.connection_pool
-        try:
-            return name, self._idle[name].pop()
-        except (KeyError, IndexError):
-            # Built like the pool's own connections (same class and settings)
-            # but not counted against its max_connections: these never return
-            # to it. connect() now, as the pool does: a Sentinel-managed
-            # connection finds its master there (a lazy connect on the first
-            # send would go to the class's default address instead).
-            connection = pool.connection_class(**pool.connection_kwargs)
-            connection.connect()
-            return name, connection
+        if not fresh:
+            try:
+                return name, self._idle[name].pop()
+            except (KeyError, IndexError):
+                pass
+        # Built like the pool's own connections (same class and settings)
+        # but not counted against its max_connections: these never return
+        # to it. connect() now, as the pool does: a Sentinel-managed
+        # connection finds its master there (a lazy connect on the first
+        # send would go to the class's default address instead).
+        connection = pool.connection_class(**pool.connection_kwargs)
+        connection.connect()
+        return name, connection
 
     def _give_back(self, node: str, connection: Any) -> None:
         if self._pid == os.getpid():
@@ -322,7 +419,53 @@ class LockStore:
 
     def acquire_via_client(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:
         """:meth:`acquire` through redis-py's client (its retries and script loading)."""
-        return _acquisition(owner, self._acquire(keys=[key], args=[owner, ttl_ms, handover]))
+        acquisition = _acquisition(owner, self._acquire(keys=[key], args=[owner, ttl_ms, handover]))
+        if acquisition.acquired:
+            self.confirm(key, owner, ttl_ms, acquisition)
+        return acquisition
+
+    def not_replicated(self, taken: Acquisition, acknowledged: int | None) -> NotReplicated:
+        return NotReplicated(taken, acknowledged, self.replicas, self.replica_timeout_ms)
+
+    def confirm(self, key: str, owner: str, ttl_ms: int, taken: Acquisition) -> None:
+        """Return once ``replicas`` replicas hold ``owner``'s lock ``key``
+        (at once without ``replicas``); raise :class:`NotReplicated` otherwise.
+
+        For a lock written through the client, whose connection is not ours
+        to ``WAIT`` on: on a connection of our own to the key's server, the
+        lock is renewed to ``ttl_ms`` (a write after the one that took it,
+        and only while the owner holds it) and ``WAIT`` counts the replicas
+        that have it. A kept connection that fails (stale after a failover) is
+        replaced once.
+        """
+        if not self.replicas:
+            return
+        command = b"".join(
+            (self._confirm_head, _bulk(key.encode()), _bulk(owner.encode()), _bulk(b"%d" % (ttl_ms + 1)))
+        )
+        error: BaseException | None = None
+        for fresh in (False, True):
+            node, connection = "", None
+            try:
+                node, connection = self._take_connection(key, fresh)
+                connection.send_packed_command([command + self._wait], check_health=False)
+                held, acks = _read_replies(connection, 2)
+            except REDIS_ERRORS as exc:
+                if connection is not None:
+                    connection.disconnect()
+                error = exc
+                continue
+            except BaseException:
+                if connection is not None:
+                    connection.disconnect()
+                raise
+            self._give_back(node, connection)
+            if held != 1:  # the lock is no longer the owner's
+                raise self.not_replicated(taken, None)
+            if not isinstance(acks, int) or acks < self.replicas:
+                raise self.not_replicated(taken, acks if isinstance(acks, int) else None)
+            return
+        raise self.not_replicated(taken, None) from error
 
     def begin_acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> PendingAcquire:
         """Send an acquire now (on the lean path); read it later with :meth:`PendingAcquire.result`."""
@@ -361,7 +504,7 @@ class LockStore:
         if int(reply[0]) == 2:
             return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=text(reply[1]))
         if int(reply[0]) == 1:
-            return RunStart(
+            start = RunStart(
                 owner=owner,
                 holder=owner,
                 ttl_ms=ttl_ms,
@@ -369,6 +512,9 @@ class LockStore:
                 fence=int(reply[1]),
                 released_queued=bool(int(reply[2])),
             )
+            if mode != "until_executing":  # the others hold a lock while the task runs
+                self.confirm(lock if mode == "until_executed" else run, owner, ttl_ms, start)
+            return start
         return RunStart(owner=owner, holder=text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
 
     def acquire_idempotent(
@@ -379,11 +525,15 @@ class LockStore:
             keys=[lock, result, args], args=[owner, ttl_ms, handover, args_digest]
         )
         if isinstance(reply, int):
-            return Acquisition(owner, owner, reply, acquired=True), None, args_digest
+            taken = Acquisition(owner, owner, reply, acquired=True)
+            self.confirm(lock, owner, ttl_ms, taken)
+            return taken, None, args_digest
         if int(reply[0]) == 2:
             return Acquisition(owner, "", 0, acquired=False), text(reply[1]), ""
         holder = text(reply[1])
         holding = Acquisition(owner, holder, int(reply[2]), acquired=holder == owner)
+        if holding.acquired:  # an earlier attempt of this very call took it
+            self.confirm(lock, owner, ttl_ms, holding)
         return holding, None, text(reply[3])
 
     def store_and_release(

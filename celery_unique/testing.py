@@ -230,6 +230,15 @@ def _cluster_ok(client: Any) -> bool:
     return str(info.get("cluster_state")) == "ok"
 
 
+def _acknowledged(primary: Any) -> bool:
+    """Whether a write to ``primary`` reaches a replica (WAIT counts what its connection wrote)."""
+    pipe = primary.pipeline(transaction=False)
+    pipe.set("celery-unique-testing:synced", 1)
+    pipe.wait(1, 100)
+    pipe.delete("celery-unique-testing:synced")
+    return int(pipe.execute()[1]) >= 1
+
+
 class SentinelServer(RedisServer):
     """One Sentinel process watching ``master_port`` as ``master_name``."""
 
@@ -283,12 +292,15 @@ class SentinelServers:
             self.sentinel.start()
             sentinel = redis.Redis(port=self.sentinel.port, decode_responses=True)
             deadline = time.monotonic() + timeout
-            # Ready when the Sentinel has found the replica (it can fail over).
-            while not sentinel.sentinel_slaves(self.master_name):
+            # Ready when the Sentinel has found the replica (it can fail over)
+            # and the replica acknowledges writes (its first sync is over).
+            primary = redis.Redis(port=self.primary.port)
+            while not (sentinel.sentinel_slaves(self.master_name) and _acknowledged(primary)):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the Sentinel did not find the replica within {timeout}s")
+                    raise RuntimeError(f"the Sentinel did not find a synced replica within {timeout}s")
                 time.sleep(0.05)
             sentinel.close()
+            primary.close()
         except BaseException:
             self.stop()
             raise

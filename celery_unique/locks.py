@@ -20,14 +20,16 @@ to the client's own script call, which knows how to follow it.
 :meth:`LockStore.begin_acquire` sends without waiting: the caller does its own
 work (Celery builds the message) and reads the reply only when it needs it.
 
-With ``replicas`` (``unique_lock_replicas``) a lock counts as taken only once
-that many replicas hold it: Redis's ``WAIT`` follows the acquire in the same
-write on the same connection (``WAIT`` counts the replicas that have what
-*its* connection wrote), so it adds the replication's latency and no round
-trip. A call that went through the client (a fallback, an idempotent
-acquire, a run's start) confirms afterwards on a connection of its own: it
-renews its lock there, a write after the one that took it, and waits for
-that (:meth:`LockStore.confirm`). A lock taken and not confirmed in time is a
+With ``replicas`` (``unique_lock_replicas``) an answer counts only once that
+many replicas hold the lock it names: Redis's ``WAIT`` follows the acquire in
+the same write on the same connection, so it adds the replication's latency
+and no round trip. ``WAIT`` counts the replicas that have what *its*
+connection wrote: a lock taken is that write; a lock found held is written
+again unchanged by the script, so that a duplicate is never answered with a
+lock that a failover could still lose (its holder might fail its own ``WAIT``
+and publish nothing). A call that went through the client (a fallback, an
+idempotent acquire, a run's start) confirms afterwards on a connection of its
+own (:meth:`LockStore.confirm`). An answer not confirmed in time is a
 :class:`NotReplicated` error that carries it.
 """
 
@@ -104,17 +106,20 @@ class Redirected(redis.ResponseError):
 
 
 class NotReplicated(redis.RedisError):
-    """A lock was taken, but fewer replicas than wanted acknowledged it in time
-    (``acknowledged`` is None when that could not be asked).
+    """Fewer replicas than wanted acknowledged a lock in time (``acknowledged``
+    is None when that could not be asked): the lock taken, or the holder's
+    lock that a duplicate was answered with.
 
     A failover could lose such a lock, so the caller treats it as a Redis
-    error, knowing that it holds the lock (``taken``).
+    error, knowing the answer (``acquisition``): whether it holds the lock.
     """
 
-    def __init__(self, taken: Acquisition, acknowledged: int | None, wanted: int, timeout_ms: int) -> None:
+    def __init__(
+        self, acquisition: Acquisition, acknowledged: int | None, wanted: int, timeout_ms: int
+    ) -> None:
         acks = "an unknown number" if acknowledged is None else str(acknowledged)
         super().__init__(f"the lock reached {acks} of {wanted} replicas within {timeout_ms} ms")
-        self.taken = taken
+        self.acquisition = acquisition
         self.acknowledged = acknowledged
         self.wanted = wanted
 
@@ -229,7 +234,7 @@ class PendingAcquire:
         self._store = store
         self._call = (key, owner, ttl_ms, handover)
         self._result: Acquisition | None = None
-        self._short: NotReplicated | None = None  # taken, and not confirmed on the replicas
+        self._short: NotReplicated | None = None  # answered, and not confirmed on the replicas
         self._node, self._connection = "", None
         #: Whether the first attempt went out (it may have run, answered or not).
         self.sent = False
@@ -261,7 +266,7 @@ class PendingAcquire:
 
         Unlike :meth:`result` it never asks again: once the caller has given
         up, a second acquire could take a lock for a message never published.
-        A lock taken and not confirmed on the replicas is returned as taken
+        An answer not confirmed on the replicas is returned all the same
         (:meth:`result` raises :class:`NotReplicated` for it).
         """
         connection = self._connection
@@ -284,10 +289,10 @@ class PendingAcquire:
                 self._connection = None
                 store._give_back(self._node, connection)
                 found = self._result = _acquisition(self._call[1], replies[0])
-                if found.acquired and store.replicas:
-                    # WAIT counts what this connection wrote: only a lock it
-                    # wrote now (an integer reply) is covered by its answer.
-                    acks = replies[1] if isinstance(replies[0], int) and isinstance(replies[1], int) else None
+                if store.replicas:
+                    # The script wrote the lock (taken, or written again as
+                    # held): the WAIT after it counts the replicas that have it.
+                    acks = replies[1] if isinstance(replies[1], int) else None
                     if acks is None or acks < store.replicas:
                         self._short = store.not_replicated(found, acks)
         return self._result
@@ -302,15 +307,15 @@ class PendingAcquire:
 
         The script call loads the script when the server lost it. The first
         attempt may still have run: the answer then names our own token as
-        the holder, which is taken as acquired. A lock taken and not
-        confirmed on the replicas raises :class:`NotReplicated`.
+        the holder, which is taken as acquired. An answer not confirmed on
+        the replicas raises :class:`NotReplicated`.
         """
         found = self.reply()
         if found is None:
             try:
                 found = self._result = self._store.acquire_via_client(*self._call)
             except NotReplicated as short:
-                found = self._result = short.taken
+                found = self._result = short.acquisition
                 self._short = short
             except REDIS_ERRORS as exc:
                 self.error = exc
@@ -340,17 +345,15 @@ class LockStore:
         # The lean path needs a client whose pools it can copy connections from.
         self.cluster = isinstance(client, RedisCluster)
         self.lean = self.cluster or (isinstance(client, redis.Redis) and hasattr(client, "connection_pool"))
-        self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
-        # Sent after every acquire, whatever its answer turns out to be: a
-        # duplicate needs no WAIT, but only a second round trip could leave it
-        # out, and a duplicate's WAIT answers at once unless the replicas lag.
+        self._evalsha_head = b"*8\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
+        self._rewrite_held = _bulk(b"1" if replicas else b"")  # the acquire's ARGV[4]
         self._wait = (
             b"*3\r\n$4\r\nWAIT\r\n" + _bulk(b"%d" % replicas) + _bulk(b"%d" % replica_timeout_ms)
             if replicas
             else b""
         )
-        # The confirmation's renewal, as EVAL: it never meets a NOSCRIPT.
-        self._confirm_head = b"*6\r\n$4\r\nEVAL\r\n" + _bulk(scripts.EXTEND.encode()) + b"$1\r\n1\r\n"
+        # The confirmation's write, as EVAL: it never meets a NOSCRIPT.
+        self._touch_head = b"*5\r\n$4\r\nEVAL\r\n" + _bulk(scripts.TOUCH.encode()) + b"$1\r\n1\r\n"
         if replicas and not self.lean:
             raise ConfigurationError("unique_lock_replicas needs a redis-py Redis or RedisCluster client")
         self._idle: dict[str, list[Any]] = {}  # by cluster node ("" for one server)
@@ -396,6 +399,7 @@ class LockStore:
                 _bulk(owner.encode()),
                 _bulk(b"%d" % ttl_ms),
                 _bulk(handover.encode()),
+                self._rewrite_held,
             )
         )
 
@@ -420,29 +424,27 @@ class LockStore:
     def acquire_via_client(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:
         """:meth:`acquire` through redis-py's client (its retries and script loading)."""
         acquisition = _acquisition(owner, self._acquire(keys=[key], args=[owner, ttl_ms, handover]))
-        if acquisition.acquired:
-            self.confirm(key, owner, ttl_ms, acquisition)
+        self.confirm(key, acquisition.holder, acquisition)
         return acquisition
 
-    def not_replicated(self, taken: Acquisition, acknowledged: int | None) -> NotReplicated:
-        return NotReplicated(taken, acknowledged, self.replicas, self.replica_timeout_ms)
+    def not_replicated(self, acquisition: Acquisition, acknowledged: int | None) -> NotReplicated:
+        return NotReplicated(acquisition, acknowledged, self.replicas, self.replica_timeout_ms)
 
-    def confirm(self, key: str, owner: str, ttl_ms: int, taken: Acquisition) -> None:
-        """Return once ``replicas`` replicas hold ``owner``'s lock ``key``
-        (at once without ``replicas``); raise :class:`NotReplicated` otherwise.
+    def confirm(self, key: str, holder: str, acquisition: Acquisition) -> None:
+        """Return once ``replicas`` replicas hold ``holder``'s lock ``key``
+        (at once without ``replicas``); raise :class:`NotReplicated` with
+        ``acquisition`` otherwise.
 
-        For a lock written through the client, whose connection is not ours
+        For an answer read through the client, whose connection is not ours
         to ``WAIT`` on: on a connection of our own to the key's server, the
-        lock is renewed to ``ttl_ms`` (a write after the one that took it,
-        and only while the owner holds it) and ``WAIT`` counts the replicas
-        that have it. A kept connection that fails (stale after a failover) is
-        replaced once.
+        lock is written again unchanged while ``holder`` holds it (the TOUCH
+        script: a write after the one that took it) and ``WAIT`` counts the
+        replicas that have it. A kept connection that fails (stale after a
+        failover) is replaced once.
         """
         if not self.replicas:
             return
-        command = b"".join(
-            (self._confirm_head, _bulk(key.encode()), _bulk(owner.encode()), _bulk(b"%d" % (ttl_ms + 1)))
-        )
+        command = b"".join((self._touch_head, _bulk(key.encode()), _bulk(holder.encode())))
         error: BaseException | None = None
         for fresh in (False, True):
             node, connection = "", None
@@ -460,12 +462,12 @@ class LockStore:
                     connection.disconnect()
                 raise
             self._give_back(node, connection)
-            if held != 1:  # the lock is no longer the owner's
-                raise self.not_replicated(taken, None)
+            if held != 1:  # the lock is no longer the holder's
+                raise self.not_replicated(acquisition, None)
             if not isinstance(acks, int) or acks < self.replicas:
-                raise self.not_replicated(taken, acks if isinstance(acks, int) else None)
+                raise self.not_replicated(acquisition, acks if isinstance(acks, int) else None)
             return
-        raise self.not_replicated(taken, None) from error
+        raise self.not_replicated(acquisition, None) from error
 
     def begin_acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> PendingAcquire:
         """Send an acquire now (on the lean path); read it later with :meth:`PendingAcquire.result`."""
@@ -513,7 +515,7 @@ class LockStore:
                 released_queued=bool(int(reply[2])),
             )
             if mode != "until_executing":  # the others hold a lock while the task runs
-                self.confirm(lock if mode == "until_executed" else run, owner, ttl_ms, start)
+                self.confirm(lock if mode == "until_executed" else run, owner, start)
             return start
         return RunStart(owner=owner, holder=text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
 
@@ -526,14 +528,13 @@ class LockStore:
         )
         if isinstance(reply, int):
             taken = Acquisition(owner, owner, reply, acquired=True)
-            self.confirm(lock, owner, ttl_ms, taken)
+            self.confirm(lock, owner, taken)
             return taken, None, args_digest
         if int(reply[0]) == 2:
             return Acquisition(owner, "", 0, acquired=False), text(reply[1]), ""
         holder = text(reply[1])
         holding = Acquisition(owner, holder, int(reply[2]), acquired=holder == owner)
-        if holding.acquired:  # an earlier attempt of this very call took it
-            self.confirm(lock, owner, ttl_ms, holding)
+        self.confirm(lock, holder, holding)
         return holding, None, text(reply[3])
 
     def store_and_release(

@@ -156,7 +156,7 @@ def _unreplicated(task: Any, conf: UniqueConf, family: str, lifetime: str, short
     lock it took is released (nobody else would free it). Under
     ``unique_on_redis_error = "allow"`` the run goes on with it, warned.
     """
-    start = short.taken
+    start = short.acquisition
     if conf.on_redis_error == "allow" and isinstance(start, RunStart):
         logger.warning(
             "%s[%s]: %s; runs with it all the same (unique_on_redis_error = 'allow')",

@@ -484,14 +484,17 @@ class UniqueTask(Task):  # type: ignore[misc]
             return self._unreplicated(conf, short)
 
     def _unreplicated(self, conf: UniqueConf, short: NotReplicated) -> Acquisition:
-        """A lock taken that the replicas did not confirm is a Redis error (raised
-        again); under ``unique_on_redis_error = "allow"`` it is kept, with a warning."""
+        """An answer whose lock the replicas did not confirm (a lock taken, or the
+        holder's lock of a duplicate) is a Redis error, raised again; under
+        ``unique_on_redis_error = "allow"`` it stands, with a warning."""
         if conf.on_redis_error != "allow":
             raise short
         logger.warning(
-            "%s: %s; published with it all the same (unique_on_redis_error = 'allow')", self.name, short
+            "%s: %s; the answer stands as without unique_lock_replicas (unique_on_redis_error = 'allow')",
+            self.name,
+            short,
         )
-        return short.taken
+        return short.acquisition
 
     def _publish_gated(
         self, app: Any, conf: UniqueConf, pending: PendingAcquire, producer: Any, publish: Any
@@ -580,8 +583,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         if call.republish:
             return True, self._republish_unchecked(call.key, call.task_id, error, call.send)
         if isinstance(error, NotReplicated) and store is not None:
-            # Taken, and nothing is published: released now (or in the background).
-            self._release_after_failed_publish(store, call.key, call.owner, False)
+            if error.acquisition.acquired:
+                # Taken, and nothing is published: released now (or in the background).
+                self._release_after_failed_publish(store, call.key, call.owner, False)
             return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
         if store is None:
             may_have_run = False  # no client: nothing was sent

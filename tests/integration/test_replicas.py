@@ -66,7 +66,9 @@ def test_a_taken_lock_is_on_the_replica_when_acquire_returns(
     owner = new_owner("t")
     assert store.acquire(key, owner, 10_000).acquired
     assert on_replica(servers, key) == owner.encode()  # WAIT answered: no polling needed
-    assert not store.acquire(key, new_owner("u"), 10_000).acquired
+    held = store.acquire(key, new_owner("u"), 10_000)
+    assert not held.acquired and held.holder == owner
+    assert 9_000 < held.ttl_ms <= 10_000  # written again for the WAIT, its TTL kept
 
 
 def test_a_lock_the_replica_did_not_acknowledge_is_not_replicated(
@@ -78,12 +80,17 @@ def test_a_lock_the_replica_did_not_acknowledge_is_not_replicated(
         with pytest.raises(NotReplicated) as short:
             store.acquire(key, owner, 10_000)
         waited = time.monotonic() - started
-        # A duplicate is answered as one (its WAIT waits, and counts for nothing).
-        held = store.acquire(key, new_owner("u"), 10_000)
-    assert short.value.taken.acquired and short.value.taken.owner == owner
+        # A duplicate is not answered with a lock that a failover could still lose
+        # (its holder may fail its own WAIT, and publish nothing).
+        with pytest.raises(NotReplicated) as duplicate:
+            store.acquire(key, new_owner("u"), 10_000)
+    assert short.value.acquisition.acquired and short.value.acquisition.owner == owner
     assert (short.value.acknowledged, short.value.wanted) == (0, 1)
     assert TIMEOUT_MS / 1000 <= waited < 0.4  # WAIT's timeout, within the socket's
     assert store.owner(key)[0] == owner  # taken: the caller knows it holds it
+    assert not duplicate.value.acquisition.acquired and duplicate.value.acquisition.holder == owner
+    # The replica back, the same lock is confirmed for a duplicate.
+    held = store.acquire(key, new_owner("v"), 10_000)
     assert not held.acquired and held.holder == owner
 
 
@@ -93,14 +100,15 @@ def test_a_lock_taken_through_the_client_is_confirmed_on_a_connection_of_our_own
     owner = new_owner("t")
     assert store.acquire_via_client(key, owner, 10_000).acquired
     assert on_replica(servers, key) == owner.encode()
+    assert not store.acquire_via_client(key, new_owner("u"), 10_000).acquired  # a duplicate, confirmed
     store.release(key, owner)
     with frozen(servers.replica), pytest.raises(NotReplicated):
         store.acquire_via_client(key, owner, 10_000)
-    # A lock no longer the owner's is not confirmed, whatever the replicas say.
+    # A lock no longer the holder's is not confirmed, whatever the replicas say.
     taken = store.acquire(key, owner, 10_000, handover=owner)
     store.release(key, owner)
     with pytest.raises(NotReplicated) as short:
-        store.confirm(key, owner, 10_000, taken)
+        store.confirm(key, owner, taken)
     assert short.value.acknowledged is None
 
 
@@ -112,7 +120,7 @@ def test_a_run_that_holds_a_lock_waits_for_the_replica_and_one_that_does_not_nev
     with frozen(servers.replica):
         with pytest.raises(NotReplicated) as short:
             store.begin_run(*keys, "run-1", "while_executing", 10_000)
-        assert short.value.taken.acquired
+        assert short.value.acquisition.acquired
         store.release_all([keys[1]], "run-1")
         # until_executing holds no lock while running: it takes nothing to wait for.
         assert store.begin_run(*keys, "run-2", "until_executing", 10_000).acquired
@@ -131,6 +139,9 @@ def test_an_idempotent_acquire_waits_for_the_replica(
     taken, stored, digest = store.acquire_idempotent(*keys, "p", 10_000, "", "digest")
     assert taken.acquired and stored is None and digest == "digest"
     assert on_replica(servers, key) == b"p"
+    with frozen(servers.replica), pytest.raises(NotReplicated) as duplicate:
+        store.acquire_idempotent(*keys, "q", 10_000, "", "digest")
+    assert duplicate.value.acquisition.holder == "p"
 
 
 def test_a_sentinel_client_waits_on_the_master_it_found(servers: SentinelServers, key: str) -> None:
@@ -219,7 +230,19 @@ def test_delay_raises_and_publishes_nothing_when_the_replica_falls_short(
     assert queue() == 1
 
 
-def test_under_allow_a_lock_that_falls_short_is_kept_and_published(
+def test_a_duplicate_of_a_lock_the_replica_lacks_raises(
+    app: Celery, queue: Any, servers: SentinelServers
+) -> None:
+    job = app.tasks["replicas.job"]
+    first = job.delay("e")
+    with frozen(servers.replica), pytest.raises(LockBackendError, match="0 of 1 replicas"):
+        job.delay("e")
+    assert queue() == 1
+    assert get_conf(app).locks.holder(job.unique_lock_key(("e",)))[0] == first.id  # not the caller's to free
+    assert job.delay("e").id == first.id
+
+
+def test_under_allow_an_answer_that_falls_short_stands(
     app: Celery, queue: Any, servers: SentinelServers, caplog: pytest.LogCaptureFixture
 ) -> None:
     app.conf.unique_on_redis_error = "allow"
@@ -227,11 +250,10 @@ def test_under_allow_a_lock_that_falls_short_is_kept_and_published(
     job = app.tasks["replicas.job"]
     with frozen(servers.replica), caplog.at_level(logging.WARNING, logger="celery_unique"):
         first = job.delay("c")
-    assert "0 of 1 replicas" in caplog.text and "published with it all the same" in caplog.text
+        assert job.delay("c").id == first.id  # the lock, not confirmed on the replica, still deduplicates
+    assert "0 of 1 replicas" in caplog.text and "the answer stands" in caplog.text
     assert queue() == 1
-    holder, _ = get_conf(app).locks.holder(job.unique_lock_key(("c",)))
-    assert holder == first.id  # the lock, not confirmed on the replica, still deduplicates
-    assert job.delay("c").id == first.id
+    assert get_conf(app).locks.holder(job.unique_lock_key(("c",)))[0] == first.id
 
 
 def test_a_run_whose_lock_falls_short_is_retried_and_leaves_no_lock(

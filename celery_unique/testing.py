@@ -230,15 +230,6 @@ def _cluster_ok(client: Any) -> bool:
     return str(info.get("cluster_state")) == "ok"
 
 
-def _acknowledged(primary: Any) -> bool:
-    """Whether a write to ``primary`` reaches a replica (WAIT counts what its connection wrote)."""
-    pipe = primary.pipeline(transaction=False)
-    pipe.set("celery-unique-testing:synced", 1)
-    pipe.wait(1, 100)
-    pipe.delete("celery-unique-testing:synced")
-    return int(pipe.execute()[1]) >= 1
-
-
 class SentinelServer(RedisServer):
     """One Sentinel process watching ``master_port`` as ``master_name``."""
 
@@ -272,7 +263,10 @@ class SentinelServers:
     def __init__(self, master_name: str = "mymaster") -> None:
         self.master_name = master_name
         self.primary = RedisServer("--repl-diskless-sync-delay", "0")
-        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.primary.port))
+        # It syncs a replica of its own at once too, once a failover promoted it.
+        self.replica = RedisServer(
+            "--replicaof", "127.0.0.1", str(self.primary.port), "--repl-diskless-sync-delay", "0"
+        )
         self.sentinel = SentinelServer(self.primary.port, master_name)
 
     @property
@@ -294,13 +288,11 @@ class SentinelServers:
             deadline = time.monotonic() + timeout
             # Ready when the Sentinel has found the replica (it can fail over)
             # and the replica acknowledges writes (its first sync is over).
-            primary = redis.Redis(port=self.primary.port)
-            while not (sentinel.sentinel_slaves(self.master_name) and _acknowledged(primary)):
+            while not (sentinel.sentinel_slaves(self.master_name) and self.synced()):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the Sentinel did not find a synced replica within {timeout}s")
                 time.sleep(0.05)
             sentinel.close()
-            primary.close()
         except BaseException:
             self.stop()
             raise
@@ -316,6 +308,21 @@ class SentinelServers:
         finally:
             sentinel.close()
         return int(address[1])
+
+    def synced(self) -> bool:
+        """Whether a write to the primary (the one the Sentinel names now) reaches a
+        replica: WAIT counts the replicas that have what its connection wrote."""
+        import redis
+
+        with redis.Redis(port=self.master_port()) as primary:
+            pipe = primary.pipeline(transaction=False)
+            pipe.set("celery-unique-testing:synced", 1)
+            pipe.wait(1, 100)
+            pipe.delete("celery-unique-testing:synced")
+            try:
+                return int(pipe.execute()[1]) >= 1
+            except redis.RedisError:
+                return False  # not up yet, or still a replica
 
     def stop(self) -> None:
         for server in (self.sentinel, self.replica, self.primary):

@@ -112,14 +112,22 @@ class NotReplicated(redis.RedisError):
 
     A failover could lose such a lock, so the caller treats it as a Redis
     error, knowing the answer (``acquisition``): whether it holds the lock.
+    ``answer`` is what the call would have returned (the acquisition, unless
+    the call returns more).
     """
 
     def __init__(
-        self, acquisition: Acquisition, acknowledged: int | None, wanted: int, timeout_ms: int
+        self,
+        acquisition: Acquisition,
+        acknowledged: int | None,
+        wanted: int,
+        timeout_ms: int,
+        answer: Any = None,
     ) -> None:
         acks = "an unknown number" if acknowledged is None else str(acknowledged)
         super().__init__(f"the lock reached {acks} of {wanted} replicas within {timeout_ms} ms")
         self.acquisition = acquisition
+        self.answer: Any = acquisition if answer is None else answer
         self.acknowledged = acknowledged
         self.wanted = wanted
 
@@ -427,13 +435,15 @@ class LockStore:
         self.confirm(key, acquisition.holder, acquisition)
         return acquisition
 
-    def not_replicated(self, acquisition: Acquisition, acknowledged: int | None) -> NotReplicated:
-        return NotReplicated(acquisition, acknowledged, self.replicas, self.replica_timeout_ms)
+    def not_replicated(
+        self, acquisition: Acquisition, acknowledged: int | None, answer: Any = None
+    ) -> NotReplicated:
+        return NotReplicated(acquisition, acknowledged, self.replicas, self.replica_timeout_ms, answer)
 
-    def confirm(self, key: str, holder: str, acquisition: Acquisition) -> None:
+    def confirm(self, key: str, holder: str, acquisition: Acquisition, answer: Any = None) -> None:
         """Return once ``replicas`` replicas hold ``holder``'s lock ``key``
         (at once without ``replicas``); raise :class:`NotReplicated` with
-        ``acquisition`` otherwise.
+        ``acquisition`` (and the call's ``answer``) otherwise.
 
         For an answer read through the client, whose connection is not ours
         to ``WAIT`` on: on a connection of our own to the key's server, the
@@ -463,11 +473,11 @@ class LockStore:
                 raise
             self._give_back(node, connection)
             if held != 1:  # the lock is no longer the holder's
-                raise self.not_replicated(acquisition, None)
+                raise self.not_replicated(acquisition, None, answer)
             if not isinstance(acks, int) or acks < self.replicas:
-                raise self.not_replicated(acquisition, acks if isinstance(acks, int) else None)
+                raise self.not_replicated(acquisition, acks if isinstance(acks, int) else None, answer)
             return
-        raise self.not_replicated(acquisition, None) from error
+        raise self.not_replicated(acquisition, None, answer) from error
 
     def begin_acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> PendingAcquire:
         """Send an acquire now (on the lean path); read it later with :meth:`PendingAcquire.result`."""
@@ -528,13 +538,13 @@ class LockStore:
         )
         if isinstance(reply, int):
             taken = Acquisition(owner, owner, reply, acquired=True)
-            self.confirm(lock, owner, taken)
+            self.confirm(lock, owner, taken, (taken, None, args_digest))
             return taken, None, args_digest
         if int(reply[0]) == 2:
             return Acquisition(owner, "", 0, acquired=False), text(reply[1]), ""
         holder = text(reply[1])
         holding = Acquisition(owner, holder, int(reply[2]), acquired=holder == owner)
-        self.confirm(lock, holder, holding)
+        self.confirm(lock, holder, holding, (holding, None, text(reply[3])))
         return holding, None, text(reply[3])
 
     def store_and_release(

@@ -444,7 +444,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                     key, result_key(family), args_key(family), owner, ttl_ms, handover, given
                 )
             except NotReplicated as short:
-                acquisition, stored, holder_digest = self._unreplicated(conf, short), None, given
+                self._unreplicated(conf, short)
+                acquisition, stored, holder_digest = short.answer
         except REDIS_ERRORS as exc:
             return self._acquire_failed(conf, call, store, exc)
         if stored is not None:
@@ -481,9 +482,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             return pending.result()
         except NotReplicated as short:
-            return self._unreplicated(conf, short)
+            self._unreplicated(conf, short)
+            return short.acquisition
 
-    def _unreplicated(self, conf: UniqueConf, short: NotReplicated) -> Acquisition:
+    def _unreplicated(self, conf: UniqueConf, short: NotReplicated) -> None:
         """An answer whose lock the replicas did not confirm (a lock taken, or the
         holder's lock of a duplicate) is a Redis error, raised again; under
         ``unique_on_redis_error = "allow"`` it stands, with a warning."""
@@ -494,7 +496,6 @@ class UniqueTask(Task):  # type: ignore[misc]
             self.name,
             short,
         )
-        return short.acquisition
 
     def _publish_gated(
         self, app: Any, conf: UniqueConf, pending: PendingAcquire, producer: Any, publish: Any

@@ -17,7 +17,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_unique import LockBackendError, UniqueTask
+from celery_unique import IdempotencyConflict, LockBackendError, UniqueTask
 from celery_unique.clients import make_client
 from celery_unique.conf import get_conf
 from celery_unique.keys import run_key
@@ -254,6 +254,20 @@ def test_under_allow_an_answer_that_falls_short_stands(
     assert "0 of 1 replicas" in caplog.text and "the answer stands" in caplog.text
     assert queue() == 1
     assert get_conf(app).locks.holder(job.unique_lock_key(("c",)))[0] == first.id
+
+
+def test_under_allow_an_idempotent_duplicate_that_falls_short_still_tells_a_reused_key(
+    app: Celery, queue: Any, servers: SentinelServers
+) -> None:
+    app.conf.unique_on_redis_error = "allow"
+    get_conf(app).reload()
+    stored = app.tasks["replicas.stored"]
+    first = stored.apply_async(("f",), idempotency_key="order-1")
+    with frozen(servers.replica):
+        assert stored.apply_async(("f",), idempotency_key="order-1").id == first.id
+        with pytest.raises(IdempotencyConflict):
+            stored.apply_async(("g",), idempotency_key="order-1")
+    assert queue() == 1
 
 
 def test_a_run_whose_lock_falls_short_is_retried_and_leaves_no_lock(

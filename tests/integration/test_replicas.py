@@ -18,6 +18,7 @@ import redis
 from celery import Celery
 
 from celery_unique import IdempotencyConflict, LockBackendError, UniqueTask
+from celery_unique.checks import check_replicas
 from celery_unique.clients import make_client
 from celery_unique.conf import get_conf
 from celery_unique.keys import run_key
@@ -201,6 +202,14 @@ def queue(app: Celery, redis_client: redis.Redis) -> Iterator[Any]:
 def test_the_wait_is_half_the_socket_timeout(app: Celery) -> None:
     store = get_conf(app).locks
     assert (store.replicas, store.replica_timeout_ms) == (1, 200)
+
+
+def test_the_startup_check_counts_the_replicas(app: Celery) -> None:
+    assert check_replicas(app) == []
+    app.conf.unique_lock_replicas = 2
+    get_conf(app).reload()
+    [finding] = check_replicas(app)
+    assert "unique_lock_replicas is 2" in finding.message and "it has 1 connected" in finding.message
 
 
 @pytest.mark.parametrize("name", ["replicas.job", "replicas.stored"])

@@ -18,7 +18,7 @@ from celery import Celery
 
 from celery_unique import Context, LockBackendError, UniqueTask
 from celery_unique.aggregate import aggregator
-from celery_unique.checks import check_eviction
+from celery_unique.checks import check_eviction, check_replicas
 from celery_unique.clients import is_cluster
 from celery_unique.conf import get_conf
 from celery_unique.inspect import iter_locks
@@ -231,6 +231,14 @@ def test_on_a_cluster_a_lock_waits_for_the_replica_of_its_primary(
         job.delay("stopped")
     assert store.owner(key) == (None, None)  # released: nothing was published for it
     assert broker.llen(queue) == 12
+    assert check_replicas(app) == []  # the startup check asks every primary
+    app.conf.unique_lock_replicas = 2
+    get_conf(app).reload()
+    [finding] = check_replicas(app)
+    assert "one of its primaries has 1 connected" in finding.message
+    app.conf.unique_lock_replicas = 1
+    get_conf(app).reload()
+    store = get_conf(app).locks
     for n, first in enumerate(firsts):
         assert release_held(store, job.unique_lock_key((n,)), first.id)
     broker.close()

@@ -11,6 +11,12 @@ Each case is timed by the wall clock and by this process's CPU time. Then
 each contender makes a few calls under ``MONITOR`` to count Redis round
 trips (commands sent by the client, not the ones a Lua script runs inside).
 
+One more contender, "unique, 1 replica", is UniqueTask with
+``unique_lock_replicas = 1``, its locks on a private primary with one replica:
+its ``delay()`` returns once the replica acknowledged the lock (``WAIT``). Its
+``WAIT`` rides in the acquire's own write, so it is not counted as a round
+trip; its round trips are counted on the broker and on that primary.
+
     python benchmarks/bench_delay.py [--calls 2000] [--rounds 5] [--locks cluster|sentinel]
 
 ``--locks`` puts UniqueTask's locks on a private Redis Cluster (3 primaries)
@@ -85,6 +91,18 @@ def build_app(url: str, locks: Any = None) -> tuple[Celery, dict[str, Any]]:
     return app, tasks
 
 
+def build_replicated(url: str, primary_url: str) -> tuple[Celery, Any]:
+    """An app whose UniqueTask waits for one replica to hold each lock."""
+    app = Celery("bench-replicas", broker=url, set_as_current=False)
+    app.conf.update(unique_redis_url=primary_url, unique_lock_replicas=1)
+
+    @app.task(name="bench.unique_replicas", base=UniqueTask)
+    def unique(x: int) -> int:
+        return x
+
+    return app, unique
+
+
 def per_call_us(call: Callable[[int], Any], args: Callable[[], int], calls: int) -> tuple[float, float]:
     """(wall, CPU) microseconds per call. CPU time is this process's: scheduling
     noise on a shared machine moves it less than the wall clock."""
@@ -94,33 +112,48 @@ def per_call_us(call: Callable[[int], Any], args: Callable[[], int], calls: int)
     return (time.perf_counter() - started) / calls * 1e6, (time.process_time() - cpu) / calls * 1e6
 
 
-def count_round_trips(url: str, call: Callable[[int], Any], args: Callable[[], int], calls: int) -> float:
-    """Commands the client sent per call, seen through MONITOR (script internals excluded)."""
+def watch(url: str, seen: list[str]) -> Callable[[], None]:
+    """Record in ``seen`` the commands clients send to ``url`` (through MONITOR; script
+    internals excluded, and a WAIT, which is sent in one write with the acquire
+    before it); the function returned stops watching."""
     client = redis.Redis.from_url(url)
-    seen: list[bytes] = []
-    ready = threading.Event()
-    stop = threading.Event()
+    ready, stopped = threading.Event(), threading.Event()
 
-    def watch() -> None:
+    def listen() -> None:
         with client.monitor() as monitor:
             ready.set()
             for entry in monitor.listen():
                 command = entry["command"]
                 if command.startswith("PING") and "bench-stop" in command:
-                    stop.set()
+                    stopped.set()
                     return
-                if entry.get("client_type") != "lua":
+                if entry.get("client_type") != "lua" and not command.startswith("WAIT"):
                     seen.append(command)
 
-    thread = threading.Thread(target=watch, daemon=True)
+    thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     ready.wait(5)
+
+    def stop() -> None:
+        client.execute_command("PING", "bench-stop")
+        stopped.wait(5)
+        thread.join(5)
+        client.close()
+
+    return stop
+
+
+def count_round_trips(
+    urls: list[str], call: Callable[[int], Any], args: Callable[[], int], calls: int
+) -> float:
+    """Round trips per call to the Redis servers at ``urls``."""
+    seen: list[str] = []
+    stops = [watch(url, seen) for url in urls]
     time.sleep(0.1)
     for _ in range(calls):
         call(args())
-    client.execute_command("PING", "bench-stop")
-    stop.wait(5)
-    thread.join(5)
+    for stop in stops:
+        stop()
     return len(seen) / calls
 
 
@@ -138,6 +171,10 @@ def main() -> None:
             servers = ClusterServers() if options.locks == "cluster" else SentinelServers()
             locks = stack.enter_context(servers)
         app, tasks = build_app(url, locks)
+        # A primary with one replica for "unique, 1 replica" (the Sentinel's, when there is one).
+        replicated = locks if isinstance(locks, SentinelServers) else stack.enter_context(SentinelServers())
+        replica_app, tasks["unique, 1 replica"] = build_replicated(url, replicated.primary.url)
+        watched = {"unique, 1 replica": [url, replicated.primary.url]}
         fresh_numbers = count(10_000_000)
         for task in tasks.values():
             task.delay(-1)  # warm up connections, scripts and the duplicate key
@@ -149,11 +186,12 @@ def main() -> None:
                     us = per_call_us(task.delay, args, options.calls)
                     results.setdefault((name, case), []).append(us)
         trips = {
-            (name, case): count_round_trips(url, task.delay, args, 100)
+            (name, case): count_round_trips(watched.get(name, [url]), task.delay, args, 100)
             for name, task in tasks.items()
             for case, args in (("fresh", fresh_numbers.__next__), ("duplicate", lambda: -1))
         }
         app.close()
+        replica_app.close()
 
     def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
         return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)

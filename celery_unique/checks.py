@@ -8,7 +8,9 @@ warnings; each finds a setting that lets a duplicate run or a lock vanish:
   ``time_limit``: the lock expires while the task still runs;
 * a Redis broker ``visibility_timeout`` shorter than the longest lock: an
   unacknowledged message is redelivered (and run again) while its lock lives;
-* a ``maxmemory-policy`` other than ``noeviction``: Redis may evict lock keys.
+* a ``maxmemory-policy`` other than ``noeviction``: Redis may evict lock keys;
+* ``unique_lock_replicas`` above the replicas connected to the lock Redis
+  (to one of its primaries): every lock then falls short of it.
 
 :func:`check_app` returns the findings, so other front ends (Django's system
 checks) can report them too.
@@ -126,6 +128,33 @@ def check_eviction(app: Any) -> list[Finding]:
     return []
 
 
+def check_replicas(app: Any) -> list[Finding]:
+    try:
+        conf = get_conf(app)
+        wanted = conf.lock_replicas
+        if not wanted:
+            return []
+        client = conf.locks.client
+        if is_cluster(client):
+            replies = [client.info("replication", target_nodes=node) for node in client.get_primaries()]
+        else:
+            replies = [client.info("replication")]
+    except _UNREADABLE:
+        return []
+    connected = min(int(reply.get("connected_slaves") or 0) for reply in replies)
+    if connected < wanted:
+        where = "one of its primaries has" if len(replies) > 1 else "it has"
+        return [
+            Finding(
+                "replicas",
+                f"unique_lock_replicas is {wanted} but the lock Redis has fewer replicas: {where} "
+                f"{connected} connected. Every lock falls short: delay() and runs that take a lock wait "
+                f"{conf.replica_timeout_ms} ms for them, then fail",
+            )
+        ]
+    return []
+
+
 def check_app(app: Any) -> list[Finding]:
     """Every finding for ``app`` (an empty list when all is well)."""
-    return check_timeouts(app) + check_visibility_timeout(app) + check_eviction(app)
+    return check_timeouts(app) + check_visibility_timeout(app) + check_eviction(app) + check_replicas(app)

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "unique_redis_connect_timeout": 5.0,
     "unique_prometheus": None,
     "unique_fan_in_claim_timeout": 30.0,
+    "unique_lock_replicas": 0,
 }
 
 
@@ -181,6 +182,25 @@ class UniqueConf:
         )
 
     @property
+    def lock_replicas(self) -> int:
+        """Replicas that must acknowledge a lock before it counts as taken (``WAIT``)."""
+        value = self._get("unique_lock_replicas")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"unique_lock_replicas must be a non-negative integer, got {value!r}")
+        return value
+
+    @property
+    def replica_timeout_ms(self) -> int:
+        """How long ``WAIT`` waits for the replicas: half the socket timeout.
+
+        Not a setting of its own: the answer must come before the socket
+        gives up, so that a lock the replicas did not confirm is known to be
+        taken (and released at once) rather than left unknown; the other half
+        is the round trip's.
+        """
+        return max(int(self.socket_timeout * 500), 1)
+
+    @property
     def socket_timeout(self) -> float:
         value = self._get("unique_redis_socket_timeout")
         return check_lock_timeout(value, "unique_redis_socket_timeout")
@@ -224,12 +244,13 @@ class UniqueConf:
         if store is None:
             url, options = self.redis_target
             timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
-            ident = (url, repr(sorted(options.items())), *timeouts.values())
+            replicas = self.lock_replicas
+            ident = (url, repr(sorted(options.items())), *timeouts.values(), replicas)
             store = self._stores.get(ident)
             if store is None:
                 # Built outside the lock: a cluster client connects now, and
                 # during an outage threads must not queue behind one another.
-                built = LockStore(make_client(url, options, **timeouts))
+                built = LockStore(make_client(url, options, **timeouts), replicas, self.replica_timeout_ms)
                 with self._lock:
                     store = self._stores.setdefault(ident, built)
                 if store is not built:
@@ -256,6 +277,7 @@ _VALIDATED = (
     "connect_timeout",
     "fan_in_claim_timeout",
     "prometheus",
+    "lock_replicas",
 )
 
 

@@ -19,6 +19,18 @@ resharding, a ``READONLY`` after a failover, a dropped connection) falls back
 to the client's own script call, which knows how to follow it.
 :meth:`LockStore.begin_acquire` sends without waiting: the caller does its own
 work (Celery builds the message) and reads the reply only when it needs it.
+
+With ``replicas`` (``unique_lock_replicas``) an answer counts only once that
+many replicas hold the lock it names: Redis's ``WAIT`` follows the acquire in
+the same write on the same connection, so it adds the replication's latency
+and no round trip. ``WAIT`` counts the replicas that have what *its*
+connection wrote: a lock taken is that write; a lock found held is written
+again unchanged by the script, so that a duplicate is never answered with a
+lock that a failover could still lose (its holder might fail its own ``WAIT``
+and publish nothing). A call that went through the client (a fallback, an
+idempotent acquire, a run's start) confirms afterwards on a connection of its
+own (:meth:`LockStore.confirm`). An answer not confirmed in time is a
+:class:`NotReplicated` error that carries it.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from redis.exceptions import NoScriptError
 
 from celery_unique import scripts
 from celery_unique.clients import REDIS_ERRORS, certainly_not_run, text
+from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import done_key, family_of
 
 # The suffix of an owner token: "#" and 12 hex digits (48 random bits, unique
@@ -94,6 +107,37 @@ class Redirected(redis.ResponseError):
     """A cluster's MOVED, ASK or TRYAGAIN, read whole: the connection stays usable."""
 
 
+class NotReplicated(redis.RedisError):
+    """Fewer replicas than wanted acknowledged a lock in time (``acknowledged``
+    is None when that could not be asked): the lock taken, or the holder's
+    lock that a duplicate was answered with.
+
+    A failover could lose such a lock, so the caller treats it as a Redis
+    error, knowing the answer (``acquisition``): whether it holds the lock.
+    ``answer`` is what the call would have returned (the acquisition, unless
+    the call returns more).
+    """
+
+    def __init__(
+        self,
+        acquisition: Acquisition,
+        acknowledged: int | None,
+        wanted: int,
+        timeout_ms: int,
+        answer: Any = None,
+    ) -> None:
+        acks = "an unknown number" if acknowledged is None else str(acknowledged)
+        super().__init__(f"the lock reached {acks} of {wanted} replicas within {timeout_ms} ms")
+        self.acquisition = acquisition
+        self.answer: Any = acquisition if answer is None else answer
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+
+    def __repr__(self) -> str:
+        # redis-py's errors show their class only; this message names no secret.
+        return f"{type(self).__name__}({str(self)!r})"
+
+
 _REDIRECTIONS = ("MOVED ", "ASK ", "TRYAGAIN")
 
 
@@ -101,31 +145,37 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def _parse_acquire_reply(data: bytes) -> int | tuple[bytes, int] | None:
-    """Parse the acquire script's reply; None while it is incomplete.
+Reply = int | tuple[bytes, int]
 
-    The script answers ``:<ttl>`` or ``*2 $<n> <holder> :<pttl>`` (the same in
-    RESP2 and RESP3). An error reply raises, NOSCRIPT as NoScriptError.
+
+def _parse_reply(data: bytes, at: int = 0) -> tuple[Reply | redis.ResponseError, int] | None:
+    """Parse the reply that starts at ``data[at]``: (the reply, where it ends);
+    None while it is incomplete.
+
+    The acquire script answers ``:<ttl>`` or ``*2 $<n> <holder> :<pttl>`` (the
+    same in RESP2 and RESP3), ``WAIT`` an integer. An error reply is returned
+    as its exception (NOSCRIPT as NoScriptError), so that the replies after it
+    can be read before it is raised.
     """
-    end = data.find(b"\r\n")
+    end = data.find(b"\r\n", at)
     if end < 0:
         return None
-    kind = data[:1]
+    kind = data[at : at + 1]
     if kind == b":":
-        return int(data[1:end])
+        return int(data[at + 1 : end]), end + 2
     if kind == b"-":
-        message = data[1:end].decode(errors="replace")
+        message = data[at + 1 : end].decode(errors="replace")
         if message.startswith("NOSCRIPT"):
-            raise NoScriptError(message)
+            return NoScriptError(message), end + 2
         if message.startswith(_REDIRECTIONS):
-            raise Redirected(message)
-        raise redis.ResponseError(message)
-    if kind != b"*" or data[1:end] != b"2":
-        raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
+            return Redirected(message), end + 2
+        return redis.ResponseError(message), end + 2
+    if kind != b"*" or data[at + 1 : end] != b"2":
+        raise redis.ResponseError(f"unexpected acquire reply {data[at : at + 40]!r}")
     if len(data) < end + 3:
         return None
     if data[end + 2 : end + 3] != b"$":
-        raise redis.ResponseError(f"unexpected acquire reply {data[:40]!r}")
+        raise redis.ResponseError(f"unexpected acquire reply {data[at : at + 40]!r}")
     start = end + 3
     end = data.find(b"\r\n", start)
     if end < 0:
@@ -135,14 +185,28 @@ def _parse_acquire_reply(data: bytes) -> int | tuple[bytes, int] | None:
     ttl_end = data.find(b"\r\n", holder_end + 2)
     if ttl_end < 0:
         return None
-    return data[end + 2 : holder_end], int(data[holder_end + 3 : ttl_end])
+    return (data[end + 2 : holder_end], int(data[holder_end + 3 : ttl_end])), ttl_end + 2
 
 
-def _read_acquire_reply(connection: Any) -> int | tuple[bytes, int]:
+def _parse_acquire_reply(data: bytes) -> Reply | None:
+    """Parse the acquire script's reply; None while it is incomplete. An error
+    reply raises, NOSCRIPT as NoScriptError."""
+    parsed = _parse_reply(data)
+    if parsed is None:
+        return None
+    if isinstance(parsed[0], redis.ResponseError):
+        raise parsed[0]
+    return parsed[0]
+
+
+def _read_replies(connection: Any, count: int) -> list[Reply]:
+    """Read ``count`` replies (an acquire's, and a WAIT's) from a connection of
+    our own; the first error reply raises once all of them are read."""
     sock = connection._sock
     if sock is None:
         raise redis.ConnectionError("connection closed")
-    data = b""
+    data, at = b"", 0
+    replies: list[Reply | redis.ResponseError] = []
     while True:
         try:
             chunk = sock.recv(4096)
@@ -153,9 +217,19 @@ def _read_acquire_reply(connection: Any) -> int | tuple[bytes, int]:
         if not chunk:
             raise redis.ConnectionError("connection closed by server")
         data += chunk
-        reply = _parse_acquire_reply(data)
-        if reply is not None:
-            return reply
+        while len(replies) < count:
+            parsed = _parse_reply(data, at)
+            if parsed is None:
+                break
+            reply, at = parsed
+            replies.append(reply)
+        if len(replies) == count:
+            found: list[Reply] = []
+            for reply in replies:
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
+                found.append(reply)
+            return found
 
 
 class PendingAcquire:
@@ -170,6 +244,7 @@ class PendingAcquire:
         self._store = store
         self._call = (key, owner, ttl_ms, handover)
         self._result: Acquisition | None = None
+        self._short: NotReplicated | None = None  # answered, and not confirmed on the replicas
         self._node, self._connection = "", None
         #: Whether the first attempt went out (it may have run, answered or not).
         self.sent = False
@@ -180,7 +255,7 @@ class PendingAcquire:
         try:
             self._node, self._connection = store._take_connection(key)
             self._connection.send_packed_command(
-                [store._encode_acquire(key, owner, ttl_ms, handover)], check_health=False
+                [store._encode_acquire(key, owner, ttl_ms, handover) + store._wait], check_health=False
             )
             self.sent = True
         except REDIS_ERRORS:
@@ -201,17 +276,20 @@ class PendingAcquire:
 
         Unlike :meth:`result` it never asks again: once the caller has given
         up, a second acquire could take a lock for a message never published.
+        An answer not confirmed on the replicas is returned all the same
+        (:meth:`result` raises :class:`NotReplicated` for it).
         """
         connection = self._connection
+        store = self._store
         if self._result is None and connection is not None:
             try:
-                reply = _read_acquire_reply(connection)
+                replies = _read_replies(connection, 2 if store.replicas else 1)
             except (NoScriptError, Redirected):
                 # The client's own call loads the script or follows the
                 # redirection; this connection is fine for other keys.
                 self.sent = False  # refused unrun: the first attempt cannot land
                 self._connection = None
-                self._store._give_back(self._node, connection)
+                store._give_back(self._node, connection)
             except REDIS_ERRORS:
                 self._drop()
             except BaseException:
@@ -219,8 +297,14 @@ class PendingAcquire:
                 raise
             else:
                 self._connection = None
-                self._store._give_back(self._node, connection)
-                self._result = _acquisition(self._call[1], reply)
+                store._give_back(self._node, connection)
+                found = self._result = _acquisition(self._call[1], replies[0])
+                if store.replicas:
+                    # The script wrote the lock (taken, or written again as
+                    # held): the WAIT after it counts the replicas that have it.
+                    acks = replies[1] if isinstance(replies[1], int) else None
+                    if acks is None or acks < store.replicas:
+                        self._short = store.not_replicated(found, acks)
         return self._result
 
     def may_have_run(self) -> bool:
@@ -233,23 +317,35 @@ class PendingAcquire:
 
         The script call loads the script when the server lost it. The first
         attempt may still have run: the answer then names our own token as
-        the holder, which is taken as acquired.
+        the holder, which is taken as acquired. An answer not confirmed on
+        the replicas raises :class:`NotReplicated`.
         """
         found = self.reply()
         if found is None:
             try:
                 found = self._result = self._store.acquire_via_client(*self._call)
+            except NotReplicated as short:
+                found = self._result = short.acquisition
+                self._short = short
             except REDIS_ERRORS as exc:
                 self.error = exc
                 raise
+        if self._short is not None:
+            raise self._short
         return found
 
 
 class LockStore:
-    """Locks in one Redis, through one client (any redis-py client class)."""
+    """Locks in one Redis, through one client (any redis-py client class).
 
-    def __init__(self, client: Any) -> None:
+    With ``replicas``, a lock counts as taken once that many replicas
+    acknowledged it within ``replica_timeout_ms`` (Redis ``WAIT``).
+    """
+
+    def __init__(self, client: Any, replicas: int = 0, replica_timeout_ms: int = 1000) -> None:
         self.client = client
+        self.replicas = replicas
+        self.replica_timeout_ms = replica_timeout_ms
         self._acquire = client.register_script(scripts.ACQUIRE)
         self._release_all = client.register_script(scripts.RELEASE_ALL)
         self._extend = client.register_script(scripts.EXTEND)
@@ -259,14 +355,24 @@ class LockStore:
         # The lean path needs a client whose pools it can copy connections from.
         self.cluster = isinstance(client, RedisCluster)
         self.lean = self.cluster or (isinstance(client, redis.Redis) and hasattr(client, "connection_pool"))
-        self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
+        self._evalsha_head = b"*8\r\n$7\r\nEVALSHA\r\n" + _bulk(self._acquire.sha.encode()) + b"$1\r\n1\r\n"
+        self._rewrite_held = _bulk(b"1" if replicas else b"")  # the acquire's ARGV[4]
+        self._wait = (
+            b"*3\r\n$4\r\nWAIT\r\n" + _bulk(b"%d" % replicas) + _bulk(b"%d" % replica_timeout_ms)
+            if replicas
+            else b""
+        )
+        # The confirmation's write, as EVAL: it never meets a NOSCRIPT.
+        self._touch_head = b"*5\r\n$4\r\nEVAL\r\n" + _bulk(scripts.TOUCH.encode()) + b"$1\r\n1\r\n"
+        if replicas and not self.lean:
+            raise ConfigurationError("unique_lock_replicas needs a redis-py Redis or RedisCluster client")
         self._idle: dict[str, list[Any]] = {}  # by cluster node ("" for one server)
         self._pid = os.getpid()
 
     # -- connections of the lean path ------------------------------------
 
-    def _take_connection(self, key: str) -> tuple[Any, Any]:
-        """(the node, a connection to it) for ``key``."""
+    def _take_connection(self, key: str, fresh: bool = False) -> tuple[Any, Any]:
+        """(the node, a connection to it) for ``key``: a kept one, unless ``fresh``."""
         if self._pid != os.getpid():
             # After a fork the parent's sockets are not ours to use or close.
             self._idle = {}
@@ -277,17 +383,19 @@ class LockStore:
             name, pool = node.name, self.client.get_redis_connection(node).connection_pool
         else:
             name, pool = "", self.client.connection_pool
-        try:
-            return name, self._idle[name].pop()
-        except (KeyError, IndexError):
-            # Built like the pool's own connections (same class and settings)
-            # but not counted against its max_connections: these never return
-            # to it. connect() now, as the pool does: a Sentinel-managed
-            # connection finds its master there (a lazy connect on the first
-            # send would go to the class's default address instead).
-            connection = pool.connection_class(**pool.connection_kwargs)
-            connection.connect()
-            return name, connection
+        if not fresh:
+            try:
+                return name, self._idle[name].pop()
+            except (KeyError, IndexError):
+                pass
+        # Built like the pool's own connections (same class and settings)
+        # but not counted against its max_connections: these never return
+        # to it. connect() now, as the pool does: a Sentinel-managed
+        # connection finds its master there (a lazy connect on the first
+        # send would go to the class's default address instead).
+        connection = pool.connection_class(**pool.connection_kwargs)
+        connection.connect()
+        return name, connection
 
     def _give_back(self, node: str, connection: Any) -> None:
         if self._pid == os.getpid():
@@ -301,6 +409,7 @@ class LockStore:
                 _bulk(owner.encode()),
                 _bulk(b"%d" % ttl_ms),
                 _bulk(handover.encode()),
+                self._rewrite_held,
             )
         )
 
@@ -324,7 +433,53 @@ class LockStore:
 
     def acquire_via_client(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> Acquisition:
         """:meth:`acquire` through redis-py's client (its retries and script loading)."""
-        return _acquisition(owner, self._acquire(keys=[key], args=[owner, ttl_ms, handover]))
+        acquisition = _acquisition(owner, self._acquire(keys=[key], args=[owner, ttl_ms, handover]))
+        self.confirm(key, acquisition.holder, acquisition)
+        return acquisition
+
+    def not_replicated(
+        self, acquisition: Acquisition, acknowledged: int | None, answer: Any = None
+    ) -> NotReplicated:
+        return NotReplicated(acquisition, acknowledged, self.replicas, self.replica_timeout_ms, answer)
+
+    def confirm(self, key: str, holder: str, acquisition: Acquisition, answer: Any = None) -> None:
+        """Return once ``replicas`` replicas hold ``holder``'s lock ``key``
+        (at once without ``replicas``); raise :class:`NotReplicated` with
+        ``acquisition`` (and the call's ``answer``) otherwise.
+
+        For an answer read through the client, whose connection is not ours
+        to ``WAIT`` on: on a connection of our own to the key's server, the
+        lock is written again unchanged while ``holder`` holds it (the TOUCH
+        script: a write after the one that took it) and ``WAIT`` counts the
+        replicas that have it. A kept connection that fails (stale after a
+        failover) is replaced once.
+        """
+        if not self.replicas:
+            return
+        command = b"".join((self._touch_head, _bulk(key.encode()), _bulk(holder.encode())))
+        error: BaseException | None = None
+        for fresh in (False, True):
+            node, connection = "", None
+            try:
+                node, connection = self._take_connection(key, fresh)
+                connection.send_packed_command([command + self._wait], check_health=False)
+                held, acks = _read_replies(connection, 2)
+            except REDIS_ERRORS as exc:
+                if connection is not None:
+                    connection.disconnect()
+                error = exc
+                continue
+            except BaseException:
+                if connection is not None:
+                    connection.disconnect()
+                raise
+            self._give_back(node, connection)
+            if held != 1:  # the lock is no longer the holder's
+                raise self.not_replicated(acquisition, None, answer)
+            if not isinstance(acks, int) or acks < self.replicas:
+                raise self.not_replicated(acquisition, acks if isinstance(acks, int) else None, answer)
+            return
+        raise self.not_replicated(acquisition, None, answer) from error
 
     def begin_acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> PendingAcquire:
         """Send an acquire now (on the lean path); read it later with :meth:`PendingAcquire.result`."""
@@ -372,7 +527,7 @@ class LockStore:
         if int(reply[0]) == 2:
             return RunStart(owner=owner, holder=owner, ttl_ms=0, acquired=False, outcome=text(reply[1]))
         if int(reply[0]) == 1:
-            return RunStart(
+            start = RunStart(
                 owner=owner,
                 holder=owner,
                 ttl_ms=ttl_ms,
@@ -380,6 +535,9 @@ class LockStore:
                 fence=int(reply[1]),
                 released_queued=bool(int(reply[2])),
             )
+            if mode != "until_executing":  # the others hold a lock while the task runs
+                self.confirm(lock if mode == "until_executed" else run, owner, start)
+            return start
         return RunStart(owner=owner, holder=text(reply[1]), ttl_ms=int(reply[2]), acquired=False)
 
     def acquire_idempotent(
@@ -390,11 +548,14 @@ class LockStore:
             keys=[lock, result, args], args=[owner, ttl_ms, handover, args_digest]
         )
         if isinstance(reply, int):
-            return Acquisition(owner, owner, reply, acquired=True), None, args_digest
+            taken = Acquisition(owner, owner, reply, acquired=True)
+            self.confirm(lock, owner, taken, (taken, None, args_digest))
+            return taken, None, args_digest
         if int(reply[0]) == 2:
             return Acquisition(owner, "", 0, acquired=False), text(reply[1]), ""
         holder = text(reply[1])
         holding = Acquisition(owner, holder, int(reply[2]), acquired=holder == owner)
+        self.confirm(lock, holder, holding, (holding, None, text(reply[3])))
         return holding, None, text(reply[3])
 
     def store_and_release(

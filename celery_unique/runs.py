@@ -37,12 +37,13 @@ from celery_unique.conf import (
     UNTIL_EXECUTING,
     UNTIL_EXPIRED,
     WHILE_EXECUTING,
+    UniqueConf,
     get_conf,
 )
 from celery_unique.exceptions import LockBackendError, LockConflictError
 from celery_unique.keys import args_key, digest_of_key, family_of, fence_key, lock_key, result_key, run_key
 from celery_unique.lease import Lease, keeper
-from celery_unique.locks import RunStart
+from celery_unique.locks import NotReplicated, RunStart
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +85,20 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     conf = get_conf(task.app)
 
     def check() -> RunStart:
-        return conf.locks.begin_run(
-            lock_key(family),
-            run_key(family),
-            fence_key(family),
-            owner,
-            lifetime,
-            ttl_ms,
-            result=result_key(family) if checks_outcome else None,
-            args=(args_key(family), _arguments_digest(task, request, header)) if checks_outcome else None,
-            check_done=header is not None,
-        )
+        try:
+            return conf.locks.begin_run(
+                lock_key(family),
+                run_key(family),
+                fence_key(family),
+                owner,
+                lifetime,
+                ttl_ms,
+                result=result_key(family) if checks_outcome else None,
+                args=(args_key(family), _arguments_digest(task, request, header)) if checks_outcome else None,
+                check_done=header is not None,
+            )
+        except NotReplicated as short:
+            return _unreplicated(task, conf, family, lifetime, short)
 
     try:
         start = check()
@@ -200,6 +204,29 @@ def _when_redis_answers(
                 )
                 raise Reject(error, requeue=True) from exc
         pause = min(pause * 2, 2.0)
+
+
+def _unreplicated(task: Any, conf: UniqueConf, family: str, lifetime: str, short: NotReplicated) -> RunStart:
+    """A run's lock that the replicas did not confirm (``unique_lock_replicas``).
+
+    A Redis error: raised again, and the run is retried, after the running
+    lock it took is released (nobody else would free it). Under
+    ``unique_on_redis_error = "allow"`` the run goes on with it, warned.
+    """
+    start = short.acquisition
+    if conf.on_redis_error == "allow" and isinstance(start, RunStart):
+        logger.warning(
+            "%s[%s]: %s; runs with it all the same (unique_on_redis_error = 'allow')",
+            task.name,
+            task.request.id,
+            short,
+        )
+        return start
+    if isinstance(start, RunStart) and start.released_queued:
+        released(task, lock_key(family), start.owner, "started")
+    if lifetime in WORKER_SIDE:
+        release(task, [run_key(family)], start.owner, "not replicated")
+    raise short
 
 
 def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:

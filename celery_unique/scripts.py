@@ -14,6 +14,9 @@ from __future__ import annotations
 #   ARGV[3]  the owner the lock may be taken from ("" for none): a retried or
 #            replaced message passes its own id (re-entry), a task that
 #            re-enqueues itself its running id (handover)
+#   ARGV[4]  "1" when a WAIT follows on this connection (unique_lock_replicas):
+#            a held lock is written again unchanged, so that the WAIT counts
+#            the replicas that have the holder's lock too (see TOUCH)
 # Returns the integer ttl when the lock is ours, or {holder, pttl} when another
 # task holds it (a lone integer is the cheapest reply to read).
 ACQUIRE = """
@@ -22,7 +25,25 @@ if holder == false or (ARGV[3] ~= '' and holder == ARGV[3]) then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     return tonumber(ARGV[2])
 end
+if ARGV[4] == '1' then
+    redis.call('SET', KEYS[1], holder, 'KEEPTTL')
+end
 return {holder, redis.call('PTTL', KEYS[1])}
+"""
+
+# Write a lock again, unchanged, if it is still held by a given owner. WAIT
+# counts the replicas that have what *its* connection wrote: after this write,
+# which comes after the one that took the lock, a WAIT on the same connection
+# counts the replicas that have the lock (unique_lock_replicas).
+#   KEYS[1]  lock key
+#   ARGV[1]  the holder's owner token
+# Returns 1 when written, 0 when the lock is free or held by another.
+TOUCH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+return 1
 """
 
 # Renew the owner's lock (and its companion keys) to at least a time to live,

@@ -47,7 +47,7 @@ from celery_unique.keys import (
     result_key,
 )
 from celery_unique.lease import Lease
-from celery_unique.locks import Acquisition, LockStore, PendingAcquire, new_owner
+from celery_unique.locks import Acquisition, LockStore, NotReplicated, PendingAcquire, new_owner
 from celery_unique.publish import DuplicateFound, DuplicateHints, GatedProducer, GateFailed
 
 logger = logging.getLogger(__name__)
@@ -404,7 +404,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             )
             if sequential:
                 attempt = store.begin_acquire(key, owner, ttl_ms, handover)
-                acquisition = attempt.result()
+                acquisition = self._answer(conf, attempt)
             else:
                 pending = store.begin_acquire(key, owner, ttl_ms, handover)
         except REDIS_ERRORS as exc:
@@ -422,7 +422,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 )
             return True, publish()
         try:
-            return True, self._publish_gated(app, pending, producer, publish)
+            return True, self._publish_gated(app, conf, pending, producer, publish)
         except DuplicateFound as found:
             self._forget_unpublished(task_id)
             return False, self._duplicate(key, found.acquisition, call.on_duplicate)
@@ -439,9 +439,13 @@ class UniqueTask(Task):  # type: ignore[misc]
         store: LockStore | None = None  # built at first use: a cluster client connects then
         try:
             store = conf.locks
-            acquisition, stored, holder_digest = store.acquire_idempotent(
-                key, result_key(family), args_key(family), owner, ttl_ms, handover, given
-            )
+            try:
+                acquisition, stored, holder_digest = store.acquire_idempotent(
+                    key, result_key(family), args_key(family), owner, ttl_ms, handover, given
+                )
+            except NotReplicated as short:
+                self._unreplicated(conf, short)
+                acquisition, stored, holder_digest = short.answer
         except REDIS_ERRORS as exc:
             return self._acquire_failed(conf, call, store, exc)
         if stored is not None:
@@ -460,7 +464,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             result = send()
         except BaseException:
-            self._release_after_failed_publish(store, key, owner, republish)
+            self._release_after_failed_publish(conf.locks, key, owner, republish)
             raise
         result.duplicate = result.replayed = False
         signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
@@ -473,13 +477,34 @@ class UniqueTask(Task):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 consumer.cancel_for(task_id)
 
-    @staticmethod
-    def _publish_gated(app: Any, pending: PendingAcquire, producer: Any, publish: Any) -> Any:
+    def _answer(self, conf: UniqueConf, pending: PendingAcquire) -> Acquisition:
+        """The acquire's answer (a lock the replicas did not confirm: see :meth:`_unreplicated`)."""
+        try:
+            return pending.result()
+        except NotReplicated as short:
+            self._unreplicated(conf, short)
+            return short.acquisition
+
+    def _unreplicated(self, conf: UniqueConf, short: NotReplicated) -> None:
+        """An answer whose lock the replicas did not confirm (a lock taken, or the
+        holder's lock of a duplicate) is a Redis error, raised again; under
+        ``unique_on_redis_error = "allow"`` it stands, with a warning."""
+        if conf.on_redis_error != "allow":
+            raise short
+        logger.warning(
+            "%s: %s; the answer stands as without unique_lock_replicas (unique_on_redis_error = 'allow')",
+            self.name,
+            short,
+        )
+
+    def _publish_gated(
+        self, app: Any, conf: UniqueConf, pending: PendingAcquire, producer: Any, publish: Any
+    ) -> Any:
         """Publish while the acquire reply is in flight; the producer reads it last."""
 
         def gate() -> None:
             try:
-                acquisition = pending.result()
+                acquisition = self._answer(conf, pending)
             except REDIS_ERRORS as exc:
                 raise GateFailed(exc) from exc
             if not acquisition.acquired:
@@ -558,6 +583,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         """Redis failed while taking the lock: (whether a message went out, what to return)."""
         if call.republish:
             return True, self._republish_unchecked(call.key, call.task_id, error, call.send)
+        if isinstance(error, NotReplicated) and store is not None:
+            if error.acquisition.acquired:
+                # Taken, and nothing is published: released now (or in the background).
+                self._release_after_failed_publish(store, call.key, call.owner, False)
+            return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
         if store is None:
             may_have_run = False  # no client: nothing was sent
         elif attempt is not None:

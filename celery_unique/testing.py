@@ -273,7 +273,10 @@ class SentinelServers:
     def __init__(self, master_name: str = "mymaster") -> None:
         self.master_name = master_name
         self.primary = RedisServer("--repl-diskless-sync-delay", "0")
-        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.primary.port))
+        # It syncs a replica of its own at once too, once a failover promoted it.
+        self.replica = RedisServer(
+            "--replicaof", "127.0.0.1", str(self.primary.port), "--repl-diskless-sync-delay", "0"
+        )
         self.sentinel = SentinelServer(self.primary.port, master_name)
 
     @property
@@ -293,10 +296,11 @@ class SentinelServers:
             self.sentinel.start()
             sentinel = redis.Redis(port=self.sentinel.port, decode_responses=True)
             deadline = time.monotonic() + timeout
-            # Ready when the Sentinel has found the replica (it can fail over).
-            while not sentinel.sentinel_slaves(self.master_name):
+            # Ready when the Sentinel has found the replica (it can fail over)
+            # and the replica acknowledges writes (its first sync is over).
+            while not (sentinel.sentinel_slaves(self.master_name) and self.synced()):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the Sentinel did not find the replica within {timeout}s")
+                    raise RuntimeError(f"the Sentinel did not find a synced replica within {timeout}s")
                 time.sleep(0.05)
             sentinel.close()
         except BaseException:
@@ -314,6 +318,21 @@ class SentinelServers:
         finally:
             sentinel.close()
         return int(address[1])
+
+    def synced(self) -> bool:
+        """Whether a write to the primary (the one the Sentinel names now) reaches a
+        replica: WAIT counts the replicas that have what its connection wrote."""
+        import redis
+
+        with redis.Redis(port=self.master_port()) as primary:
+            pipe = primary.pipeline(transaction=False)
+            pipe.set("celery-unique-testing:synced", 1)
+            pipe.wait(1, 100)
+            pipe.delete("celery-unique-testing:synced")
+            try:
+                return int(pipe.execute()[1]) >= 1
+            except redis.RedisError:
+                return False  # not up yet, or still a replica
 
     def stop(self) -> None:
         for server in (self.sentinel, self.replica, self.primary):

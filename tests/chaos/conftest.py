@@ -31,7 +31,7 @@ import redis
 from celery_unique.conf import get_conf
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app, producers
-from tests.integration.conftest import ROOT, Events, Worker, read_events, wait_for
+from tests.integration.conftest import ROOT, Events, Worker, lock_holder, read_events, wait_for
 
 SCALE = max(int(os.environ.get("CHAOS_SCALE", "1")), 1)
 
@@ -223,6 +223,66 @@ def starts(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ends(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in seen if e["event"] == "end"]
+
+
+def discarded(seen: list[dict[str, Any]]) -> dict[str, str]:
+    """Runs dropped as they started (``on_conflict="discard"``): task id -> the holder they met."""
+    return {e["id"]: e["holder"] for e in seen if e["event"] == "conflict" and e["policy"] == "discard"}
+
+
+def account(
+    seen: list[dict[str, Any]], events: Events, lock_client: redis.Redis
+) -> tuple[dict[str, Any], Counter[str]]:
+    """What producers believe against what workers ran, once the backlog has run."""
+    published = Counter(task_id for r in seen for _, task_id in r["published"])
+    believed = {task_id for r in seen for _, task_id, _ in r["returned"]}
+    raised = sum((Counter(r["raised"]) for r in seen), Counter())
+    # A message dropped as it started never starts: it is not waited for.
+    settle(
+        lambda: believed <= {e["id"] for e in starts(events())} | set(discarded(events())),
+        progress=lambda: len(events()),
+    )
+    ran = Counter(e["id"] for e in starts(events()))
+
+    def orphans() -> set[str]:
+        """Lock holders that were never published."""
+        holders = {lock_holder(lock_client, key) for key in lock_client.scan_iter("celery_unique:*:lock")}
+        return {h for h in holders if h is not None} - set(published)
+
+    settle(lambda: not orphans(), timeout=45)  # the orphan releaser's schedule
+    # A message whose lock was lost (a Redis restarted empty, a failover), and taken by
+    # another message of its key, is discarded as it starts (on_conflict="discard"): its
+    # key's work is the other message's, which ran. Dropped in favour of a run, not lost.
+    superseded = {task_id for task_id, holder in discarded(events()).items() if holder in ran}
+    figures = {
+        "calls": sum(len(r["returned"]) for r in seen) + sum(raised.values()),
+        "overlapping": overlapping(events()),
+        "completed twice": completed_twice(events()),
+        "run twice": sum(n - 1 for n in ran.values()),
+        "published twice": sum(n - 1 for n in published.values()),
+        "lost": len(believed - set(ran) - superseded),
+        "superseded": len(superseded),
+        "handles without a message": len(believed - set(published)),
+        "ran although raised": len({i for r in seen for i in r["unpublished"]} & set(ran)),
+        "orphan locks": len(orphans()),
+        "ran unpublished": len(set(ran) - believed),
+    }
+    return figures, raised
+
+
+def check(
+    figures: dict[str, Any], raised: Counter[str], allowed: frozenset[str] = frozenset({"LockBackendError"})
+) -> None:
+    """:func:`account`'s figures of a run that lost nothing and ran nothing twice; calls
+    raised only ``allowed`` errors."""
+    assert raised and set(raised) <= allowed
+    assert figures["lost"] == 0
+    assert figures["overlapping"] == 0
+    assert figures["run twice"] == figures["published twice"] == 0
+    assert figures["handles without a message"] == 0
+    assert figures["ran although raised"] == 0
+    assert figures["orphan locks"] == 0
+    assert figures["ran unpublished"] == 0
 
 
 class Producers:

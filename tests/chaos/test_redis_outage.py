@@ -41,14 +41,16 @@ from tests.chaos.conftest import (
     Events,
     Producers,
     Report,
+    account,
     chaos_env,
+    check,
     completed_twice,
     overlapping,
     producing,
     settle,
     starts,
 )
-from tests.integration.conftest import Worker, lock_holder, wait_for
+from tests.integration.conftest import Worker, wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -137,45 +139,6 @@ class Run:
         wait_for(lambda: self.published() >= mark + PUBLISHED_BETWEEN, timeout=60)
 
 
-def account(
-    seen: list[dict[str, Any]], events: Events, lock_client: redis.Redis
-) -> tuple[dict[str, Any], Counter[str]]:
-    """What producers believe against what workers ran, once the backlog has run."""
-    published = Counter(task_id for r in seen for _, task_id in r["published"])
-    believed = {task_id for r in seen for _, task_id, _ in r["returned"]}
-    raised = sum((Counter(r["raised"]) for r in seen), Counter())
-    settle(lambda: believed <= {e["id"] for e in starts(events())}, progress=lambda: len(events()))
-    ran = Counter(e["id"] for e in starts(events()))
-
-    def orphans() -> set[str]:
-        """Lock holders that were never published."""
-        holders = {lock_holder(lock_client, key) for key in lock_client.scan_iter("celery_unique:*:lock")}
-        return {h for h in holders if h is not None} - set(published)
-
-    settle(lambda: not orphans(), timeout=45)  # the orphan releaser's schedule
-    # A message whose lock was lost with a Redis restarted empty, and taken by a newer
-    # message of its key, is discarded as it starts (on_conflict="discard"): its key's work
-    # is the newer message's, which ran. Dropped in favour of a run, not lost.
-    discarded_for = {
-        e["id"]: e["holder"] for e in events() if e["event"] == "conflict" and e["policy"] == "discard"
-    }
-    superseded = {task_id for task_id, holder in discarded_for.items() if holder in ran}
-    figures = {
-        "calls": sum(len(r["returned"]) for r in seen) + sum(raised.values()),
-        "overlapping": overlapping(events()),
-        "completed twice": completed_twice(events()),
-        "run twice": sum(n - 1 for n in ran.values()),
-        "published twice": sum(n - 1 for n in published.values()),
-        "lost": len(believed - set(ran) - superseded),
-        "superseded": len(superseded),
-        "handles without a message": len(believed - set(published)),
-        "ran although raised": len({i for r in seen for i in r["unpublished"]} & set(ran)),
-        "orphan locks": len(orphans()),
-        "ran unpublished": len(set(ran) - believed),
-    }
-    return figures, raised
-
-
 def account_and_report(
     run: Run,
     seen: list[dict[str, Any]],
@@ -202,20 +165,6 @@ def account_and_report(
         f"{figures['orphan locks']} orphan locks left",
     )
     return figures, raised
-
-
-def check(
-    figures: dict[str, Any], raised: Counter[str], allowed: frozenset[str] = frozenset({"LockBackendError"})
-) -> None:
-    """A run's figures: calls raised only ``allowed`` errors; nothing lost, doubled or left."""
-    assert raised and set(raised) <= allowed
-    assert figures["lost"] == 0
-    assert figures["overlapping"] == 0
-    assert figures["run twice"] == figures["published twice"] == 0
-    assert figures["handles without a message"] == 0
-    assert figures["ran although raised"] == 0
-    assert figures["orphan locks"] == 0
-    assert figures["ran unpublished"] == 0
 
 
 def test_lock_redis_crash_loses_nothing_and_runs_nothing_twice(

@@ -27,13 +27,15 @@ from tests.chaos.conftest import (
     Events,
     Producers,
     Report,
+    account,
     chaos_env,
     chaos_worker,
+    check,
     ends,
     producing,
     starts,
 )
-from tests.chaos.test_redis_outage import BACKLOG, HAMMERED, PUBLISHED_BETWEEN, account, check
+from tests.chaos.test_redis_outage import BACKLOG, HAMMERED, PUBLISHED_BETWEEN
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.worker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -142,6 +143,18 @@ class Worker:
                 self.process.wait(10)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def frozen(server: Any) -> Iterator[None]:
+    """A redis-server (:class:`~celery_unique.testing.RedisServer`) stopped with SIGSTOP
+    until the block ends: as a replica, it acknowledges nothing meanwhile."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def lock_holder(client: redis.Redis, key: str) -> str | None:

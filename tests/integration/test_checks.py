@@ -58,6 +58,16 @@ def test_no_findings_for_a_safe_configuration(redis_url: str) -> None:
         get_conf(app).close()
 
 
+def test_more_lock_replicas_than_the_lock_redis_has_is_a_finding(redis_url: str) -> None:
+    app = build(redis_url, unique_lock_replicas=1)
+    try:
+        findings = {f.id: f.message for f in check_app(app)}
+    finally:
+        get_conf(app).close()
+    assert "unique_lock_replicas is 1" in findings["replicas"]
+    assert "it has 0 connected" in findings["replicas"]
+
+
 def test_worker_start_logs_the_findings(evicting_redis: str, caplog: pytest.LogCaptureFixture) -> None:
     app = build(evicting_redis)
 

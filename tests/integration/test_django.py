@@ -279,6 +279,15 @@ def test_w003_inconsistent_timeouts(django_celery_app: Celery, redis_url: str) -
         assert "visibility_timeout" in run_checks()["celery_unique.W003"]
 
 
+def test_w005_more_lock_replicas_than_connected(django_celery_app: Celery, redis_url: str) -> None:
+    from django.test import override_settings
+
+    with override_settings(CELERY_BROKER_URL=redis_url, CELERY_UNIQUE_LOCK_REPLICAS=1):
+        found = run_checks(include_deployment_checks=True)
+    get_conf(django_celery_app).close()
+    assert "unique_lock_replicas is 1" in found["celery_unique.W005"]
+
+
 @pytest.mark.parametrize(
     ("setting", "value"),
     [

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from celery_unique.keys import family_of, fence_key, lock_key, run_key
-from celery_unique.locks import LockStore, _parse_acquire_reply, new_owner, task_id_of
+from celery_unique.locks import LockStore, _parse_acquire_reply, _parse_reply, new_owner, task_id_of
 from celery_unique.testing import RedisServer
 
 
@@ -180,6 +180,17 @@ def test_acquire_reply_parser_raises_errors() -> None:
         _parse_acquire_reply(b"-ERR boom\r\n")
     with pytest.raises(redis.ResponseError):
         _parse_acquire_reply(b"+OK\r\n")
+
+
+def test_an_acquire_and_its_wait_are_read_one_after_the_other() -> None:
+    data = b"*2\r\n$3\r\nabc\r\n:12\r\n:1\r\n"
+    first = _parse_reply(data)
+    assert first == ((b"abc", 12), 18)
+    assert _parse_reply(data, first[1]) == (1, len(data))
+    assert _parse_reply(b":3600000\r\n:0", 11) is None  # the WAIT reply is not complete yet
+    # An error reply is returned, so the WAIT reply after it can be read before it raises.
+    error, end = _parse_reply(b"-NOSCRIPT No matching script.\r\n:1\r\n") or (None, 0)
+    assert isinstance(error, redis.exceptions.NoScriptError) and end == 31
 
 
 def test_renewal_never_shortens_a_ttl(store: LockStore, key: str, redis_client: redis.Redis) -> None:

@@ -18,12 +18,12 @@ from celery import Celery
 
 from celery_unique import Context, LockBackendError, UniqueTask
 from celery_unique.aggregate import aggregator
-from celery_unique.checks import check_eviction
+from celery_unique.checks import check_eviction, check_replicas
 from celery_unique.clients import is_cluster
 from celery_unique.conf import get_conf
 from celery_unique.inspect import iter_locks
 from celery_unique.testing import ClusterServers, SentinelServers
-from tests.integration.conftest import lock_holder, release_held
+from tests.integration.conftest import frozen, lock_holder, release_held
 
 
 def _app(broker: str, url: str, **conf: Any) -> Celery:
@@ -207,6 +207,43 @@ def test_the_fast_path_follows_a_moved_slot(cluster: ClusterServers, cluster_app
     assert len(store._idle[source.name]) == 1
     assert release_held(store, key, moved.id)
     assert release_held(store, job.unique_lock_key((warm,)), first.id)
+
+
+def _primary_of(replica_port: int) -> int:
+    with redis.Redis(port=replica_port) as replica:
+        return int(replica.info("replication")["master_port"])
+
+
+def test_on_a_cluster_a_lock_waits_for_the_replica_of_its_primary(
+    cluster: ClusterServers, redis_url: str
+) -> None:
+    app = _app(redis_url, cluster.url, unique_lock_replicas=1, unique_redis_socket_timeout=0.4)
+    job = _task(app)
+    broker = redis.Redis.from_url(redis_url)
+    queue = app.conf.task_default_queue
+    store = get_conf(app).locks
+    firsts = [job.delay(n) for n in range(12)]  # over every primary
+    assert [job.delay(n).id for n in range(12)] == [first.id for first in firsts]
+    key = job.unique_lock_key(("stopped",))
+    primary = store.client.get_node_from_key(key).port
+    [replica] = [server for server in cluster.replicas if _primary_of(server.port) == primary]
+    with frozen(replica), pytest.raises(LockBackendError, match="0 of 1 replicas"):
+        job.delay("stopped")
+    assert store.owner(key) == (None, None)  # released: nothing was published for it
+    assert broker.llen(queue) == 12
+    assert check_replicas(app) == []  # the startup check asks every primary
+    app.conf.unique_lock_replicas = 2
+    get_conf(app).reload()
+    [finding] = check_replicas(app)
+    assert "one of its primaries has 1 connected" in finding.message
+    app.conf.unique_lock_replicas = 1
+    get_conf(app).reload()
+    store = get_conf(app).locks
+    for n, first in enumerate(firsts):
+        assert release_held(store, job.unique_lock_key((n,)), first.id)
+    broker.close()
+    get_conf(app).close()
+    app.close()
 
 
 def test_a_cluster_that_cannot_be_reached_raises_lock_backend_error(redis_url: str) -> None:

@@ -71,6 +71,14 @@ def test_defaults_apply_when_nothing_is_set() -> None:
     assert conf.default_on_duplicate == "return_existing"
     assert conf.on_redis_error == "raise"
     assert conf.redis_url == "redis://127.0.0.1:1/3"
+    assert conf.lock_replicas == 0
+
+
+def test_replicas_wait_half_the_socket_timeout() -> None:
+    conf = get_conf(_app(unique_lock_replicas=2, unique_redis_socket_timeout=0.5))
+    assert conf.lock_replicas == 2
+    assert conf.replica_timeout_ms == 250
+    assert get_conf(_app(unique_redis_socket_timeout=0.001)).replica_timeout_ms == 1  # never 0: forever
 
 
 def test_settings_are_read_from_app_conf_and_reload() -> None:
@@ -108,6 +116,10 @@ def test_missing_redis_is_a_configuration_error() -> None:
         ("unique_result_ttl", -1, "result_ttl"),
         ("unique_redis_socket_timeout", "5s", "socket_timeout"),
         ("unique_redis_connect_timeout", 0, "connect_timeout"),
+        ("unique_lock_replicas", -1, "lock_replicas"),
+        ("unique_lock_replicas", 1.5, "lock_replicas"),
+        ("unique_lock_replicas", True, "lock_replicas"),
+        ("unique_lock_replicas", "1", "lock_replicas"),
     ],
 )
 def test_invalid_settings_are_configuration_errors(setting: str, value: Any, attribute: str) -> None:

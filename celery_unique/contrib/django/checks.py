@@ -8,12 +8,14 @@ id                       finds
 ``celery_unique.W003``   lock timeouts inconsistent with time limits or the broker's
                          ``visibility_timeout``
 ``celery_unique.E004``   a ``CELERY_UNIQUE_*`` setting has an invalid value
+``celery_unique.W005``   ``CELERY_UNIQUE_LOCK_REPLICAS`` above the replicas the lock
+                         Redis has connected
 =======================  ===============================================================
 
 The checks look at the current Celery app (the one a Django project's
 ``celery.py`` creates) and are tagged ``celery_unique``, so
-``manage.py check --tag celery_unique`` runs them alone. E001 and W002 talk to
-Redis, so they run with ``manage.py check --deploy`` only.
+``manage.py check --tag celery_unique`` runs them alone. E001, W002 and W005
+talk to Redis, so they run with ``manage.py check --deploy`` only.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def check_redis(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
     return [
         checks.Warning(finding.message, id="celery_unique.W002")
         for finding in core_checks.check_eviction(app)
+    ] + [
+        checks.Warning(finding.message, id="celery_unique.W005")
+        for finding in core_checks.check_replicas(app)
     ]
 
 

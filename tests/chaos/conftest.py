@@ -253,7 +253,18 @@ def account(
     # A message whose lock was lost (a Redis restarted empty, a failover), and taken by
     # another message of its key, is discarded as it starts (on_conflict="discard"): its
     # key's work is the other message's, which ran. Dropped in favour of a run, not lost.
-    superseded = {task_id for task_id, holder in discarded(events()).items() if holder in ran}
+    # The holder may have been discarded in turn (its lock lost again, in a later
+    # fault): follow the chain to the message that ran.
+    dropped_for = discarded(events())
+
+    def done_by_a_run(task_id: str) -> bool:
+        followed: set[str] = set()
+        while task_id in dropped_for and task_id not in followed:
+            followed.add(task_id)
+            task_id = dropped_for[task_id]
+        return task_id in ran
+
+    superseded = {task_id for task_id in dropped_for if done_by_a_run(task_id)}
     figures = {
         "calls": sum(len(r["returned"]) for r in seen) + sum(raised.values()),
         "overlapping": overlapping(events()),

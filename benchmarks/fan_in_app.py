@@ -12,7 +12,11 @@ from celery import Celery
 import celery_unique  # noqa: F401  (registers the fan-in worker hooks)
 
 app = Celery("bench_fan_in", broker=os.environ.get("REDIS_URL"), backend=os.environ.get("REDIS_URL"))
-app.conf.update(worker_hijack_root_logger=False, worker_prefetch_multiplier=4)
+app.conf.update(
+    worker_hijack_root_logger=False,
+    worker_prefetch_multiplier=4,
+    unique_signing_key="bench-signing-key",  # a fan-in's callbacks are signed
+)
 
 
 def _done(run: str, count: int) -> None:

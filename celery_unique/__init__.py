@@ -10,6 +10,7 @@ from celery_unique.exceptions import (
     LockBackendError,
     LockConflictError,
     ReplayedError,
+    SealBroken,
     UniqueError,
     UniqueKeyError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "LockBackendError",
     "LockConflictError",
     "ReplayedError",
+    "SealBroken",
     "UniqueError",
     "UniqueKeyError",
     "UniqueTask",

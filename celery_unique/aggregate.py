@@ -33,8 +33,9 @@ from celery import shared_task, signature, states
 from celery_unique import headers, scripts, signals
 from celery_unique.clients import text
 from celery_unique.conf import get_conf
-from celery_unique.exceptions import ConfigurationError
+from celery_unique.exceptions import ConfigurationError, SealBroken
 from celery_unique.keys import fan_in_due_key, fan_in_key
+from celery_unique.sealing import CALLBACK, PART
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ def _json(value: Any) -> str:
     return json.dumps(value, allow_nan=False)
 
 
+def _part_binding(token: str, part: str) -> str:
+    return f"{token}\x00{part}"
+
+
 class Aggregator:
     """The low-level fan-in API on one Celery app's Redis."""
 
@@ -96,6 +101,7 @@ class Aggregator:
         self._finish = self.client.register_script(scripts.FAN_IN_FINISH)
         self._unclaim = self.client.register_script(scripts.FAN_IN_UNCLAIM)
         self._started = self.client.register_script(scripts.FAN_IN_STARTED)
+        self._refused = self.client.register_script(scripts.FAN_IN_REFUSE)
 
     def key(self, token: str) -> str:
         return fan_in_key(self.conf.key_prefix, token)
@@ -116,13 +122,19 @@ class Aggregator:
         if policy not in POLICIES:
             raise ConfigurationError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         key = self.key(token)
+        sealer = self.conf.sealer
         fields: dict[str, Any] = {
             "remaining": len(names),
             "failed": 0,
             "state": "open",
             "policy": policy,
-            "callback": _json(dict(signature(callback, app=self.app))),
-            "errback": _json(dict(signature(errback, app=self.app))) if errback is not None else "",
+            # Signed (or encrypted): a worker publishes what these say.
+            "callback": sealer.seal(CALLBACK, token, _json(dict(signature(callback, app=self.app)))),
+            "errback": (
+                sealer.seal(CALLBACK, token, _json(dict(signature(errback, app=self.app))))
+                if errback is not None
+                else ""
+            ),
         }
         fields.update({f"e:{name}": 1 for name in names})
         ttl_ms = int(((timeout or DEFAULT_TTL) + 3600) * 1000)
@@ -157,6 +169,8 @@ class Aggregator:
         if error is not None:
             failure = {"type": type(error).__name__, "message": str(error)}
             payload, ok = _json({"ok": False, "error": failure}), "0"
+        # Signed (or encrypted): the callback's arguments are made of the reports.
+        payload = self.conf.sealer.seal(PART, _part_binding(token, part), payload)
         claimant = uuid.uuid4().hex
         status = int(
             self._report(keys=[self.key(token)], args=[part, payload, ok, policy, claimant, self._claim_ms()])
@@ -202,6 +216,14 @@ class Aggregator:
         """Note that the callback or errback of ``token`` began to run."""
         self._started(keys=[self.key(token)])
 
+    def _refuse(self, token: str, claimant: str, broken: SealBroken) -> None:
+        """A closed context that holds a value that does not verify: nothing is published,
+        and nothing tries again (its TTL ends it). Loud: an error, a signal, a count."""
+        self._refused(keys=[self.key(token)], args=[claimant])
+        self.client.zrem(self.due, token)
+        logger.error("fan-in %s: nothing published: %s", token, broken)
+        signals.seal_broken.send(sender=self.app, purpose=broken.purpose)
+
     def _claim_ms(self) -> int:
         return int(self.conf.fan_in_claim_timeout * 1000)
 
@@ -209,12 +231,14 @@ class Aggregator:
         self.client.zadd(self.due, {token: when})
 
     def _meta(self, token: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-        """(the context's own fields, the parts reported) of a context; both empty once it is gone."""
+        """(the context's own fields, the parts reported) of a context; both empty once it is
+        gone. A part's report that does not verify raises :class:`SealBroken`."""
         meta, parts = {}, {}
+        sealer = self.conf.sealer
         for field, value in self.client.hgetall(self.key(token)).items():
             name, content = text(field), text(value)
             if name.startswith("p:"):
-                parts[name[2:]] = json.loads(content)
+                parts[name[2:]] = json.loads(sealer.open(PART, _part_binding(token, name[2:]), content))
             elif name.startswith("e:"):
                 meta[name] = ""
             else:
@@ -227,7 +251,15 @@ class Aggregator:
         key = self.key(token)
         # If this process dies from here on, the sweep takes the claim over once it lapses.
         self._look_at(token, time.time() + self.conf.fan_in_claim_timeout)
-        meta, parts = self._meta(token)
+        try:
+            meta, parts = self._meta(token)
+            opened = {
+                field: self.conf.sealer.open(CALLBACK, token, meta[field]) if meta.get(field) else ""
+                for field in ("callback", "errback")
+            }
+        except SealBroken as broken:
+            self._refuse(token, claimant, broken)
+            return None
         state = meta.get("state")
         if state not in ("completed", "failed", "expired"):
             return None  # gone meanwhile (finished by another after our claim lapsed)
@@ -241,10 +273,10 @@ class Aggregator:
                 results: dict[str, Any] = parts
             else:
                 results = {name: part["value"] for name, part in parts.items() if part["ok"]}
-            message: Any = signature(json.loads(meta["callback"]), app=self.app)
+            message: Any = signature(json.loads(opened["callback"]), app=self.app)
             arguments: Any = results
-        elif meta.get("errback"):
-            message = signature(json.loads(meta["errback"]), app=self.app)
+        elif opened["errback"]:
+            message = signature(json.loads(opened["errback"]), app=self.app)
             arguments = {"token": token, "reason": state, "failed": failed, "missing": missing}
         else:
             message = None

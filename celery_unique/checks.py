@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoPermissionError
+
 from celery_unique.clients import REDIS_ERRORS, is_cluster, text
 from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
 from celery_unique.exceptions import ConfigurationError, UniqueError
@@ -99,7 +101,7 @@ def check_visibility_timeout(app: Any) -> list[Finding]:
     return []
 
 
-# Redis unreachable, CONFIG not allowed, or no lock Redis configured.
+# Redis unreachable, or no lock Redis configured.
 _UNREADABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, UniqueError)
 
 
@@ -113,8 +115,16 @@ def check_eviction(app: Any) -> list[Finding]:
             ]
         else:
             replies = [client.config_get("maxmemory-policy")]
+    except NoPermissionError as exc:
+        return [
+            Finding(
+                "eviction",
+                f"cannot read the lock Redis's maxmemory-policy ({exc}): allow its user "
+                "CONFIG GET, or make sure yourself that it is noeviction",
+            )
+        ]
     except _UNREADABLE:
-        return []  # unreachable or CONFIG not allowed: nothing to say here
+        return []  # unreachable, or no lock Redis: said elsewhere
     policies = {text(reply.get("maxmemory-policy") or "") for reply in replies}
     policy = next((found for found in sorted(policies) if found and found != "noeviction"), None)
     if policy:

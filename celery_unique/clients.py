@@ -156,6 +156,22 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 )
 
 
+def refused_command(error: BaseException) -> bool:
+    """Whether Redis refused a command to this client's ACL user (directly, or in a script)."""
+    return isinstance(error, NoPermissionError) or (
+        isinstance(error, redis.ResponseError) and "can't run this command" in str(error)
+    )
+
+
+def describe(error: BaseException) -> str:
+    """An error as a log line shows it: its class and message (redis-py 8's repr keeps
+    only a category, such as ``server:ResponseError``), and what to do about a refusal."""
+    said = f"{type(error).__name__}: {error}"
+    if refused_command(error):
+        said += " (the lock Redis's user lacks a command: see README, Least-privilege Redis user)"
+    return said
+
+
 def text(value: Any) -> str:
     """A reply as text (clients without ``decode_responses`` answer bytes)."""
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from celery_unique import metrics
+from celery_unique import metrics, sealing
 from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, make_client
 from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import validate_prefix
@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
     "unique_redis_connect_timeout": 5.0,
     "unique_prometheus": None,
     "unique_fan_in_claim_timeout": 30.0,
+    "unique_signing_key": None,
+    "unique_signing_key_fallbacks": (),
+    "unique_encryption_key": None,
+    "unique_encryption_key_fallbacks": (),
     "unique_lock_replicas": 0,
 }
 
@@ -226,6 +230,27 @@ class UniqueConf:
         value = self._get("unique_fan_in_claim_timeout")
         return check_lock_timeout(value, "unique_fan_in_claim_timeout")
 
+    def _keys(self, name: str, default: bytes | None = None) -> list[bytes]:
+        """A key setting and its fallbacks, as bytes (the first one seals)."""
+        first = self._get(name)
+        fallbacks = self._get(f"{name}_fallbacks")
+        if isinstance(fallbacks, (str, bytes)) or not isinstance(fallbacks, (list, tuple)):
+            raise ConfigurationError(f"{name}_fallbacks must be a list of keys")
+        keys = [sealing.as_key(first, name)] if first is not None else ([default] if default else [])
+        return keys + [sealing.as_key(key, f"{name}_fallbacks") for key in fallbacks]
+
+    @property
+    def sealer(self) -> sealing.Sealer:
+        """Seals what the plugin stores and later trusts (:mod:`celery_unique.sealing`)."""
+        found: sealing.Sealer | None = self._values.get("_sealer")
+        if found is None:
+            provider = sealing.default_signing_key
+            default = provider() if provider is not None else None
+            signing = self._keys("unique_signing_key", default)
+            found = sealing.Sealer(signing, self._keys("unique_encryption_key"))
+            self._values["_sealer"] = found
+        return found
+
     @property
     def prometheus(self) -> bool | None:
         value = self._get("unique_prometheus")
@@ -276,6 +301,7 @@ _VALIDATED = (
     "socket_timeout",
     "connect_timeout",
     "fan_in_claim_timeout",
+    "sealer",
     "prometheus",
     "lock_replicas",
 )

@@ -140,3 +140,24 @@ class ReplayedError(UniqueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.error_type, self.error_message))
+
+
+class SealBroken(UniqueError):
+    """A value celery-unique stored in Redis did not open with the configured keys.
+
+    It was written by someone without ``unique_signing_key`` (or
+    ``unique_encryption_key``): a forgery, or a process configured with
+    another key. ``purpose`` names what the value was (a fan-in's callback,
+    a part's report, an outcome, a context entry). Nothing is done with it.
+    """
+
+    def __init__(self, purpose: str) -> None:
+        self.purpose = purpose
+        super().__init__(
+            f"a stored {purpose} did not verify with unique_signing_key or unique_encryption_key "
+            "(nor their fallbacks): it was written without the key, or by a process configured "
+            "with another one; it was not used"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.purpose,))

@@ -38,6 +38,7 @@ from celery import Task, signals
 from celery.worker.request import Request
 
 from celery_unique import aggregate, checks, headers, runs, sweeper
+from celery_unique.clients import REDIS_ERRORS, describe
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,14 @@ def _end_of_run(
         return
     if _is_unique(task):
         runs.end(task, state, retval)
-    aggregate.report_from_worker(task, state, retval)
+    try:
+        aggregate.report_from_worker(task, state, retval)
+    except REDIS_ERRORS as exc:
+        # Said once, plainly, not as Celery's "Signal handler raised" and a traceback:
+        # a Redis user without a command (the error names it), or Redis down.
+        logger.error(
+            "%s[%s]: its fan-in report could not be recorded: %s", task.name, task.request.id, describe(exc)
+        )
 
 
 def _revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:

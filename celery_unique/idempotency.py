@@ -1,6 +1,6 @@
 """Idempotent tasks: the stored outcome of a key and its replay.
 
-An outcome is JSON (never pickle)::
+An outcome is JSON (never pickle), encrypted when ``unique_encryption_key`` is set::
 
     {"id": <task id>, "a": <argument digest>, "s": "SUCCESS", "r": <return value>}
     {"id": <task id>, "a": <argument digest>, "s": "FAILURE",
@@ -25,6 +25,7 @@ from celery._state import get_current_task
 from celery.result import EagerResult
 
 from celery_unique.exceptions import IdempotencyConflict, ReplayedError
+from celery_unique.sealing import OUTCOME, Sealer
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,17 @@ def decode(text: str) -> Outcome:
         error_type=error.get("type", ""),
         error_message=error.get("message", ""),
     )
+
+
+def sealed(sealer: Sealer, family: str, outcome: str) -> str:
+    """An outcome as stored: encrypted when ``unique_encryption_key`` is set (it holds the
+    task's return value or error message), else as it is."""
+    return sealer.maybe_seal(OUTCOME, family, outcome)
+
+
+def read(sealer: Sealer, family: str, stored: str) -> Outcome:
+    """The outcome stored for a family (:func:`sealed`)."""
+    return decode(sealer.maybe_open(OUTCOME, family, stored))
 
 
 def check_conflict(task_name: str, idempotency_key: str | None, stored: str, given: str) -> None:

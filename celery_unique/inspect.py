@@ -19,7 +19,7 @@ from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainErr
 from celery_unique import idempotency
 from celery_unique.clients import text
 from celery_unique.conf import UNTIL_AND_WHILE_EXECUTING, WHILE_EXECUTING, get_conf
-from celery_unique.exceptions import ConfigurationError, LockBackendError
+from celery_unique.exceptions import ConfigurationError, LockBackendError, SealBroken
 from celery_unique.keys import (
     KEY_VERSION,
     digest_of_key,
@@ -30,6 +30,7 @@ from celery_unique.keys import (
     task_name_of_tag,
 )
 from celery_unique.locks import LockStore, task_id_of
+from celery_unique.sealing import CALLBACK
 
 KINDS = ("lock", "run", "result")
 # The lifetimes whose run takes the running lock (``:run``). The begin_run
@@ -204,7 +205,7 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
                     lifetimes[name] = _lifetime(app, name)
                 lifetime = lifetimes[name]
                 held = text(value)
-                holder = idempotency.decode(held).task_id if kind == "result" else task_id_of(held)
+                holder = _outcome_task(conf.sealer, key, held) if kind == "result" else task_id_of(held)
                 ttl = pttl / 1000.0 if pttl >= 0 else None
                 yield LockInfo(
                     key,
@@ -216,6 +217,14 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
                     lifetime,
                     _age(kind, lifetime, fence, now),
                 )
+
+
+def _outcome_task(sealer: Any, key: str, stored: str) -> str:
+    """The task id that stored an outcome; "?" when it does not open (another key) or parse."""
+    try:
+        return idempotency.read(sealer, family_of(key), stored).task_id
+    except (SealBroken, ValueError, KeyError, TypeError):
+        return _UNKNOWN
 
 
 def open_fan_ins(app: Any, count: int = 500) -> Counter[str]:
@@ -230,18 +239,19 @@ def open_fan_ins(app: Any, count: int = 500) -> Counter[str]:
         pipe = client.pipeline(transaction=False)
         for key in page:
             pipe.hmget(key, "state", "callback")
-        for state, callback in pipe.execute():
+        for key, (state, callback) in zip(page, pipe.execute(), strict=True):
             if state is not None and text(state) == "open":
-                found[_callback_task(callback)] += 1
+                found[_callback_task(conf.sealer, key, callback)] += 1
     return found
 
 
-def _callback_task(callback: Any) -> str:
+def _callback_task(sealer: Any, key: str, callback: Any) -> str:
     """The task name of a fan-in's callback; "?" for a context that names none (written
-    by hand, or by a version that stored it otherwise)."""
+    by hand, by a version that stored it otherwise, or sealed with another key)."""
+    token = key[key.index("{") + 1 : key.rindex("}")].partition(":")[2]
     try:
-        task = json.loads(callback)["task"]
-    except (TypeError, ValueError, KeyError):  # no callback, not JSON, not an object
+        task = json.loads(sealer.open(CALLBACK, token, text(callback)))["task"]
+    except (SealBroken, TypeError, ValueError, KeyError):  # none, not verified, not JSON, not an object
         return _UNKNOWN
     return task if isinstance(task, str) else _UNKNOWN
 

@@ -26,6 +26,7 @@ _COUNTERS = (
     ("lock_lost", "celery_unique_locks_lost", "Locks lost while a task ran", ("task",)),
     ("fan_in_completed", "celery_unique_fan_ins_completed", "Fan-ins whose callback ran", ()),
     ("fan_in_failed", "celery_unique_fan_ins_failed", "Fan-ins that failed or expired", ("reason",)),
+    ("seal_broken", "celery_unique_seals_broken", "Stored values that did not verify", ("purpose",)),
 )
 
 

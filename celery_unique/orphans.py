@@ -16,6 +16,10 @@ second later: Redis runs what it had buffered before it answers a new
 connection. Nothing is retried when Redis certainly did not run the command
 (:func:`certainly_not_run`). A process that exits first, or an app that
 closes its lock store, leaves the lock to its TTL.
+
+The end of a run whose release failed (Redis down as the task ended) is
+handed here too: its lock is released, and its message noted as run to its
+end, once Redis answers, instead of holding the key for ``lock_timeout``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -49,6 +54,22 @@ MAX_PENDING = 10_000
 _CONFIRMING = -1  # the attempt number of the last, confirming release
 
 
+@dataclass(frozen=True)
+class _Release:
+    """One release to try until Redis answers."""
+
+    store: weakref.ref[Any]  # weakly: a closed store's releases are dropped
+    key: str
+    owner: str
+    failed_at: float
+    #: A run that ended (its release failed): the lock exists for sure, so a refused
+    #: connection (a Redis restarting) is tried again. Otherwise an acquire that may
+    #: never have run: a Redis that refuses connections lost what it had buffered.
+    after_run: bool = False
+    #: The run's message is noted as run to its end for this long, with the release.
+    done_ttl_ms: int | None = None
+
+
 class OrphanReleaser:
     """Retries owner-checked releases of unconfirmed locks from one daemon thread."""
 
@@ -58,9 +79,7 @@ class OrphanReleaser:
         os.register_at_fork(after_in_child=self._forget_parent)
 
     def _forget_parent(self) -> None:
-        # (when, order, store (weakly: a closed store's releases are dropped), key, owner,
-        # attempt, failed at)
-        self._due: list[tuple[float, int, weakref.ref[Any], str, str, int, float]] = []
+        self._due: list[tuple[float, int, int, _Release]] = []  # (when, order, attempt, release)
         self._order = itertools.count()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -73,23 +92,25 @@ class OrphanReleaser:
         no message, so a new call may take it over."""
         return self._abandoned.get(key, "")
 
-    def release_later(self, store: Any, key: str, owner: str) -> None:
-        """Release ``key`` if ``owner`` holds it, soon and until Redis answers."""
+    def release_later(
+        self, store: Any, key: str, owner: str, after_run: bool = False, done_ttl_ms: int | None = None
+    ) -> None:
+        """Release ``key`` if ``owner`` holds it, soon and until Redis answers; ``after_run``
+        for the end of a run whose release failed (see :class:`_Release`)."""
         now = time.monotonic()
         with self._changed:
             if len(self._due) >= MAX_PENDING:
                 return
-            self._push(now + DELAYS[0], weakref.ref(store), key, owner, 0, now)
+            release = _Release(weakref.ref(store), key, owner, now, after_run, done_ttl_ms)
+            self._push(now + DELAYS[0], 0, release)
             self._abandoned[key] = owner
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery-unique-orphans", daemon=True)
                 self._thread.start()
             self._changed.notify()
 
-    def _push(
-        self, when: float, store: weakref.ref[Any], key: str, owner: str, attempt: int, failed_at: float
-    ) -> None:
-        heapq.heappush(self._due, (when, next(self._order), store, key, owner, attempt, failed_at))
+    def _push(self, when: float, attempt: int, release: _Release) -> None:
+        heapq.heappush(self._due, (when, next(self._order), attempt, release))
 
     def pending(self) -> int:
         """Releases still to try or being tried (for tests and tools)."""
@@ -101,45 +122,48 @@ class OrphanReleaser:
             with self._changed:
                 while not self._due or self._due[0][0] > time.monotonic():
                     self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, ref, key, owner, attempt, failed_at = heapq.heappop(self._due)
+                _, _, attempt, release = heapq.heappop(self._due)
                 self._trying = 1
-            late = time.monotonic() > failed_at + HORIZON  # slow attempts ran late: the TTL frees it
-            answered = None if late else self._release(ref, key, owner)
+            late = time.monotonic() > release.failed_at + HORIZON  # slow attempts ran late: the TTL frees it
+            answered = None if late else self._release(release)
             with self._changed:  # the next attempt is due before this one stops counting
                 self._trying = 0
                 if answered is None:
                     pass  # the TTL frees the lock, if it ever lands
                 elif not answered and 0 <= attempt < len(DELAYS) - 1:
-                    self._push(failed_at + DELAYS[attempt + 1], ref, key, owner, attempt + 1, failed_at)
+                    self._push(release.failed_at + DELAYS[attempt + 1], attempt + 1, release)
                     continue
-                elif answered and attempt != _CONFIRMING:
-                    self._push(time.monotonic() + CONFIRM_AFTER, ref, key, owner, _CONFIRMING, failed_at)
+                elif answered and attempt != _CONFIRMING and not release.after_run:
+                    self._push(time.monotonic() + CONFIRM_AFTER, _CONFIRMING, release)
                     continue
-                if self._abandoned.get(key) == owner:
-                    del self._abandoned[key]  # settled: released, or left to its TTL
+                if self._abandoned.get(release.key) == release.owner:
+                    del self._abandoned[release.key]  # settled: released, or left to its TTL
 
     @staticmethod
-    def _release(ref: weakref.ref[Any], key: str, owner: str) -> bool | None:
+    def _release(release: _Release) -> bool | None:
         """One owner-checked release: whether Redis answered; None when there is
-        nothing more to do (the store is gone, or Redis is down).
+        nothing more to do (the store is gone, or Redis is down and lost what it had).
 
         The store is held only during the call, so a closed one can go.
         """
-        store = ref()
+        store = release.store()
         if store is None:
             return None
+        key, owner = release.key, release.owner
         try:
-            released = store.release(key, owner)
+            released = store.release_all([key], owner, release.done_ttl_ms)
         except REDIS_ERRORS as exc:
             if isinstance(exc, (redis.ResponseError, redis.AuthenticationError)):
                 return True  # Redis answered (and will not let this client release)
-            if isinstance(exc, MasterNotFoundError):
-                return False  # a failover: the new primary may hold a copy of the lock
+            if isinstance(exc, MasterNotFoundError) or release.after_run:
+                return False  # a failover, or a restart: the lock may well be there after it
             return None if certainly_not_run(exc, store.cluster) else False  # down: its buffer is gone
         except Exception:
             logger.exception("releasing lock %s of %s failed", digest_of_key(key)[:12], owner)
             return None  # the TTL frees it; the releaser goes on with the others
-        if released:
+        if released and release.after_run:
+            logger.warning("lock %s of %s, whose run had ended, released", digest_of_key(key)[:12], owner)
+        elif released:
             logger.warning(
                 "lock %s taken for %s, which was never published, released", digest_of_key(key)[:12], owner
             )

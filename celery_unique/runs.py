@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 from celery import states
 from celery.exceptions import Ignore, Reject
 
-from celery_unique import headers, idempotency, signals
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique import headers, idempotency, orphans, signals
+from celery_unique.clients import REDIS_ERRORS, describe, refused_command
 from celery_unique.conf import (
     HELD_WHILE_RUNNING,
     UNTIL_AND_WHILE_EXECUTING,
@@ -130,7 +130,7 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
         # Already ran for this key (a redelivery, or a call sent by name):
         # the body is skipped and the stored outcome is the result.
         setattr(request, STATE, NOTHING_HELD)
-        setattr(request, idempotency.REPLAY, idempotency.decode(start.outcome))
+        setattr(request, idempotency.REPLAY, idempotency.read(conf.sealer, family, start.outcome))
         logger.info(
             "%s[%s]: outcome stored for key %s replayed", task.name, task_id, digest_of_key(family)[:12]
         )
@@ -363,7 +363,9 @@ def _arguments_digest(task: Any, request: Any, header: headers.LockHeader | None
 
 def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str, why: str) -> None:
     ttl_ms = int(task.unique_result_ttl * 1000)
-    locks = get_conf(task.app).locks
+    conf = get_conf(task.app)
+    locks = conf.locks
+    outcome = idempotency.sealed(conf.sealer, family, outcome) if outcome else ""
     stored_and_released = _retried(
         lambda: locks.store_and_release(
             result_key(family), args_key(family), lock_key(family), keys, owner, outcome, ttl_ms
@@ -407,11 +409,18 @@ def release(
     count = _retried(
         lambda: locks.release_all(keys, owner, done_ttl_ms),
         attempts,
-        "could not release lock %s of %s (%s); it expires after its timeout",
+        "could not release lock %s of %s (%s); it is retried in the background",
         digest_of_key(keys[0])[:12],
         owner,
         why,
     )
+    if count is None:
+        # Redis did not answer: the lock of a run that has ended would hold its key until
+        # its timeout, and a copy of its message could run again. Once Redis is back.
+        for n, key in enumerate(keys):
+            orphans.releaser.release_later(
+                locks, key, owner, after_run=True, done_ttl_ms=done_ttl_ms if n == 0 else None
+            )
     if count:
         released(task, keys[0], owner, why)
     return count or 0
@@ -429,7 +438,11 @@ def _retried(call: Callable[[], T], attempts: int, failure: str, *args: Any) -> 
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as exc:
+            if refused_command(exc):
+                # Redis answered: asking again changes nothing. One line saying why.
+                logger.error(failure + ": %s", *args, describe(exc))
+                return None
             if attempt == attempts:
                 logger.warning(failure, *args, exc_info=True)
                 return None

@@ -216,9 +216,10 @@ return {stored, released}
 # -- fan-in -------------------------------------------------------------------
 # A fan-in context is one hash (one slot): fields "remaining" (parts still to
 # report; pushed far below zero once closed), "failed", "state" (open |
-# completed | failed | expired), "policy", "callback", "errback", "deadline"
+# completed | failed | expired | refused), "policy", "callback", "errback" (both
+# sealed: celery_unique.sealing), "deadline"
 # (server time in ms, or absent), "e:<part>" (expected parts), "p:<part>" (a
-# part's report, JSON), and, once closed, the publishing claim: "claim" (the
+# part's report, JSON, sealed), and, once closed, the publishing claim: "claim" (the
 # claimant's id) and "until" (server time in ms when an unfinished claim may be
 # taken over), and "started" once the callback or errback began to run.
 #
@@ -389,6 +390,9 @@ if state == 'open' then
     end
     return {expire(ARGV[1], ARGV[2])}
 end
+if not ACTIONS[state] then
+    return {-2}  -- refused: nothing to do, ever
+end
 local action = take_over(ARGV[1], ARGV[2], 0)
 if action ~= 0 then
     return {action}
@@ -408,6 +412,18 @@ if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1] then
     return 0
 end
 redis.call('UNLINK', KEYS[1])
+return 1
+"""
+
+# Close a context for good whose values did not verify (a forgery, or keys
+# that differ between processes): nothing takes its claim over again.
+#   KEYS[1]  context hash   ARGV[1]  the claimant's id
+# Returns 1 when refused, 0 when the claim was another's.
+FAN_IN_REFUSE = """
+if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1] then
+    return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'refused')
 return 1
 """
 

@@ -18,6 +18,9 @@ signal                 when                                           arguments
 ``lock_lost``          renewal found a running task's lock gone       owner, key_digest
 ``fan_in_completed``   a fan-in's callback was published              token, parts
 ``fan_in_failed``      a fan-in failed or expired                     token, reason
+``seal_broken``        a stored value did not verify (a forgery, or   purpose
+                       processes configured with different keys):
+                       it was not used
 ====================== ============================================== =========================
 
 A lock released by hand (``celery unique release``) or because its publish
@@ -36,6 +39,7 @@ __all__ = [
     "lock_conflict",
     "lock_lost",
     "lock_released",
+    "seal_broken",
 ]
 
 lock_acquired = Signal(name="lock_acquired")
@@ -45,3 +49,4 @@ lock_released = Signal(name="lock_released")
 lock_lost = Signal(name="lock_lost")
 fan_in_completed = Signal(name="fan_in_completed")
 fan_in_failed = Signal(name="fan_in_failed")
+seal_broken = Signal(name="seal_broken")

@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Any
 
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique.clients import REDIS_ERRORS, describe
 from celery_unique.exceptions import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Sweeper:
                 aggregator(self.app).sweep()
             except REDIS_ERRORS as exc:
                 if not failing:  # once per outage, not once a second
-                    logger.warning("the fan-in sweep cannot reach Redis (%r); it goes on trying", exc)
+                    logger.warning("the fan-in sweep failed (%s); it goes on trying", describe(exc))
                 failing = True
             except Exception:
                 logger.exception("the fan-in sweep failed; it goes on")

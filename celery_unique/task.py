@@ -242,9 +242,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         self, args: Any = None, kwargs: Any = None, idempotency_key: str | None = None
     ) -> idempotency.Outcome | None:
         """The outcome stored for a call (an idempotent task's), or None."""
-        key = result_key(family_of(self.unique_lock_key(args, kwargs, idempotency_key=idempotency_key)))
-        text = self.unique_store().client.get(key)
-        return idempotency.decode(text.decode()) if text else None
+        family = family_of(self.unique_lock_key(args, kwargs, idempotency_key=idempotency_key))
+        stored = self.unique_store().client.get(result_key(family))
+        return idempotency.read(get_conf(self._get_app()).sealer, family, stored.decode()) if stored else None
 
     def forget_outcome(
         self, args: Any = None, kwargs: Any = None, idempotency_key: str | None = None
@@ -449,7 +449,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         except REDIS_ERRORS as exc:
             return self._acquire_failed(conf, call, store, exc)
         if stored is not None:
-            outcome = idempotency.decode(stored)
+            outcome = idempotency.read(conf.sealer, family, stored)
             idempotency.check_conflict(self.name, idempotency_key, outcome.args_digest, given)
             logger.info(
                 "%s: outcome of %s replayed (key %s)", self.name, outcome.task_id, digest_of_key(key)[:12]

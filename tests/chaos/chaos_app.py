@@ -58,6 +58,8 @@ app.conf.update(
     task_ignore_result=True,
     # A fan-in whose closer died is finished by the workers' sweep this soon after.
     unique_fan_in_claim_timeout=2,
+    # A fan-in's callbacks are signed with it (a test key: never a real one in a repository).
+    unique_signing_key="test-signing-key",
     worker_prefetch_multiplier=1,
     task_publish_retry=False,
     broker_connection_retry_on_startup=True,
@@ -198,6 +200,8 @@ def fan_in_fault_key(token: str) -> str:
 
 
 def _fan_in_fault(token: str, kind: str) -> None:
+    if not (os.environ.get("CHAOS_EVENTS_URL") or app.conf.broker_url):
+        return  # a test process that has not configured this app: no fault of ours
     if broker_client().getdel(fan_in_fault_key(token)) == b"kill":
         record(token, "closer-killed", kind=kind)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -215,6 +219,18 @@ def fan_part(token: str, number: int) -> int:
 def fan_part_late(token: str, number: int) -> int:
     """A part whose message is delivered again when its child dies."""
     return number
+
+
+@app.task(base=UniqueTask, name="chaos.reveal", idempotent=True, unique_on=("token",), shared=False)
+def reveal(token: str, secret: str) -> dict[str, str]:
+    """An idempotent task whose stored outcome holds a secret (the security tests)."""
+    return {"secret": secret}
+
+
+@app.task(name="chaos.fan_secret")
+def fan_secret(token: str, secret: str) -> str:
+    """A fan-in part whose report holds a secret."""
+    return secret
 
 
 @app.task(name="chaos.fan_callback")

@@ -33,7 +33,7 @@ import redis
 from celery import signals
 
 from celery_unique.exceptions import LockBackendError
-from celery_unique.keys import digest_of_key
+from celery_unique.keys import digest_of_key, family_of
 from celery_unique.testing import RedisServer
 from tests.chaos import chaos_app, producers
 from tests.chaos.conftest import (
@@ -69,7 +69,8 @@ FAST_FAILING = {
 
 @pytest.fixture(scope="module")
 def outage_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+    # With an AOF: crash() and start() restart it with its keys (stop() and start() empty).
+    with RedisServer("--appendonly", "yes", "--appendfsync", "always") as server:
         yield server
 
 
@@ -234,7 +235,7 @@ def test_lock_redis_stall_loses_nothing_and_leaves_no_orphan_lock(
     assert figures["superseded"] == 0  # a stall loses no lock
 
 
-def test_a_release_that_fails_is_retried_then_left_to_the_ttl(
+def test_a_release_that_fails_is_done_in_the_background_once_redis_answers(
     app: Any,
     outage_worker: Worker,
     outage_redis: RedisServer,
@@ -242,27 +243,40 @@ def test_a_release_that_fails_is_retried_then_left_to_the_ttl(
     token: str,
     events: Events,
 ) -> None:
+    """The lock Redis freezes as a task ends, then crashes and restarts from its AOF (the
+    releases it had buffered are lost with it): the release fails its few attempts, and the
+    worker goes on; once Redis answers, the lock of the run that ended is released (and its
+    message noted as run to its end) from the background, not left to its 60 s TTL."""
     with producing(app.conf.broker_url, outage_redis.url):
         first = chaos_app.hold.apply_async((token,), queue=QUEUE)
         key = chaos_app.hold.unique_lock_key((token,))
     wait_for(lambda: starts(events()), worker=outage_worker)
     assert outage_redis.process is not None
-    os.kill(outage_redis.process.pid, signal.SIGKILL)  # down while the task ends and releases
-    outage_redis.process.wait()
-    outage_redis.stop()
-    broker_client.set(chaos_app.release_key(token), 1)
-    # The owner is the message's token: its task id and a suffix.
-    warning = re.compile(
-        rf"could not release lock {digest_of_key(key)[:12]} "
-        rf"of {re.escape(first.id)}#[0-9a-f]{{12}} \(SUCCESS\)"
+    os.kill(outage_redis.process.pid, signal.SIGSTOP)  # frozen while the task ends and releases
+    try:
+        broker_client.set(chaos_app.release_key(token), 1)
+        # The owner is the message's token: its task id and a suffix.
+        failed = re.compile(
+            rf"could not release lock {digest_of_key(key)[:12]} "
+            rf"of {re.escape(first.id)}#[0-9a-f]{{12}} \(SUCCESS\)"
+        )
+        wait_for(lambda: failed.search(outage_worker.whole_log()), worker=outage_worker)
+    finally:
+        outage_redis.crash()
+        outage_redis.start()
+    with redis.Redis.from_url(outage_redis.url) as lock_client:
+        assert lock_client.exists(key)  # kept by the AOF: only the background release frees it
+        wait_for(lambda: not lock_client.exists(key), timeout=30, worker=outage_worker)
+        assert 0 < lock_client.pttl(family_of(key) + ":done") <= 60_000  # its message ran to its end
+    released = re.compile(
+        rf"lock {digest_of_key(key)[:12]} of {re.escape(first.id)}#\w+, whose run had ended"
     )
-    wait_for(lambda: warning.search(outage_worker.log_text()), worker=outage_worker)
-    outage_redis.start()
-    # The worker gave up after its few attempts and goes on with the next task.
+    assert released.search(outage_worker.whole_log())
+    # The worker went on with the next task meanwhile.
     with producing(app.conf.broker_url, outage_redis.url):
         chaos_app.work.apply_async((token,), {"seconds": 0, "item": "next"}, queue=QUEUE)
     wait_for(lambda: [e for e in starts(events()) if e["item"] == "next"], worker=outage_worker)
-    assert len(warning.findall(outage_worker.log_text())) == 1
+    assert len(failed.findall(outage_worker.whole_log())) == 1
 
 
 # -- 4c: calls with caller-chosen task ids while the lock Redis stalls -------------------

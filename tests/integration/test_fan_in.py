@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from celery_unique import fan_in
 from celery_unique.aggregate import COMPLETED, DUPLICATE, aggregator
+from celery_unique.conf import get_conf
 from celery_unique.headers import FAN_IN_HEADER
 from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import (
@@ -241,3 +243,55 @@ def test_a_part_reported_again_takes_over_a_lapsed_claim(celery_app: Any, token:
     finally:
         agg.client.delete(key)
         agg.client.zrem(agg.due, token)
+
+
+def _report(token: str, part: str, number: int) -> None:
+    fan_part.apply_async((token, number), headers={FAN_IN_HEADER: {"token": token, "part": part}})
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize("forged", ["callback", "report"])
+def test_a_forged_callback_or_report_is_refused_and_nothing_is_published(
+    worker: Worker, celery_app: Any, redis_client: Any, token: str, events: Events, forged: str
+) -> None:
+    """A client that may write the plugin's key prefix rewrites a pending fan-in: its callback
+    (a task, arguments and queue of its choosing), or a part's report (the callback's
+    arguments). The worker publishes nothing, says so, and the fan-in is closed for good."""
+    agg = aggregator(celery_app)
+    handle = agg.create(token, ["a", "b"], fan_collect.s(token))
+    key, queue = agg.key(token), f"forged-{token}"
+    if forged == "callback":
+        injected = dict(fan_collect.s({"FORGED": True}, token).set(queue=queue))
+        agg.client.hset(key, "callback", json.dumps(injected))
+        _report(token, "a", 1)
+    else:
+        agg.client.hset(key, mapping={"p:a": json.dumps({"ok": True, "value": "FORGED"}), "remaining": 1})
+    _report(token, "b", 2)
+    what = "fan-in callback" if forged == "callback" else "fan-in part's report"
+    refused = f"fan-in {token}: nothing published: a stored {what} did not verify"
+    wait_for(lambda: refused in worker.whole_log(), worker=worker)
+    assert handle.state == "refused"
+    worker.drain()
+    assert callbacks(events) == [] and redis_client.llen(queue) == 0
+    assert agg.client.zscore(agg.due, token) is None  # off the sweep: nothing takes it over again
+    assert worker.whole_log().count(refused) == 1
+    agg.client.delete(key)
+
+
+@pytest.mark.worker
+def test_a_producer_and_a_worker_with_different_keys_fail_loudly_at_the_first_fan_in(
+    worker: Worker, celery_app: Any, token: str, events: Events
+) -> None:
+    conf = get_conf(celery_app)
+    celery_app.conf.unique_signing_key = "a-key-the-worker-does-not-know"
+    conf.reload()
+    try:
+        handle = aggregator(celery_app).create(token, ["a"], fan_collect.s(token))
+    finally:
+        celery_app.conf.unique_signing_key = "test-signing-key"
+        conf.reload()
+    _report(token, "a", 1)
+    refused = f"fan-in {token}: nothing published: a stored fan-in callback did not verify"
+    wait_for(lambda: refused in worker.whole_log(), worker=worker)
+    assert handle.state == "refused" and callbacks(events) == []
+    aggregator(celery_app).client.delete(handle.key)

@@ -102,14 +102,14 @@ def test_a_release_that_fails_unexpectedly_does_not_stop_the_others() -> None:
         store = LockStore(redis.Redis.from_url(server.url))
         broken, kept = (f"test:v1:{{orphans:{uuid.uuid4().hex}}}:lock" for _ in range(2))
         client.set(kept, "owner", px=60_000)
-        real_release = store.release
+        real_release = store.release_all
 
-        def release(key: str, owner: str) -> bool:
-            if key == broken:
+        def release_all(keys: list[str], owner: str, done_ttl_ms: int | None = None) -> int:
+            if keys == [broken]:
                 raise ValueError("a bug")
-            return real_release(key, owner)
+            return real_release(keys, owner, done_ttl_ms)
 
-        store.release = release  # type: ignore[method-assign]
+        store.release_all = release_all  # type: ignore[method-assign]
         releaser.release_later(store, broken, "owner")
         releaser.release_later(store, kept, "owner")
         wait_for(lambda: releaser.pending() == 0, timeout=10)

@@ -132,7 +132,7 @@ class _Stalled:
 
     cluster = False
 
-    def release(self, key: str, owner: str) -> bool:
+    def release_all(self, keys: list[str], owner: str, done_ttl_ms: int | None = None) -> int:
         raise redis.TimeoutError("stalled")
 
 

@@ -24,7 +24,11 @@ from celery_unique.lease import Lease, LeaseKeeper
 @pytest.fixture
 def app(redis_url: str, unique_redis: Any) -> Iterator[Celery]:
     app = Celery("signals", broker=redis_url, set_as_current=False)
-    app.conf.update(task_default_queue=f"signals-{uuid.uuid4().hex[:6]}", task_always_eager=False)
+    app.conf.update(
+        task_default_queue=f"signals-{uuid.uuid4().hex[:6]}",
+        task_always_eager=False,
+        unique_signing_key="test-signing-key",
+    )
     unique_redis.apply(app)  # the locks where this run keeps them (--unique-redis)
 
     @app.task(base=UniqueTask, shared=False, name="signals.job")
@@ -233,6 +237,9 @@ def test_prometheus_counters(eager: Celery) -> None:
         for token, report in ((f"{item}-1", {"value": 1}), (f"{item}-2", {"error": ValueError("x")})):
             agg.create(token, ["a"], app.tasks["signals.callback"].s())
             agg.report(token, "a", policy="fail", **report)
+        agg.create(f"{item}-3", ["a"], app.tasks["signals.callback"].s())
+        agg.client.hset(agg.key(f"{item}-3"), "callback", "a forged callback")
+        agg.report(f"{item}-3", "a", value=1)  # refused: the seal is broken
         deadline = time.monotonic() + 5
         while not lease.lost and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -247,6 +254,7 @@ def test_prometheus_counters(eager: Celery) -> None:
         assert sample("locks_lost", task="signals.job") == 1.0
         assert sample("fan_ins_completed") == 1.0
         assert sample("fan_ins_failed", reason="failed") == 1.0
+        assert sample("seals_broken", purpose="fan-in callback") == 1.0
     finally:
         disable_prometheus(registry)
     assert enable_prometheus(registry) is not counters  # registered again after being disabled
@@ -323,7 +331,10 @@ def test_decisions_log_at_info_and_anomalies_at_warning(
     monkeypatch.setattr(locks, "release_all", down)
     job.delay(secret)  # runs, and its release fails every time: an anomaly
     monkeypatch.undo()
-    job.delay(secret)  # its lock outlived the run (until its TTL): a duplicate, a decision
+    # Held by another call: a duplicate, a decision.
+    lock_client(app).set(job.unique_lock_key((secret,)), "another-call#0123456789ab", px=60_000)
+    assert job.delay(secret).id == "another-call"
+    lock_client(app).delete(job.unique_lock_key((secret,)))
 
     def levels(fragment: str) -> set[tuple[str, int]]:
         return {(r.name, r.levelno) for r in caplog.records if fragment in r.getMessage()}

@@ -29,7 +29,12 @@ from tests.integration.conftest import frozen, lock_holder, release_held
 def _app(broker: str, url: str, **conf: Any) -> Celery:
     app = Celery(f"topology-{uuid.uuid4().hex[:6]}", broker=broker, set_as_current=False)
     # A queue no worker reads: these tests look at the producer side only.
-    app.conf.update(unique_redis_url=url, task_default_queue=f"topology-{uuid.uuid4().hex}", **conf)
+    app.conf.update(
+        unique_redis_url=url,
+        task_default_queue=f"topology-{uuid.uuid4().hex}",
+        unique_signing_key="test-signing-key",
+        **conf,
+    )
     return app
 
 

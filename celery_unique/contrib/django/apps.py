@@ -19,13 +19,24 @@ def _reload_settings(setting: str = "", **_: Any) -> None:
             get_conf(app).reload()
 
 
+def _secret_key() -> bytes | None:
+    from django.conf import settings
+
+    secret = getattr(settings, "SECRET_KEY", None)
+    return secret.encode() if isinstance(secret, str) and secret else None
+
+
 class CeleryUniqueConfig(AppConfig):  # type: ignore[misc]
     name = "celery_unique.contrib.django"
     label = "celery_unique"
     verbose_name = "celery-unique"
 
     def ready(self) -> None:
+        from celery_unique import sealing
         from celery_unique.contrib.django import checks
 
         checks.register()
+        # Fan-in callbacks are signed: without CELERY_UNIQUE_SIGNING_KEY, with a key
+        # derived from SECRET_KEY (the sealer derives one per use from it).
+        sealing.default_signing_key = _secret_key
         setting_changed.connect(_reload_settings, dispatch_uid="celery_unique.reload_settings")

@@ -42,11 +42,12 @@ from celery_unique.keys import digest_of_key
 
 logger = logging.getLogger(__name__)
 
-#: Seconds after the failure at which the release is tried, until Redis answers.
+#: Seconds after the failure at which the release is tried, until Redis answers;
+#: then every DELAYS[-1] seconds, for as long as the lock could live.
 DELAYS = (0.5, 1.5, 3.5, 7.5, 15.0, 30.0)
 #: Seconds after the first answer at which it is tried a last time.
 CONFIRM_AFTER = 1.0
-#: Seconds after the failure past which nothing is tried (slow attempts run late).
+#: Seconds after the failure past which nothing is tried, when the lock's TTL is not known.
 HORIZON = DELAYS[-1] + 10.0
 #: Releases waiting at most; beyond this the TTL frees the locks.
 MAX_PENDING = 10_000
@@ -62,6 +63,7 @@ class _Release:
     key: str
     owner: str
     failed_at: float
+    give_up_at: float  # the lock is gone by then (its TTL), or nothing is known of it
     #: A run that ended (its release failed): the lock exists for sure, so a refused
     #: connection (a Redis restarting) is tried again. Otherwise an acquire that may
     #: never have run: a Redis that refuses connections lost what it had buffered.
@@ -93,15 +95,23 @@ class OrphanReleaser:
         return self._abandoned.get(key, "")
 
     def release_later(
-        self, store: Any, key: str, owner: str, after_run: bool = False, done_ttl_ms: int | None = None
+        self,
+        store: Any,
+        key: str,
+        owner: str,
+        ttl_ms: int | None = None,
+        after_run: bool = False,
+        done_ttl_ms: int | None = None,
     ) -> None:
-        """Release ``key`` if ``owner`` holds it, soon and until Redis answers; ``after_run``
-        for the end of a run whose release failed (see :class:`_Release`)."""
+        """Release ``key`` if ``owner`` holds it, soon and until Redis answers (for as long
+        as its ``ttl_ms`` lets it live); ``after_run`` for the end of a run whose release
+        failed (see :class:`_Release`)."""
         now = time.monotonic()
         with self._changed:
             if len(self._due) >= MAX_PENDING:
                 return
-            release = _Release(weakref.ref(store), key, owner, now, after_run, done_ttl_ms)
+            give_up_at = now + max(HORIZON, (ttl_ms or 0) / 1000.0)
+            release = _Release(weakref.ref(store), key, owner, now, give_up_at, after_run, done_ttl_ms)
             self._push(now + DELAYS[0], 0, release)
             self._abandoned[key] = owner
             if self._thread is None:
@@ -124,14 +134,16 @@ class OrphanReleaser:
                     self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
                 _, _, attempt, release = heapq.heappop(self._due)
                 self._trying = 1
-            late = time.monotonic() > release.failed_at + HORIZON  # slow attempts ran late: the TTL frees it
+            late = time.monotonic() > release.give_up_at  # the TTL has freed it (if it ever landed)
             answered = None if late else self._release(release)
             with self._changed:  # the next attempt is due before this one stops counting
                 self._trying = 0
                 if answered is None:
                     pass  # the TTL frees the lock, if it ever lands
-                elif not answered and 0 <= attempt < len(DELAYS) - 1:
-                    self._push(release.failed_at + DELAYS[attempt + 1], attempt + 1, release)
+                elif not answered and attempt >= 0:
+                    after = DELAYS[attempt + 1] if attempt + 1 < len(DELAYS) else None
+                    when = release.failed_at + after if after else time.monotonic() + DELAYS[-1]
+                    self._push(when, attempt + 1, release)
                     continue
                 elif answered and attempt != _CONFIRMING and not release.after_run:
                     self._push(time.monotonic() + CONFIRM_AFTER, _CONFIRMING, release)

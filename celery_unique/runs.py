@@ -419,7 +419,7 @@ def release(
         # its timeout, and a copy of its message could run again. Once Redis is back.
         for n, key in enumerate(keys):
             orphans.releaser.release_later(
-                locks, key, owner, after_run=True, done_ttl_ms=done_ttl_ms if n == 0 else None
+                locks, key, owner, done_ttl_ms, after_run=True, done_ttl_ms=done_ttl_ms if n == 0 else None
             )
     if count:
         released(task, keys[0], owner, why)

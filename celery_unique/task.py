@@ -389,7 +389,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             except BaseException:
                 # Read the acquire reply first, so the release cannot overtake it.
                 if pending is None or _acquired_or_unknown(pending):
-                    self._release_after_failed_publish(conf.locks, key, owner, republish)
+                    self._release_after_failed_publish(conf.locks, call)
                 raise
             _hints.free(key)
             result.duplicate = False
@@ -464,7 +464,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             result = send()
         except BaseException:
-            self._release_after_failed_publish(conf.locks, key, owner, republish)
+            self._release_after_failed_publish(conf.locks, call)
             raise
         result.duplicate = result.replayed = False
         signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
@@ -519,12 +519,13 @@ class UniqueTask(Task):  # type: ignore[misc]
             # lock for a message that is not published.
             pending.reply()
 
-    def _release_after_failed_publish(self, store: LockStore, key: str, owner: str, republish: bool) -> None:
+    def _release_after_failed_publish(self, store: LockStore, call: _LockedCall) -> None:
+        key, owner, republish = call.key, call.owner, call.republish
         try:
             store.release(key, owner)
         except REDIS_ERRORS as exc:
             if not republish:  # a republished message's lock is its earlier message's too
-                orphans.releaser.release_later(store, key, owner)
+                orphans.releaser.release_later(store, key, owner, call.ttl_ms)
             # The error, not its traceback: on an outage every call lands here.
             logger.warning(
                 "%s: the message was not published and its lock %s could not be released (%r); %s",
@@ -586,7 +587,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         if isinstance(error, NotReplicated) and store is not None:
             if error.acquisition.acquired:
                 # Taken, and nothing is published: released now (or in the background).
-                self._release_after_failed_publish(store, call.key, call.owner, False)
+                self._release_after_failed_publish(store, call)
             return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
         if store is None:
             may_have_run = False  # no client: nothing was sent
@@ -595,7 +596,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         else:
             may_have_run = not certainly_not_run(error, store.cluster)
         if may_have_run:
-            orphans.releaser.release_later(store, call.key, call.owner)  # the acquire may still land
+            orphans.releaser.release_later(store, call.key, call.owner, call.ttl_ms)  # it may still land
         return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
 
     def _redis_failed(self, conf: UniqueConf, key: str, error: BaseException, publish: Any) -> Any:

@@ -22,6 +22,13 @@ def broker() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def lock_redis() -> Iterator[RedisServer]:
+    """A plain lock Redis of the module's own (its tests' keys are all it holds)."""
+    with RedisServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def secure_redis() -> Iterator[SecureRedisServer]:
     require_tls()

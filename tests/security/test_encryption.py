@@ -31,12 +31,6 @@ KEY = "an-encryption-key-for-tests-only"
 
 
 @pytest.fixture(scope="module")
-def lock_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def app(broker: RedisServer, lock_redis: RedisServer) -> Iterator[Any]:
     with producing(broker.url, lock_redis.url, unique_encryption_key=KEY) as app:
         yield app

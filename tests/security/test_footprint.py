@@ -33,12 +33,6 @@ SETTINGS = {"unique_lock_timeout": TTL, "unique_result_ttl": TTL}
 
 
 @pytest.fixture(scope="module")
-def lock_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def app(broker: RedisServer, lock_redis: RedisServer) -> Iterator[Any]:
     with producing(broker.url, lock_redis.url, **SETTINGS) as app:
         yield app

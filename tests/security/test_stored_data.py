@@ -37,12 +37,6 @@ QUEUE = "security-data"
 
 
 @pytest.fixture(scope="module")
-def lock_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def app(broker: RedisServer, lock_redis: RedisServer) -> Iterator[Any]:
     with producing(broker.url, lock_redis.url) as app:
         yield app

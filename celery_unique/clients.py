@@ -18,6 +18,7 @@ say) are the Sentinels' own.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -126,10 +127,37 @@ def check_target(url: str, transport_options: dict[str, Any]) -> None:
         _first_node_options(url)
 
 
+def _anonymous() -> dict[str, Any]:
+    """Options that keep redis-py's connection handshake to ``HELLO``/``AUTH``.
+
+    redis-py names itself (``CLIENT SETINFO``) and, from 8.0 on RESP3, asks for
+    maintenance notifications (``CLIENT MAINT_NOTIFICATIONS``) as it connects.
+    The README's least-privilege ACL rule grants no ``CLIENT``, and no single
+    rule could (Redis 7.0 rejects ``+client|setinfo`` as unknown), while 6.2 and
+    7.2+ log every refusal in ``ACL LOG`` (redis-py goes on regardless), which
+    buries the refusals that matter. Our clients retry on their own terms.
+    """
+    parameters = inspect.signature(redis.Redis.__init__).parameters
+    options: dict[str, Any] = {}
+    if "driver_info" in parameters:  # newer redis-py: None turns SETINFO off
+        options["driver_info"] = None
+    elif "lib_name" in parameters:  # redis-py 5 until driver_info
+        options.update(lib_name=None, lib_version=None)
+    if "maint_notifications_config" in parameters:
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return options
+
+
+ANONYMOUS = _anonymous()
+
+
 def make_client(url: str, transport_options: dict[str, Any] | None = None, **options: Any) -> Any:
     """The client for ``url``; ``options`` are connection settings (timeouts)."""
     transport_options = transport_options or {}
     check_target(url, transport_options)
+    options = {**ANONYMOUS, **options}
     if url.startswith(CLUSTER_SCHEMES):
         return cluster_client(url, **options)  # its retries follow a failover to the new primary
     # No retries inside redis-py, whatever its version's default: the callers

@@ -52,6 +52,9 @@ from celery_unique.keys import done_key, family_of
 # The suffix of an owner token: "#" and 12 hex digits (48 random bits, unique
 # among the messages of one task id).
 _SUFFIX = re.compile(r"#[0-9a-f]{12}\Z")
+#: Messages of one key remembered as run to their end (their copies are discarded):
+#: the latest ones, for as long as their locks could have lived.
+DONE_KEPT = 32
 
 
 def new_owner(task_id: str) -> str:
@@ -493,9 +496,8 @@ class LockStore:
         """Delete those of ``keys`` (one family) that ``owner`` holds; how many. With
         ``done_ttl_ms``, also note for that long that the owner's message ran to its end."""
         done = done_key(family_of(keys[0]))
-        return int(
-            self._release_all(keys=[done, *keys], args=[owner, "" if done_ttl_ms is None else done_ttl_ms])
-        )
+        note = "" if done_ttl_ms is None else done_ttl_ms
+        return int(self._release_all(keys=[done, *keys], args=[owner, note, DONE_KEPT]))
 
     def begin_run(
         self,

@@ -74,7 +74,7 @@ return 1
 #   KEYS[3]  fencing counter
 #   KEYS[4]  stored outcome (idempotent tasks)
 #   KEYS[5]  argument digest of the queued lock's holder (idempotent tasks)
-#   KEYS[6]  done marker: the owner of the message that last ran to its end
+#   KEYS[6]  done marker: the owners of the messages that last ran to their end
 #   ARGV[1]  owner token
 #   ARGV[2]  lifetime: until_executed | until_executing | while_executing |
 #            until_and_while_executing
@@ -103,8 +103,13 @@ if ARGV[4] == '1' then
         return {2, stored}
     end
 end
-if ARGV[6] == '1' and redis.call('GET', KEYS[6]) == owner then
-    return {3}
+local now = redis.call('TIME')
+if ARGV[6] == '1' then
+    local done_until = redis.call('ZSCORE', KEYS[6], owner)
+    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    if done_until and tonumber(done_until) > now_ms then
+        return {3}
+    end
 end
 local held_key = KEYS[2]
 local released = 0
@@ -129,7 +134,6 @@ if held_key then
         released = redis.call('DEL', KEYS[1])
     end
 end
-local now = redis.call('TIME')
 local fence = math.max(tonumber(redis.call('GET', KEYS[3]) or '0') + 1,
                        tonumber(now[1]) * 1000000 + tonumber(now[2]))
 redis.call('SET', KEYS[3], string.format('%d', fence), 'PX', ttl)
@@ -140,12 +144,18 @@ return {1, fence, released}
 # the end of a run, note that the owner's message ran to its end: a copy of it
 # delivered again (an acknowledgement lost in a broker outage, a retry
 # published while the first delivery was still held) is then discarded.
+# The marker is a sorted set of owners scored by the time (ms) until which
+# each is remembered: a hot key runs many messages before a copy of an early
+# one comes back. It keeps the latest ARGV[3] owners and lives as long as the
+# longest of them.
 #   KEYS[1]  the family's done marker
 #   KEYS[2…] lock keys of the family
 #   ARGV[1]  owner token
-#   ARGV[2]  time to live of the done marker in milliseconds ("": none written)
+#   ARGV[2]  time to live of the owner's note in milliseconds ("": none written)
+#   ARGV[3]  owners kept at most
 # Returns how many locks were deleted.
 RELEASE_ALL = """
+if redis.replicate_commands then redis.replicate_commands() end
 local released = 0
 for i = 2, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[1] then
@@ -153,7 +163,15 @@ for i = 2, #KEYS do
     end
 end
 if ARGV[2] ~= '' then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    local ttl = tonumber(ARGV[2])
+    local now = redis.call('TIME')
+    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now_ms))
+    redis.call('ZADD', KEYS[1], string.format('%d', now_ms + ttl), ARGV[1])
+    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1 - tonumber(ARGV[3]))
+    if redis.call('PTTL', KEYS[1]) < ttl then
+        redis.call('PEXPIRE', KEYS[1], ttl)
+    end
 end
 return released
 """

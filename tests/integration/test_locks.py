@@ -12,9 +12,17 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_unique.keys import family_of, fence_key, lock_key, run_key
-from celery_unique.locks import LockStore, _parse_acquire_reply, _parse_reply, new_owner, task_id_of
+from celery_unique.keys import done_key, family_of, fence_key, lock_key, run_key
+from celery_unique.locks import (
+    DONE_KEPT,
+    LockStore,
+    _parse_acquire_reply,
+    _parse_reply,
+    new_owner,
+    task_id_of,
+)
 from celery_unique.testing import RedisServer
+from tests.integration.conftest import wait_for
 
 
 @pytest.fixture
@@ -265,3 +273,37 @@ def test_the_fence_lives_as_long_as_the_lock_it_guards(
     )
     assert later.fence is not None and fences[0].fence is not None and later.fence > fences[0].fence
     redis_client.delete(fence_key(family), run_key(family))
+
+
+def test_the_done_marker_remembers_the_latest_owners_each_for_its_own_time(
+    store: LockStore, redis_client: redis.Redis
+) -> None:
+    family = f"test:v1:{{locks:{uuid.uuid4().hex}}}"
+    lock, run, fence = (f"{family}:{kind}" for kind in ("lock", "run", "fence"))
+
+    def copy_discarded(owner: str) -> bool:
+        started = store.begin_run(lock, run, fence, owner, "until_executed", 60_000, check_done=True)
+        if started.acquired:
+            store.release_all([lock], owner)
+        return started.done
+
+    # A short-lived note among long ones: forgotten once its time has passed.
+    store.release_all([lock], "brief", done_ttl_ms=200)
+    for n in range(DONE_KEPT - 1):
+        store.release_all([lock], f"owner-{n}", done_ttl_ms=60_000)
+    assert copy_discarded("brief") and copy_discarded("owner-0")
+    [(_, brief_until)] = redis_client.zrange(done_key(family), 0, 0, withscores=True)
+    wait_for(lambda: redis_server_ms(redis_client) > brief_until, timeout=5)
+    assert not copy_discarded("brief") and copy_discarded("owner-0")
+    # The latest DONE_KEPT owners are kept: two more (one in brief's place) forget the oldest.
+    store.release_all([lock], "owner-next", done_ttl_ms=60_000)
+    store.release_all([lock], "owner-last", done_ttl_ms=60_000)
+    assert redis_client.zcard(done_key(family)) == DONE_KEPT
+    assert not copy_discarded("owner-0") and copy_discarded("owner-1") and copy_discarded("owner-last")
+    assert 59_000 < redis_client.pttl(done_key(family)) <= 60_000
+    assert not copy_discarded("never-ran")
+
+
+def redis_server_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000

@@ -223,3 +223,27 @@ def test_a_copy_of_a_message_that_already_ran_to_its_end_is_not_run_again(
     again = sleeper.delay(token)
     assert not again.duplicate
     wait_for(ended(events, 2), worker=worker)
+
+
+@pytest.mark.worker
+def test_a_copy_is_not_run_again_after_later_calls_of_its_key_ran(
+    worker: Worker, celery_app: Any, redis_client: redis.Redis, token: str, events: Events
+) -> None:
+    """A hot key runs again and again before the broker delivers the copy of an
+    earlier message (its acknowledgement lost in an outage): the copy is still
+    known as run to its end, not only when its message was the key's last run."""
+    parked = f"parked-{token}"
+    first = sleeper.apply_async((token,), queue=parked)
+    [raw] = redis_client.lrange(parked, 0, -1)
+    celery_app.control.add_consumer(parked, destination=[worker.name], reply=True)
+    try:
+        wait_for(ended(events), worker=worker)
+        for runs in (2, 3):  # later messages of the same key, each run to its end
+            assert not sleeper.delay(token).duplicate
+            wait_for(ended(events, runs), worker=worker)
+        redis_client.rpush(parked, raw)  # the copy of the first
+        worker.drain(parked)
+    finally:
+        celery_app.control.cancel_consumer(parked, destination=[worker.name], reply=True)
+    assert [e["id"] for e in events() if e["event"] == "start"].count(first.id) == 1
+    assert f"{first.id}]: this message already ran to its end" in worker.whole_log()

@@ -31,7 +31,7 @@ from typing import Any
 from celery import shared_task, signature, states
 
 from celery_unique import headers, scripts, signals
-from celery_unique.clients import text
+from celery_unique.clients import describe, text
 from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError, SealBroken
 from celery_unique.keys import fan_in_due_key, fan_in_key
@@ -292,7 +292,7 @@ class Aggregator:
             self._unclaim(keys=[key], args=[claimant])
             self._look_at(token, time.time())
             logger.warning(
-                "fan-in %s: its %s could not be published (%r); tried again soon", token, kind, exc
+                "fan-in %s: its %s could not be published (%s); tried again soon", token, kind, describe(exc)
             )
             return None
         if self._finish(keys=[key], args=[claimant]):

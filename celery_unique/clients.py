@@ -26,7 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SSLConnection, parse_url
-from redis.exceptions import NoPermissionError, RedisClusterException
+from redis.exceptions import InvalidResponse, NoPermissionError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
@@ -191,10 +191,31 @@ def refused_command(error: BaseException) -> bool:
     )
 
 
-def describe(error: BaseException) -> str:
-    """An error as a log line shows it: its class and message (redis-py 8's repr keeps
-    only a category, such as ``server:ResponseError``), and what to do about a refusal."""
-    said = f"{type(error).__name__}: {error}"
+def location(url: str) -> str:
+    """Where ``url`` points, for messages: ``host:port``, a socket's path, or a
+    cluster's or the Sentinels' first nodes; never a password."""
+    try:
+        if url.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
+            nodes = ",".join(f"{host}:{port}" for host, port in _nodes(url)[:3])
+            return f"the {'cluster' if url.startswith(CLUSTER_SCHEMES) else 'Sentinels'} at {nodes}"
+        options = parse_url(url)  # type: ignore[no-untyped-call]
+    except (ConfigurationError, ValueError):
+        return "an address that cannot be read"
+    if options.get("path"):
+        return f"unix:{options['path']}"
+    return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+
+
+def describe(error: BaseException, where: str = "") -> str:
+    """An error as a message shows it: its class and message (redis-py 8's repr keeps
+    only a category, such as ``network:ConnectionError``), where it happened (a
+    timeout's message names no server: ``where``, from :func:`location`), and what to
+    do about a refusal."""
+    said = f"{type(error).__name__}: {error}".rstrip(": ")
+    if where and where not in said:
+        said += f" (at {where})"
+    if isinstance(error, InvalidResponse):
+        said += " (what answered is not a Redis server: check the URL's host and port)"
     if refused_command(error):
         said += " (the lock Redis's user lacks a command: see README, Least-privilege Redis user)"
     return said
@@ -219,8 +240,8 @@ def certainly_not_run(error: BaseException, retried: bool = False) -> bool:
     by itself (a cluster client), the error tells of its last attempt only:
     then only an error reply is certain.
     """
-    if isinstance(error, (redis.ResponseError, redis.AuthenticationError)):
-        return True
+    if isinstance(error, (redis.ResponseError, redis.AuthenticationError, InvalidResponse)):
+        return True  # an error reply, or an answer in no Redis protocol: no Redis ran it
     if retried:
         return False
     if isinstance(error, MasterNotFoundError):

@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from celery_unique import metrics, sealing
-from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, make_client
+from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, location, make_client
 from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import validate_prefix
 from celery_unique.locks import LockStore
@@ -263,6 +263,11 @@ class UniqueConf:
         return value
 
     @property
+    def location(self) -> str:
+        """Where the lock Redis is, for messages (never a password)."""
+        return location(self.redis_target[0])
+
+    @property
     def locks(self) -> LockStore:
         """The lock store for the configured Redis (one client per URL and timeouts)."""
         store: LockStore | None = self._values.get("_locks")
@@ -275,7 +280,8 @@ class UniqueConf:
             if store is None:
                 # Built outside the lock: a cluster client connects now, and
                 # during an outage threads must not queue behind one another.
-                built = LockStore(make_client(url, options, **timeouts), replicas, self.replica_timeout_ms)
+                client = make_client(url, options, **timeouts)
+                built = LockStore(client, replicas, self.replica_timeout_ms, location(url))
                 with self._lock:
                     store = self._stores.setdefault(ident, built)
                 if store is not built:

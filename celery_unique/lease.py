@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_unique import signals
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique.clients import REDIS_ERRORS, describe
 from celery_unique.keys import digest_of_key
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,11 @@ class LeaseKeeper:
         except REDIS_ERRORS as exc:
             # Try again soon; the TTL still has two thirds left.
             lease.due = time.monotonic() + min(lease.interval, 1.0)
-            logger.warning("could not renew lock %s: %r", digest_of_key(lease.key)[:12], exc)
+            logger.warning(
+                "could not renew lock %s: %s",
+                digest_of_key(lease.key)[:12],
+                describe(exc, lease.store.location),
+            )
             return True
         lease.due = time.monotonic() + lease.interval
         return bool(kept)

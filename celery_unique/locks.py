@@ -345,8 +345,11 @@ class LockStore:
     acknowledged it within ``replica_timeout_ms`` (Redis ``WAIT``).
     """
 
-    def __init__(self, client: Any, replicas: int = 0, replica_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self, client: Any, replicas: int = 0, replica_timeout_ms: int = 1000, location: str = ""
+    ) -> None:
         self.client = client
+        self.location = location  # where the Redis is, for messages (clients.location)
         self.replicas = replicas
         self.replica_timeout_ms = replica_timeout_ms
         self._acquire = client.register_script(scripts.ACQUIRE)

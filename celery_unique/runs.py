@@ -106,10 +106,10 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
         setattr(request, STATE, NOTHING_HELD)
         if conf.on_redis_error == "allow":
             logger.warning(
-                "%s[%s]: Redis failed (%r); runs without its lock (unique_on_redis_error = 'allow')",
+                "%s[%s]: Redis failed (%s); runs without its lock (unique_on_redis_error = 'allow')",
                 task.name,
                 task_id,
-                exc,
+                describe(exc, conf.location),
             )
             setattr(request, RAN, True)
             return
@@ -165,15 +165,17 @@ def _when_redis_answers(
     message for good; the run waits for Redis instead (:data:`OUTAGE_WAIT`),
     and, past that, leaves the message to the broker's redelivery.
     """
+    where = get_conf(task.app).location
     error = LockBackendError(
-        f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis ({failure!r})"
+        f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis "
+        f"({describe(failure, where)})"
     )
     error.__cause__ = failure
     logger.warning(
-        "%s[%s]: Redis failed (%r); the run is retried in %ss",
+        "%s[%s]: Redis failed (%s); the run is retried in %ss",
         task.name,
         task_id,
-        failure,
+        describe(failure, where),
         task.conflict_retry_countdown,
     )
     try:
@@ -195,12 +197,12 @@ def _when_redis_answers(
         except REDIS_ERRORS as exc:
             if time.monotonic() + pause > deadline:
                 logger.error(
-                    "%s[%s]: Redis did not answer within %ss (%r); the message is left to the "
+                    "%s[%s]: Redis did not answer within %ss (%s); the message is left to the "
                     "broker's redelivery",
                     task.name,
                     task_id,
                     OUTAGE_WAIT,
-                    exc,
+                    describe(exc, where),
                 )
                 raise Reject(error, requeue=True) from exc
         pause = min(pause * 2, 2.0)

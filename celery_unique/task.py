@@ -21,7 +21,7 @@ from celery import Task
 from celery.utils import uuid
 
 from celery_unique import headers, hooks, idempotency, orphans, runs, signals
-from celery_unique.clients import REDIS_ERRORS, certainly_not_run
+from celery_unique.clients import REDIS_ERRORS, certainly_not_run, describe
 from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
@@ -528,10 +528,10 @@ class UniqueTask(Task):  # type: ignore[misc]
                 orphans.releaser.release_later(store, key, owner, call.ttl_ms)
             # The error, not its traceback: on an outage every call lands here.
             logger.warning(
-                "%s: the message was not published and its lock %s could not be released (%r); %s",
+                "%s: the message was not published and its lock %s could not be released (%s); %s",
                 self.name,
                 digest_of_key(key)[:12],
-                exc,
+                describe(exc, store.location),
                 "it expires after its timeout" if republish else "retried in the background",
             )
 
@@ -563,10 +563,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         keeps its lock header, and its run checks the lock when it starts.
         """
         logger.warning(
-            "%s[%s]: Redis failed (%r); published again without renewing lock %s (its run checks the lock)",
+            "%s[%s]: Redis failed (%s); published again without renewing lock %s (its run checks the lock)",
             self.name,
             task_id,
-            error,
+            describe(error, get_conf(self._get_app()).location),
             digest_of_key(key)[:12],
         )
         result = send()
@@ -602,15 +602,15 @@ class UniqueTask(Task):  # type: ignore[misc]
     def _redis_failed(self, conf: UniqueConf, key: str, error: BaseException, publish: Any) -> Any:
         if conf.on_redis_error == "allow":
             logger.warning(
-                "%s: Redis failed (%r); published without a uniqueness check "
+                "%s: Redis failed (%s); published without a uniqueness check "
                 "(unique_on_redis_error = 'allow')",
                 self.name,
-                error,
+                describe(error, conf.location),
             )
             return publish()
         raise LockBackendError(
             f"{self.name}: could not take the lock {digest_of_key(key)[:12]} in Redis "
-            f"({error!r}); nothing was published"
+            f"({describe(error, conf.location)}); nothing was published"
         ) from error
 
     @staticmethod

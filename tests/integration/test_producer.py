@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -242,6 +244,70 @@ def test_redis_outage_raises_lock_backend_error_and_publishes_nothing(
         assert isinstance(info.value.__cause__, redis.ConnectionError)
     assert redis_client.llen(QUEUE) == before
     # Refused: no lock can have been taken, so none is released, now or later.
+    assert released_later == []
+    assert "could not be released" not in caplog.text
+
+
+def test_a_redis_failure_names_the_address_and_never_the_password(
+    apps: Any, redis_url: str, item: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis-py 8's repr of its errors is a category ("network:ConnectionError"), and a
+    timeout's message names no server: the error says where, without the password."""
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        app = apps(
+            redis_url,
+            f"redis://someone:s3cret-pw@127.0.0.1:{port}/0",
+            unique_redis_socket_timeout=0.3,
+            unique_redis_connect_timeout=0.3,
+        )
+        with pytest.raises(LockBackendError) as timed_out:
+            app.tasks["producer.job"].delay(item)
+    refused = apps(redis_url, "redis://127.0.0.1:1/0", unique_redis_connect_timeout=0.5)
+    with pytest.raises(LockBackendError) as refusal:
+        refused.tasks["producer.job"].delay(item)
+    for error, where in ((timed_out.value, f"127.0.0.1:{port}"), (refusal.value, "127.0.0.1:1")):
+        said = str(error)
+        assert where in said and "s3cret-pw" not in said and "network:" not in said, said
+        assert type(error.__cause__).__name__ in said, said
+
+
+@pytest.fixture
+def not_redis() -> Iterator[int]:
+    """The port of a server that answers every connection as an HTTP server would."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    with server:
+        yield server.getsockname()[1]
+
+
+def test_an_address_that_is_not_redis_is_named_and_no_lock_is_released_later(
+    apps: Any,
+    redis_url: str,
+    item: str,
+    not_redis: int,
+    caplog: pytest.LogCaptureFixture,
+    released_later: list[tuple[Any, ...]],
+) -> None:
+    app = apps(redis_url, f"redis://127.0.0.1:{not_redis}/0", unique_redis_socket_timeout=1)
+    with caplog.at_level(logging.WARNING, logger="celery_unique"), pytest.raises(LockBackendError) as info:
+        app.tasks["producer.job"].delay(item)
+    said = str(info.value)
+    assert f"127.0.0.1:{not_redis}" in said and "not a Redis server" in said, said
+    # Whatever answered is no Redis: no lock can have been taken, none is released.
     assert released_later == []
     assert "could not be released" not in caplog.text
 

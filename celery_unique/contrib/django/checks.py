@@ -25,7 +25,7 @@ from typing import Any
 from django.core import checks
 
 from celery_unique import checks as core_checks
-from celery_unique.clients import REDIS_ERRORS
+from celery_unique.clients import REDIS_ERRORS, describe
 from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError
 
@@ -55,7 +55,7 @@ def check_redis(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
     except REDIS_ERRORS as exc:
         return [
             checks.Error(
-                f"the Redis for celery-unique locks cannot be reached: {exc!r}",
+                f"the Redis for celery-unique locks cannot be reached: {describe(exc, conf.location)}",
                 hint="Check CELERY_UNIQUE_REDIS_URL (or the Redis broker URL).",
                 id="celery_unique.E001",
             )

@@ -155,6 +155,15 @@ class UniqueTask(Task):  # type: ignore[misc]
         # Wrap the run this class resolves to (its own, or a mixin's) once.
         cls.run = idempotency.replaying(inspect.getattr_static(cls, "run"))
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Celery makes the one instance of a task as it registers it (the
+        # decorator, or a lazy app's finalization, as a worker starts): a
+        # unique_on that names no parameter is a typo, said here once rather
+        # than at the first delay() and again by the worker's checks.
+        if self.name and self.unique_on is not None and not callable(self.unique_on):
+            self._argument_key(self.unique_on)
+
     # -- resolved options ---------------------------------------------------
 
     @property

@@ -97,3 +97,16 @@ def test_a_worker_with_invalid_settings_refuses_to_start(redis_url: str) -> None
     assert "celery-unique: invalid configuration" in str(info.value)
     assert "unique_on_redis_error must be one of raise, allow; got 'ignore'" in str(info.value)
     assert "unique_redis_socket_timeout must be a positive number of seconds, got '5s'" in str(info.value)
+
+
+@pytest.mark.worker
+def test_a_worker_whose_task_has_a_unique_on_typo_says_so_once_and_stops(redis_url: str) -> None:
+    env = {"CHAOS_BROKER_URL": redis_url}
+    worker = Worker(redis_url, "typo", app="tests.integration.typo_app", env=env)
+    try:
+        with pytest.raises(RuntimeError, match="worker exited with") as info:
+            worker.wait_ready(timeout=60)
+    finally:
+        worker.stop()
+    said = "typo.recompute: unique_on names ['loan'] are not parameters of the task"
+    assert str(info.value).count(said) == 1, str(info.value)

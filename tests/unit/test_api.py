@@ -190,14 +190,43 @@ def test_configuration_errors_name_each_task_and_its_option() -> None:
     task("fine")
     task("lifetime", lock="until_execute")
     task("duplicate", on_duplicate="drop")
-    task("names", unique_on=("order",))
     task("timeout", lock_timeout=-5)
     task("stored", idempotent=True, lock="until_expired")
     found = {str(error).split(":")[0]: str(error) for error in configuration_errors(app)}
-    assert sorted(found) == ["duplicate", "lifetime", "names", "stored", "timeout"]
+    assert sorted(found) == ["duplicate", "lifetime", "stored", "timeout"]
     assert "until_execute" in found["lifetime"] and "'drop'" in found["duplicate"]
-    assert "['order']" in found["names"] and "-5" in found["timeout"]
-    assert found["names"] == "names: unique_on names ['order'] are not parameters of the task"  # named once
+    assert "-5" in found["timeout"]
+
+
+def test_a_unique_on_typo_is_an_error_as_the_task_is_registered() -> None:
+    """Not at the first delay(): as the decorator runs on a finalized app, or as a
+    lazy app registers its tasks (a worker's start), with the task named once."""
+    from celery_unique import UniqueTask
+
+    ready = _app()
+    ready.finalize()
+    with pytest.raises(exceptions.ConfigurationError) as raised:
+
+        @ready.task(base=UniqueTask, name="names", shared=False, unique_on=("order",))
+        def run(order_id: int) -> None: ...
+
+    assert str(raised.value) == "names: unique_on names ['order'] are not parameters of the task"
+
+    lazy = _app()
+
+    @lazy.task(base=UniqueTask, name="bound", bind=True, shared=False, unique_on=("self",))
+    def bound(self: Any, order_id: int) -> None: ...
+
+    with pytest.raises(exceptions.ConfigurationError, match=r"bound: unique_on names \['self'\]"):
+        lazy.finalize()
+
+    fine = _app()
+
+    @fine.task(base=UniqueTask, name="fine", bind=True, shared=False, unique_on=("order_id",))
+    def good(self: Any, order_id: int) -> None: ...
+
+    fine.finalize()
+    assert fine.tasks["fine"].unique_lock_key((1,)) == fine.tasks["fine"].unique_lock_key((), {"order_id": 1})
 
 
 @pytest.mark.parametrize(

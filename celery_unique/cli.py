@@ -17,7 +17,14 @@ from celery_unique.inspect import KINDS, force_release, iter_locks, open_fan_ins
 
 
 def _app(ctx: click.Context) -> Any:
-    return ctx.obj.app
+    """The app, with the task modules a worker would import (``imports``,
+    ``include`` and ``autodiscover_tasks()``, as Django projects register
+    theirs): the listing names their lifetimes and ages."""
+    app = ctx.obj.app
+    if not getattr(app, "_celery_unique_modules_imported", False):
+        app.loader.import_default_modules()
+        app._celery_unique_modules_imported = True
+    return app
 
 
 class _Commands(click.Group):

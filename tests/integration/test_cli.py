@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,7 +33,7 @@ from celery_unique.keys import (
     run_key,
 )
 from celery_unique.locks import LockStore
-from tests.integration.conftest import Events, release_held, wait_for
+from tests.integration.conftest import ROOT, Events, release_held, wait_for
 from tests.integration.worker_app import LIFETIME_TASKS, open_gate, sleeper
 
 APP = "tests.integration.worker_app"
@@ -425,3 +429,33 @@ def test_a_prefix_with_glob_characters_is_matched_literally(
     finally:
         celery_app.conf.unique_key_prefix = before
         conf.reload()
+
+
+def test_a_django_project_s_autodiscovered_tasks_are_known_to_the_cli(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The example project registers its task through autodiscover_tasks(), as Django
+    projects do: the command, in a fresh process, imports it and shows its lifetime."""
+    env = {**os.environ, "REDIS_URL": redis_url, "DJANGO_SETTINGS_MODULE": "example_project.settings"}
+    holder = f"cli-test-{uuid.uuid4().hex}"
+    take = (
+        "import django; django.setup()\n"
+        "from celery_unique.conf import get_conf\n"
+        "from example_project.loans.tasks import recompute_schedule as task\n"
+        "key = task.unique_lock_key((424242,))\n"
+        f"get_conf(task.app).locks.acquire(key, {holder!r}, 60_000)\n"
+        "print(key)\n"
+    )
+    key = subprocess.run(
+        [sys.executable, "-c", take], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        listed = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "example_project", "unique", "locks"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        [line] = [line for line in listed.stdout.splitlines() if holder in line]
+        assert line.split()[-1] == "lifetime=until_and_while_executing", line
+    finally:
+        redis_client.delete(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
@@ -38,3 +39,16 @@ def test_demo_runs_every_published_recompute_once(database: str, redis_url: str)
     assert (
         "every published recompute ran exactly once, and every schedule saw its last payment" in done.stdout
     )
+    # Beside what celery-unique published, what plain Celery would have: one per request.
+    requests = figure(done.stdout, "requests")
+    assert requests == 8 * 10  # 8 threads (the default) x --payments 10
+    assert figure(done.stdout, "published by plain Celery") == requests
+    published = figure(done.stdout, "published by celery-unique")
+    assert 0 < published < requests and published + figure(done.stdout, "deduplicated") == requests
+
+
+def figure(output: str, label: str) -> int:
+    """The number the demo prints beside a label."""
+    found = re.search(rf"^{re.escape(label)} +(\d+)", output, re.MULTILINE)
+    assert found, f"no {label!r} line in:\n{output}"
+    return int(found.group(1))

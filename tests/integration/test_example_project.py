@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import pytest
+import redis
 
 from tests.integration.conftest import require_service, run_with_a_worker
 
@@ -52,3 +54,27 @@ def figure(output: str, label: str) -> int:
     found = re.search(rf"^{re.escape(label)} +(\d+)", output, re.MULTILINE)
     assert found, f"no {label!r} line in:\n{output}"
     return int(found.group(1))
+
+
+@pytest.mark.worker
+def test_demo_without_a_worker_leaves_its_recomputes_queued_and_locked(redis_url: str) -> None:
+    """The operations page's recipe: the locks stay for ``celery unique locks`` to show,
+    and the next demo run clears them (else they would deduplicate its payments)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
+    url = urlparse(redis_url)._replace(path="/2")
+    env["REDIS_URL"] = urlunparse(url)
+    command = [sys.executable, "-m", "example_project", "demo", "--payments", "10"]
+    left = subprocess.run(
+        [*command, "--without-worker"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert left.returncode == 0, left.stdout + left.stderr
+    assert figure(left.stdout, "published by celery-unique") == 5  # one per loan: nothing runs them
+    assert figure(left.stdout, "deduplicated") == 8 * 10 - 5
+    with redis.Redis.from_url(urlunparse(url)) as client:
+        locks = list(client.scan_iter("celery_unique:v1:{loans.recompute_schedule:*}:lock"))
+        assert len(locks) == 5 and all(0 < client.pttl(key) <= 60_000 for key in locks)
+        assert client.llen("example_project") == 5
+    done = run_with_a_worker(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cleared what an earlier run left: 5 queued recompute(s), 5 lock(s)" in done.stdout
+    assert "every published recompute ran exactly once" in done.stdout

@@ -166,6 +166,7 @@ def main(loans: int = 5, per_thread: int = 25, threads: int = 8, without_worker:
                 "Meanwhile, with the same REDIS_URL:\n"
                 "    .venv/bin/celery -A example_project unique locks\n"
                 "    .venv/bin/celery -A example_project unique stats\n"
+                "    .venv/bin/python manage.py unique_locks\n"
                 "The demo's next run clears them."
             )
             return 0

@@ -1,4 +1,5 @@
-"""The README's demo, end to end: a Django project, a real worker, real databases."""
+"""The README's demo, end to end: a Django project, a real worker, real databases; and
+the example project's manage.py."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from urllib.parse import urlparse, urlunparse
 import pytest
 import redis
 
+from celery_unique.keys import digest, family_key, lock_key
 from tests.integration.conftest import require_service, run_with_a_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.worker
 
-
+@pytest.mark.worker
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_demo_runs_every_published_recompute_once(database: str, redis_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
@@ -78,3 +79,40 @@ def test_demo_without_a_worker_leaves_its_recomputes_queued_and_locked(redis_url
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cleared what an earlier run left: 5 queued recompute(s), 5 lock(s)" in done.stdout
     assert "every published recompute ran exactly once" in done.stdout
+
+
+def test_manage_py_runs_the_checks_and_lists_the_locks(redis_url: str, tmp_path: Path) -> None:
+    """``python manage.py check`` and ``unique_locks`` from the repository root, as
+    docs/django.rst gives them (no PYTHONPATH, no --settings)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE", "PYTHONPATH")
+    }
+    url = urlunparse(urlparse(redis_url)._replace(path="/3"))
+    env.update(REDIS_URL=url, EXAMPLE_SQLITE_PATH=str(tmp_path / "example.sqlite3"))
+
+    def manage(*arguments: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "manage.py", *arguments],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "System check identified no issues" in manage("check")
+    manage("check", "--deploy", "--tag", "celery_unique")  # the checks that ask Redis: no error
+    key = lock_key(family_key("celery_unique", "loans.recompute_schedule", digest([1])))
+    with redis.Redis.from_url(url) as client:
+        client.set(key, "2e5ed8c4#0123456789ab", px=60_000)
+        try:
+            listed = manage("unique_locks")
+            assert f"{key}  lock  holder=2e5ed8c4  " in listed and "1 lock(s) and outcome(s)" in listed
+            assert manage("unique_locks", "--release", key).strip() == "released"
+            assert not client.exists(key)
+        finally:
+            client.delete(key)

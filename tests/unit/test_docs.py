@@ -22,7 +22,8 @@ def test_readme_renders_cleanly() -> None:
 
 def test_readme_gives_the_demo_and_test_commands() -> None:
     text = (ROOT / "README.rst").read_text()
-    assert ".venv/bin/python -m example_project demo" in text
+    # The front page: the pitch, then at once the two commands, before installation and usage.
+    assert text.index(".venv/bin/python -m example_project demo") < text.index("\nInstallation\n====")
     marker = text.index(".. test-command")
     command = next(line.strip() for line in text[marker:].splitlines()[1:] if line.startswith("    "))
     assert command.endswith(".venv/bin/python -m pytest")

@@ -132,7 +132,7 @@ def _anonymous() -> dict[str, Any]:
 
     redis-py names itself (``CLIENT SETINFO``) and, from 8.0 on RESP3, asks for
     maintenance notifications (``CLIENT MAINT_NOTIFICATIONS``) as it connects.
-    The README's least-privilege ACL rule grants no ``CLIENT``, and no single
+    The least-privilege ACL rule (docs/security.rst) grants no ``CLIENT``, and no single
     rule could (Redis 7.0 rejects ``+client|setinfo`` as unknown), while 6.2 and
     7.2+ log every refusal in ``ACL LOG`` (redis-py goes on regardless), which
     buries the refusals that matter. Our clients retry on their own terms.
@@ -217,7 +217,7 @@ def describe(error: BaseException, where: str = "") -> str:
     if isinstance(error, InvalidResponse):
         said += " (what answered is not a Redis server: check the URL's host and port)"
     if refused_command(error):
-        said += " (the lock Redis's user lacks a command: see README, Least-privilege Redis user)"
+        said += " (the lock Redis's user lacks a command: see docs/security.rst, Least-privilege Redis user)"
     return said
 
 

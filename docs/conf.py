@@ -1,6 +1,6 @@
 """Sphinx configuration: ``sphinx-build -W --keep-going -b html docs docs/_build/html``
-(``tox -e docs`` runs it). The pages include README.rst and CHANGELOG.rst, so the
-text lives in one place only."""
+(``tox -e docs`` runs it). The front page includes README.rst and the changelog page
+CHANGELOG.rst, so the text lives in one place only."""
 
 from importlib.metadata import metadata
 

@@ -12,5 +12,11 @@ run = commands.add_parser("demo", help="concurrent payments, on-commit unique re
 run.add_argument("--loans", type=int, default=5)
 run.add_argument("--payments", type=int, default=25, help="payments per thread")
 run.add_argument("--threads", type=int, default=8)
+run.add_argument(
+    "--without-worker",
+    action="store_true",
+    help="start no worker: the recomputes stay queued, holding their locks, for `celery unique locks` "
+    "(needs REDIS_URL)",
+)
 options = parser.parse_args()
-raise SystemExit(demo.main(options.loans, options.payments, options.threads))
+raise SystemExit(demo.main(options.loans, options.payments, options.threads, options.without_worker))

@@ -6,6 +6,11 @@ worker (prefork, two processes) in a subprocess, then posts payments to the
 Django view from several threads. Each payment updates its loan in a
 transaction and asks for the loan's schedule to be recomputed on commit;
 celery-unique publishes one recompute per loan at a time.
+
+``--without-worker`` posts the payments with no worker running, so that the
+recomputes stay queued, holding their locks, for ``celery unique locks`` to
+show; it needs a ``REDIS_URL`` that outlives the demo. Each run first clears
+what an earlier one left in the example project's queue.
 """
 
 from __future__ import annotations
@@ -76,9 +81,30 @@ def post_payments(loan_ids: list[int], per_thread: int, threads: int) -> Counter
     return counts
 
 
-def main(loans: int = 5, per_thread: int = 25, threads: int = 8) -> int:
+def clear_leftovers(app: Any, task_name: str) -> tuple[int, int]:
+    """Purge the example project's queue and release its recomputes' locks: what a
+    ``--without-worker`` (or interrupted) run left would otherwise deduplicate this
+    run's payments, or run on its loans. The numbers of messages and locks cleared."""
+    from celery_unique.inspect import force_release, iter_locks
+
+    purged = app.control.purge() or 0
+    return purged, sum(force_release(app, lock.key) for lock in iter_locks(app, task_name))
+
+
+def print_counts(*rows: tuple[str, int, str]) -> None:
+    print()
+    for label, count, note in rows:
+        print(f"{label:<27} {count:>6}   {note}".rstrip())
+
+
+def main(loans: int = 5, per_thread: int = 25, threads: int = 8, without_worker: bool = False) -> int:
     with ExitStack() as stack:
         if not os.environ.get("REDIS_URL"):
+            if without_worker:
+                raise SystemExit(
+                    "--without-worker needs REDIS_URL: a Redis that stays up after the demo, where the "
+                    "recomputes stay queued (an embedded redis-server would stop with the demo)"
+                )
             os.environ["REDIS_URL"] = stack.enter_context(RedisServer()).url
             print(f"started an embedded redis-server at {os.environ['REDIS_URL']}")
         if not os.environ.get("DATABASE_URL"):
@@ -106,15 +132,44 @@ def main(loans: int = 5, per_thread: int = 25, threads: int = 8) -> int:
             for n in range(1, loans + 1)
         ]
         stack.callback(get_conf(app).close)
+        purged, released = clear_leftovers(app, recompute_schedule.name)
+        if purged or released:
+            print(f"cleared what an earlier run left: {purged} queued recompute(s), {released} lock(s)")
 
-        worker = start_worker()
-        stack.callback(lambda: (worker.terminate(), worker.wait(30)))
-        wait_for_worker(app, worker)
-        print(f"worker ready; {threads} threads post {per_thread} payments each to {loans} loans")
+        if without_worker:
+            print(f"no worker; {threads} threads post {per_thread} payments each to {loans} loans")
+        else:
+            worker = start_worker()
+            stack.callback(lambda: (worker.terminate(), worker.wait(30)))
+            wait_for_worker(app, worker)
+            print(f"worker ready; {threads} threads post {per_thread} payments each to {loans} loans")
 
         started = time.monotonic()
         counts = post_payments(loan_ids, per_thread, threads)
-        elapsed = time.monotonic() - started
+        # Plain Celery's delay_on_commit() publishes one message per committed
+        # request: its figure is the request count, beside what was published.
+        figures = [
+            ("requests", counts["requests"], f"(in {time.monotonic() - started:.1f}s)"),
+            ("published by plain Celery", counts["requests"], "(one recompute per request)"),
+        ]
+
+        if without_worker:
+            print_counts(
+                *figures,
+                ("published by celery-unique", counts["published"], "(queued: no worker runs them)"),
+                ("deduplicated", counts["deduplicated"], "(handle of the queued recompute)"),
+            )
+            print()
+            print(
+                f"The recomputes stay queued, each holding its loan's lock for "
+                f"{get_conf(app).lock_timeout:.0f} s (CELERY_UNIQUE_LOCK_TIMEOUT).\n"
+                "Meanwhile, with the same REDIS_URL:\n"
+                "    .venv/bin/celery -A example_project unique locks\n"
+                "    .venv/bin/celery -A example_project unique stats\n"
+                "    .venv/bin/python manage.py unique_locks\n"
+                "The demo's next run clears them."
+            )
+            return 0
 
         # Wait until every published recompute has run and released its lock.
         store = get_conf(app).locks
@@ -131,11 +186,12 @@ def main(loans: int = 5, per_thread: int = 25, threads: int = 8) -> int:
         )
         executed = sum(runs for _, runs, _, _ in rows)
         payments = {loan.pk: loan.payments for loan in Loan.objects.all()}
-        print()
-        print(f"requests      {counts['requests']:>6}   (in {elapsed:.1f}s)")
-        print(f"published     {counts['published']:>6}")
-        print(f"deduplicated  {counts['deduplicated']:>6}   (handle of the queued or running recompute)")
-        print(f"executed      {executed:>6}")
+        print_counts(
+            *figures,
+            ("published by celery-unique", counts["published"], ""),
+            ("deduplicated", counts["deduplicated"], "(handle of the queued or running recompute)"),
+            ("executed", executed, ""),
+        )
         print()
         print("loan  payments  recomputes  payments seen  monthly payment")
         for loan_id, runs, seen, monthly in rows:

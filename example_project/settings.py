@@ -51,6 +51,8 @@ DATABASES = {"default": _database(os.environ.get("DATABASE_URL"))}
 
 # Celery reads these through config_from_object(..., namespace="CELERY").
 CELERY_BROKER_URL = os.environ.get("REDIS_URL")
+# A queue of its own: the demo purges it at its start (demo.clear_leftovers).
+CELERY_TASK_DEFAULT_QUEUE = "example_project"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_UNIQUE_LOCK_TIMEOUT = 60

@@ -1,6 +1,6 @@
-"""Every feature works under the README's least-privilege Redis user, copied as it stands.
+"""Every feature works under the documented least-privilege Redis user, copied as it stands.
 
-The rule is read out of README.rst (the line after ``.. acl-rule``) and run
+The rule is read out of docs/security.rst (the line after ``.. acl-rule``) and run
 with ``ACL SETUSER`` on a private lock Redis (with a replica, so that
 ``unique_lock_replicas`` is exercised too). A worker and this process then
 use every feature as that user; Redis's ``ACL LOG`` must have refused nothing.
@@ -33,9 +33,9 @@ QUEUE = "security-acl"
 PASSWORD = "acl-test-password"
 
 
-def readme_rule() -> list[str]:
-    """The ACL SETUSER command that README.rst gives, as words, with a test password."""
-    text = (ROOT / "README.rst").read_text()
+def documented_rule() -> list[str]:
+    """The ACL SETUSER command that docs/security.rst gives, as words, with a test password."""
+    text = (ROOT / "docs" / "security.rst").read_text()
     after = text[text.index(".. acl-rule") :]
     line = next(line.strip() for line in after.splitlines() if line.strip().startswith("ACL SETUSER"))
     return [">" + PASSWORD if word == ">CHANGE-ME" else word for word in line.split()]
@@ -52,14 +52,14 @@ def servers() -> Iterator[tuple[RedisServer, RedisServer]]:
 @pytest.fixture(scope="module")
 def admin(servers: tuple[RedisServer, RedisServer]) -> Iterator[redis.Redis]:
     with redis.Redis(port=servers[0].port) as client:
-        client.execute_command(*readme_rule())
+        client.execute_command(*documented_rule())
         client.acl_log_reset()
         yield client
 
 
 @pytest.fixture(scope="module")
 def lock_url(servers: tuple[RedisServer, RedisServer], admin: redis.Redis) -> str:
-    user = readme_rule()[2]
+    user = documented_rule()[2]
     return f"redis://{user}:{PASSWORD}@127.0.0.1:{servers[0].port}/0"
 
 
@@ -81,14 +81,14 @@ def events(broker: RedisServer, token: str) -> list[dict[str, Any]]:
         return [json.loads(e) for e in client.lrange(chaos_app.events_key(token), 0, -1)]
 
 
-def test_the_readme_rule_is_what_this_test_creates() -> None:
-    rule = readme_rule()
+def test_the_documented_rule_is_what_this_test_creates() -> None:
+    rule = documented_rule()
     assert rule[:3] == ["ACL", "SETUSER", "celery-unique"] and "~celery_unique:*" in rule
     assert "+@all" not in rule and "-@all" in rule
 
 
 @pytest.mark.worker
-def test_every_feature_runs_under_the_readme_user(
+def test_every_feature_runs_under_the_documented_user(
     app: Any, worker: Worker, broker: RedisServer, admin: redis.Redis
 ) -> None:
     token = uuid.uuid4().hex
@@ -127,7 +127,7 @@ def test_every_feature_runs_under_the_readme_user(
     # Nothing filtered: our clients do not send redis-py's CLIENT SETINFO either
     # (Redis 6.2 logs it as a refused "client"; 7.2+ as "client|setinfo").
     refused = admin.acl_log()
-    assert refused == [], "the README's rule refused: " + ", ".join(
+    assert refused == [], "the documented rule refused: " + ", ".join(
         f"{entry['reason']} {entry['object']}" for entry in refused
     )
     assert not re.search("NOPERM|NoPermission", worker.whole_log())
@@ -139,7 +139,7 @@ def test_a_missing_command_is_one_clear_error_in_the_worker(
 ) -> None:
     """A user without HSETNX (a fan-in report's): the worker says so once, naming the
     command, instead of Celery's "Signal handler raised" and a traceback."""
-    rule = [word for word in readme_rule() if word != "+hsetnx"]
+    rule = [word for word in documented_rule() if word != "+hsetnx"]
     rule[2] = "celery-unique-lacking"
     admin.execute_command(*rule)
     lacking = f"redis://celery-unique-lacking:{PASSWORD}@127.0.0.1:{servers[0].port}/0"
@@ -156,5 +156,6 @@ def test_a_missing_command_is_one_clear_error_in_the_worker(
         wait_for(lambda: said in worker.whole_log(), worker=worker)
         log = worker.whole_log()
     # Inside a script Redis names no command (7.0): the line says what is wrong and where to look.
-    assert log.count(said) == 1 and "user lacks a command: see README, Least-privilege Redis user" in log
+    pointer = "user lacks a command: see docs/security.rst, Least-privilege Redis user"
+    assert log.count(said) == 1 and pointer in log
     assert "Signal handler" not in log

@@ -288,6 +288,6 @@ def test_a_key_function_whose_value_cannot_be_encoded_is_named() -> None:
 
 
 def test_one_and_one_point_zero_are_different_keys() -> None:
-    """As README says: JSON keeps an int and a float apart."""
+    """As docs/usage.rst says: JSON keeps an int and a float apart."""
     assert digest(1) != digest(1.0)
     assert digest(True) != digest(1)

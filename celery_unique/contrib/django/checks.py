@@ -39,7 +39,7 @@ def celery_app() -> Any:
 
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
-    hint = "See the settings table in celery-unique's README."
+    hint = "See the settings table in celery-unique's docs/settings.rst."
     return [
         checks.Error(str(exc), hint=hint, id="celery_unique.E004") for exc in get_conf(celery_app()).errors()
     ]

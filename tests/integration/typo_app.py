@@ -11,5 +11,7 @@ from celery_unique import UniqueTask
 app = Celery("typo_app", broker=os.environ.get("CHAOS_BROKER_URL"), set_as_current=False)
 
 
-@app.task(base=UniqueTask, name="typo.recompute", unique_on=("loan",))
+# shared=False: the tests import this module (Worker does), and a shared task would
+# join, and break, every app that the test process finalizes afterwards.
+@app.task(base=UniqueTask, name="typo.recompute", unique_on=("loan",), shared=False)
 def recompute(loan_id: int) -> None: ...

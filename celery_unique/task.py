@@ -224,8 +224,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         else:
             unique_on = (unique_options or {}).get("unique_on", self.unique_on)
             argument_digest = self._argument_key(unique_on).digest(args, kwargs)
-        prefix = get_conf(self._get_app()).key_prefix
-        return lock_key(family_key(prefix, self.name, argument_digest))
+        return lock_key(family_key(self.unique_key_prefix, self.name, argument_digest))
 
     def arguments_digest(self, args: Any = None, kwargs: Any = None) -> str:
         """Digest of all arguments of a call (to tell an idempotency key's reuse)."""
@@ -389,7 +388,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             except BaseException:
                 # Read the acquire reply first, so the release cannot overtake it.
                 if pending is None or _acquired_or_unknown(pending):
-                    self._release_after_failed_publish(conf.locks, call)
+                    self._release_after_failed_publish(self.unique_store(), call)
                 raise
             _hints.free(key)
             result.duplicate = False
@@ -397,7 +396,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             return result
 
         try:
-            store = conf.locks
+            store = self.unique_store()
             # A message published again is never dropped, so it needs the answer first.
             sequential = (
                 republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
@@ -438,7 +437,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         family = family_of(key)
         store: LockStore | None = None  # built at first use: a cluster client connects then
         try:
-            store = conf.locks
+            store = self.unique_store()
             try:
                 acquisition, stored, holder_digest = store.acquire_idempotent(
                     key, result_key(family), args_key(family), owner, ttl_ms, handover, given
@@ -464,7 +463,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             result = send()
         except BaseException:
-            self._release_after_failed_publish(conf.locks, call)
+            self._release_after_failed_publish(self.unique_store(), call)
             raise
         result.duplicate = result.replayed = False
         signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
@@ -624,5 +623,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         return any(options.get(name) for name in _CANVAS_OPTIONS)
 
     def unique_store(self) -> LockStore:
-        """The lock store this task uses (for tools and tests)."""
+        """The lock store of this task's locks: the app's, unless a subclass keeps
+        them elsewhere (the compat classes). The producer and the worker's hooks
+        both find it here, so they agree."""
         return get_conf(self._get_app()).locks
+
+    @property
+    def unique_key_prefix(self) -> str:
+        """The key prefix of this task's locks (``unique_key_prefix`` unless a subclass says otherwise)."""
+        return get_conf(self._get_app()).key_prefix

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from celery import states
 from celery.result import EagerResult
 
+from celery_unique.clients import normalised_url
 from celery_unique.conf import UNTIL_EXECUTING, check_lock_timeout, get_conf
 from celery_unique.exceptions import AlreadyQueued, ConfigurationError, DuplicateTaskError
 from celery_unique.task import UniqueTask
@@ -78,10 +79,13 @@ class _PeerTask(UniqueTask):
             if value is None or app.conf.get(ours) is not None:
                 continue
             # The same as what celery-unique uses (a lock URL that is the
-            # broker's, say) changes nothing. An unusable Redis setting is
-            # reported below, with the peer's setting named.
+            # broker's, in any spelling, say) changes nothing. An unusable
+            # Redis setting is reported below, with the peer's setting named.
             with contextlib.suppress(ConfigurationError):
-                if value == getattr(conf, _LOCATION_SETTINGS[ours]):
+                used = getattr(conf, _LOCATION_SETTINGS[ours])
+                if ours == "unique_redis_url" and isinstance(value, str):
+                    value, used = normalised_url(value, theirs), normalised_url(used)
+                if value == used:
                     continue
             # Never the value: a URL may hold a password.
             raise ConfigurationError(

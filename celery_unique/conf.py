@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from celery_unique import metrics, sealing
-from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, make_client
+from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, make_client, normalised_url
 from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import validate_prefix
 from celery_unique.locks import LockStore
@@ -270,7 +270,8 @@ class UniqueConf:
             url, options = self.redis_target
             timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
             replicas = self.lock_replicas
-            ident = (url, repr(sorted(options.items())), *timeouts.values(), replicas)
+            # Equivalent spellings of one URL share one client.
+            ident = (normalised_url(url), repr(sorted(options.items())), *timeouts.values(), replicas)
             store = self._stores.get(ident)
             if store is None:
                 # Built outside the lock: a cluster client connects now, and

@@ -9,6 +9,7 @@ import pickle
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -145,15 +146,27 @@ def test_a_worker_refuses_a_peer_lock_location_it_would_ignore(app: Celery) -> N
     assert "hunter2" not in str(error)
 
 
-def test_queue_once_url_of_the_broker_redis_is_accepted(app: Celery, item: str, redis_url: str) -> None:
-    app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": redis_url}}
+def spellings(url: str) -> list[str]:
+    """``url`` (a Redis URL with a host and port), spelt in ways that name the same database."""
+    parsed = urlsplit(url)
+    base = f"{parsed.scheme}://{parsed.netloc}"
+    database = int(parsed.path.strip("/") or 0)
+    found = [url, f"{base}/{database}/", f"{base}/?db={database}"]
+    return found + ([base, f"{base}/"] if database == 0 else [])
 
-    @app.task(base=QueueOnce, shared=False, name="compat.once_same_url")
-    def job(value: str) -> None: ...
 
-    job.delay(item)
-    with pytest.raises(AlreadyQueued):
+def test_queue_once_url_of_the_broker_redis_is_accepted_in_any_spelling(
+    app: Celery, item: str, redis_url: str
+) -> None:
+    for n, spelling in enumerate(spellings(redis_url)):
+        app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": spelling}}
+
+        @app.task(base=QueueOnce, shared=False, name=f"compat.once_same_url{n}")
+        def job(value: str) -> None: ...
+
         job.delay(item)
+        with pytest.raises(AlreadyQueued):
+            job.delay(item)
 
 
 def test_queue_once_url_of_another_redis_is_refused(app: Celery, item: str) -> None:
@@ -246,13 +259,14 @@ def test_singleton_lock_location_settings_are_refused_unless_ours_is_set(
 def test_singleton_lock_location_settings_equal_to_ours_are_accepted(
     app: Celery, item: str, redis_url: str
 ) -> None:
-    app.conf.update(singleton_backend_url=redis_url, singleton_key_prefix="celery_unique")
+    for n, spelling in enumerate(spellings(redis_url)):
+        app.conf.update(singleton_backend_url=spelling, singleton_key_prefix="celery_unique")
 
-    @app.task(base=Singleton, shared=False, name="compat.singleton_same_location")
-    def job(value: str) -> None: ...
+        @app.task(base=Singleton, shared=False, name=f"compat.singleton_same_location{n}")
+        def job(value: str) -> None: ...
 
-    first = job.delay(item)
-    assert job.delay(item).id == first.id
+        first = job.delay(item)
+        assert job.delay(item).id == first.id
 
 
 # -- with a worker -----------------------------------------------------------------

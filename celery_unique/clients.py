@@ -166,14 +166,12 @@ def _normalised_node(url: str, setting: str) -> str:
     return f"{parsed.scheme}://{user}{host}:{port}/{database}{query.replace('&', '?', 1)}"
 
 
-def check_target(url: str, transport_options: dict[str, Any]) -> None:
-    """Raise :class:`ConfigurationError` for a URL no client can be built for."""
+def check_target(url: str, transport_options: dict[str, Any], setting: str = "unique_redis_url") -> None:
+    """Raise :class:`ConfigurationError` (naming ``setting``) for a URL no client can be built for."""
     if not url.startswith(SCHEMES):
         # Only the scheme: the rest may hold a password.
         scheme = repr(url.partition("://")[0]) if "://" in url else "no scheme"
-        raise ConfigurationError(
-            f"unique_redis_url must start with one of {', '.join(SCHEMES)}; got {scheme}"
-        )
+        raise ConfigurationError(f"{setting} must start with one of {', '.join(SCHEMES)}; got {scheme}")
     if url.startswith(SENTINEL_SCHEMES) and not transport_options.get("master_name"):
         raise ConfigurationError(
             "a sentinel:// URL needs the master's name: "

@@ -9,34 +9,39 @@ and the ``singleton_raise_on_duplicate``/``singleton_lock_expiry`` settings).
 Both run on celery-unique's locks: one round trip, owner-checked release,
 TTLs, release on revoke and time limits.
 
-The peers' settings that say where locks live (``ONCE["settings"]["url"]``,
-``singleton_backend_url``, ``singleton_key_prefix``) are not read: an app has
-one lock store, shared by every unique task, the worker's release and the
-``celery unique`` command, so a class of its own cannot move its locks. When
-one of them differs from what celery-unique uses and its counterpart
-(``unique_redis_url``, ``unique_key_prefix``) is not set, the task's first
-``apply_async()`` raises :class:`~celery_unique.exceptions.ConfigurationError`
-instead of putting the locks elsewhere unnoticed.
+Where the locks live follows the peers' settings too
+(``ONCE["settings"]["url"]``, ``singleton_backend_url``,
+``singleton_key_prefix``), so a project changes its imports only. Each class
+reads them from the app's configuration through
+:meth:`~celery_unique.task.UniqueTask.unique_store` and
+:attr:`~celery_unique.task.UniqueTask.unique_key_prefix`, which ``delay()``
+and the worker's hooks both use: the worker releases a lock where the producer
+took it. A celery-unique setting that is set (``unique_redis_url``,
+``unique_key_prefix``) wins over the peer's, as ``unique_lock_timeout`` wins
+over the peers' default timeouts; a peer's setting that it overrides is
+logged once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from celery import states
 from celery.result import EagerResult
 
-from celery_unique.clients import normalised_url
-from celery_unique.conf import UNTIL_EXECUTING, check_lock_timeout, get_conf
+from celery_unique.clients import SINGLE_SCHEMES, normalised_url
+from celery_unique.conf import UNTIL_EXECUTING, UniqueConf, check_lock_timeout, get_conf
 from celery_unique.exceptions import AlreadyQueued, ConfigurationError, DuplicateTaskError
+from celery_unique.keys import validate_prefix
+from celery_unique.locks import LockStore
 from celery_unique.task import UniqueTask
 
 __all__ = ["AlreadyQueued", "QueueOnce", "Singleton"]
 
-# Our settings that say where locks live, and the UniqueConf property that resolves each.
-_LOCATION_SETTINGS = {"unique_redis_url": "redis_url", "unique_key_prefix": "key_prefix"}
+logger = logging.getLogger(__name__)
 
 
 def _once_settings(app: Any) -> Mapping[str, Any]:
@@ -50,48 +55,82 @@ def _once_settings(app: Any) -> Mapping[str, Any]:
     return settings
 
 
+@dataclass(frozen=True)
+class _Location:
+    """Where a compat class's locks live."""
+
+    store: LockStore
+    prefix: str
+
+
 class _PeerTask(UniqueTask):
-    """What both classes share: refusing a peer's lock location that would be ignored."""
+    """What both classes share: their locks where the peer's settings put them."""
 
-    _peer_settings_checked = False
+    #: The class it stands for, and the peer's settings that say where its
+    #: locks live, as messages name them: the Redis URL's and the key prefix's.
+    _peer_class: ClassVar[str] = ""
+    _url_setting: ClassVar[str] = ""
+    _prefix_setting: ClassVar[str] = ""
 
-    def _peer_locations(self, app: Any) -> list[tuple[str, Any, str]]:
-        """(the peer's setting, its value, our setting) for each that says where locks live."""
-        raise NotImplementedError
+    def _peer_url(self, app: Any) -> Any:
+        """The value of the peer's Redis URL setting (None when unset)."""
+        return None
+
+    def _peer_prefix(self, app: Any) -> Any:
+        """The value of the peer's key prefix setting (None when unset)."""
+        return None
+
+    def unique_store(self) -> LockStore:
+        return self._location().store
+
+    @property
+    def unique_key_prefix(self) -> str:
+        return self._location().prefix
 
     def check_unique_options(self) -> None:
         super().check_unique_options()
-        self._check_peer_locations()
+        self._location()
 
-    def apply_async(self, *args: Any, **options: Any) -> Any:
-        if not self._peer_settings_checked:
-            try:
-                self._check_peer_locations()
-            except ConfigurationError as exc:
-                raise ConfigurationError(f"{self.name}: {exc}") from None
-            self._peer_settings_checked = True
-        return super().apply_async(*args, **options)
+    def _location(self) -> _Location:
+        conf = get_conf(self._get_app())
+        # One per class of peer settings (all the Singleton tasks of an app share theirs).
+        return conf.cached(f"compat:{self._peer_class}", lambda: self._find_location(conf))
 
-    def _check_peer_locations(self) -> None:
-        app = self._get_app()
-        conf = get_conf(app)
-        for theirs, value, ours in self._peer_locations(app):
-            if value is None or app.conf.get(ours) is not None:
-                continue
-            # The same as what celery-unique uses (a lock URL that is the
-            # broker's, in any spelling, say) changes nothing. An unusable
-            # Redis setting is reported below, with the peer's setting named.
-            with contextlib.suppress(ConfigurationError):
-                used = getattr(conf, _LOCATION_SETTINGS[ours])
-                if ours == "unique_redis_url" and isinstance(value, str):
-                    value, used = normalised_url(value, theirs), normalised_url(used)
-                if value == used:
-                    continue
-            # Never the value: a URL may hold a password.
-            raise ConfigurationError(
-                f"{theirs} is set, but celery-unique does not read it and uses another "
-                f"{ours}: set {ours} (CELERY_{ours.upper()} under Django) to its value, or remove it"
-            )
+    def _find_location(self, conf: UniqueConf) -> _Location:
+        app = conf.app
+        store: LockStore | None = None
+        prefix = conf.key_prefix
+        url = self._peer_url(app)
+        if url is not None:
+            if not (isinstance(url, str) and url.startswith(SINGLE_SCHEMES)):
+                # Only the scheme: the rest may hold a password.
+                scheme = url.partition("://")[0] if isinstance(url, str) and "://" in url else "none"
+                raise ConfigurationError(
+                    f"{self._url_setting} must be a Redis URL starting with one of "
+                    f"{', '.join(SINGLE_SCHEMES)}; got scheme {scheme!r}"
+                )
+            if app.conf.get("unique_redis_url") is None:
+                store = conf.store_at(url, self._url_setting)
+            elif normalised_url(url, self._url_setting) != normalised_url(conf.redis_url):
+                self._overridden(self._url_setting, "unique_redis_url")
+        theirs = self._peer_prefix(app)
+        if theirs is not None:
+            theirs = validate_prefix(theirs, self._prefix_setting)
+            if app.conf.get("unique_key_prefix") is None:
+                prefix = theirs
+            elif theirs != prefix:
+                self._overridden(self._prefix_setting, "unique_key_prefix")
+        return _Location(store or conf.locks, prefix)
+
+    def _overridden(self, theirs: str, ours: str) -> None:
+        # Never the values: a URL may hold a password.
+        logger.warning(
+            "%s is set, but so is %s, which wins: the locks of %s tasks live where %s says",
+            theirs,
+            ours,
+            self._peer_class,
+            ours,
+        )
 
 
 class QueueOnce(_PeerTask):
@@ -99,6 +138,8 @@ class QueueOnce(_PeerTask):
 
     once: ClassVar[dict[str, Any]] = {}
     on_duplicate = "raise"  # translated to AlreadyQueued, or graceful, below
+    _peer_class = "QueueOnce"
+    _url_setting = 'ONCE["settings"]["url"]'
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -122,8 +163,8 @@ class QueueOnce(_PeerTask):
             return super().unique_lock_timeout
         return check_lock_timeout(default, 'ONCE["settings"]["default_timeout"]')
 
-    def _peer_locations(self, app: Any) -> list[tuple[str, Any, str]]:
-        return [('ONCE["settings"]["url"]', _once_settings(app).get("url"), "unique_redis_url")]
+    def _peer_url(self, app: Any) -> Any:
+        return _once_settings(app).get("url")
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *positional: Any, **options: Any) -> Any:
         once = {**self.once, **(options.pop("once", None) or {})}
@@ -147,6 +188,9 @@ class Singleton(_PeerTask):
 
     raise_on_duplicate: bool | None = None
     lock_expiry: float | None = None
+    _peer_class = "Singleton"
+    _url_setting = "singleton_backend_url"
+    _prefix_setting = "singleton_key_prefix"
 
     @property
     def on_duplicate(self) -> str:  # type: ignore[override]  # derived from celery-singleton's options
@@ -165,8 +209,8 @@ class Singleton(_PeerTask):
             expiry = conf.get("singleton_lock_expiry")
         return check_lock_timeout(expiry) if expiry else super().unique_lock_timeout
 
-    def _peer_locations(self, app: Any) -> list[tuple[str, Any, str]]:
-        return [
-            ("singleton_backend_url", app.conf.get("singleton_backend_url"), "unique_redis_url"),
-            ("singleton_key_prefix", app.conf.get("singleton_key_prefix"), "unique_key_prefix"),
-        ]
+    def _peer_url(self, app: Any) -> Any:
+        return app.conf.get("singleton_backend_url")
+
+    def _peer_prefix(self, app: Any) -> Any:
+        return app.conf.get("singleton_key_prefix")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import Celery
+
 from celery_unique.compat import QueueOnce, Singleton
 from tests.integration.worker_app import app, record, wait_at_gate
 
@@ -19,10 +21,10 @@ QUEUE = "compat"
 app.conf.task_routes = {"tests.compat.*": {"queue": QUEUE}}
 
 
-def _gated(name: str, base: type, **options: Any) -> Any:
-    """A task keyed on ``token`` that retries once if asked, then waits at the gate."""
+def gated(name: str, base: type, on: Celery = app, **options: Any) -> Any:
+    """A task of app ``on`` keyed on ``token`` that retries once if asked, then waits at the gate."""
 
-    @app.task(base=base, bind=True, name=name, shared=False, max_retries=3, **options)
+    @on.task(base=base, bind=True, name=name, shared=False, max_retries=3, **options)
     def run(self: Any, token: str, retry: bool = False) -> int:
         record(token, "start", id=self.request.id, retries=self.request.retries)
         if retry and not self.request.retries:
@@ -34,8 +36,8 @@ def _gated(name: str, base: type, **options: Any) -> Any:
     return run
 
 
-once = _gated("tests.compat.once", QueueOnce, once={"keys": ["token"]})
-once_unlocked = _gated(
+once = gated("tests.compat.once", QueueOnce, once={"keys": ["token"]})
+once_unlocked = gated(
     "tests.compat.once_unlocked", QueueOnce, once={"keys": ["token"], "unlock_before_run": True}
 )
-singleton = _gated("tests.compat.singleton", Singleton, unique_on=["token"])
+singleton = gated("tests.compat.singleton", Singleton, unique_on=["token"])

@@ -5,6 +5,7 @@ Written from those packages' documented behaviour (no code copied).
 
 from __future__ import annotations
 
+import logging
 import pickle
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,14 +16,16 @@ import pytest
 import redis
 from celery import Celery, states
 
-from celery_unique import exceptions
+from celery_unique import UniqueTask, exceptions
 from celery_unique.compat import AlreadyQueued, QueueOnce, Singleton
 from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError, DuplicateTaskError
-from tests.integration import compat_app
+from celery_unique.testing import RedisServer
+from tests.integration import compat_app, compat_location_app
 from tests.integration.compat_app import once, once_unlocked, singleton
-from tests.integration.conftest import Events, Worker, wait_for
-from tests.integration.worker_app import open_gate
+from tests.integration.conftest import Events, Worker, lock_holder, wait_for
+from tests.integration.results import polling_backend_url
+from tests.integration.worker_app import finished_key, open_gate
 
 
 @pytest.fixture
@@ -133,62 +136,6 @@ def test_our_lock_timeout_setting_wins_over_the_peers_default(
     assert ttl is not None and 20 < ttl <= 25
 
 
-def test_a_worker_refuses_a_peer_lock_location_it_would_ignore(app: Celery) -> None:
-    from celery_unique.checks import configuration_errors
-
-    app.conf.singleton_backend_url = "redis://:hunter2@127.0.0.1:1/0"
-
-    @app.task(base=Singleton, shared=False, name="compat.singleton_startup")
-    def job(value: str) -> None: ...
-
-    [error] = configuration_errors(app)
-    assert str(error).startswith("compat.singleton_startup: singleton_backend_url is set")
-    assert "hunter2" not in str(error)
-
-
-def spellings(url: str) -> list[str]:
-    """``url`` (a Redis URL with a host and port), spelt in ways that name the same database."""
-    parsed = urlsplit(url)
-    base = f"{parsed.scheme}://{parsed.netloc}"
-    database = int(parsed.path.strip("/") or 0)
-    found = [url, f"{base}/{database}/", f"{base}/?db={database}"]
-    return found + ([base, f"{base}/"] if database == 0 else [])
-
-
-def test_queue_once_url_of_the_broker_redis_is_accepted_in_any_spelling(
-    app: Celery, item: str, redis_url: str
-) -> None:
-    for n, spelling in enumerate(spellings(redis_url)):
-        app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": spelling}}
-
-        @app.task(base=QueueOnce, shared=False, name=f"compat.once_same_url{n}")
-        def job(value: str) -> None: ...
-
-        job.delay(item)
-        with pytest.raises(AlreadyQueued):
-            job.delay(item)
-
-
-def test_queue_once_url_of_another_redis_is_refused(app: Celery, item: str) -> None:
-    other = "redis://:hunter2@127.0.0.1:1/0"
-    app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": other}}
-
-    @app.task(base=QueueOnce, shared=False, name="compat.once_other_url")
-    def job(value: str) -> None: ...
-
-    with pytest.raises(ConfigurationError) as raised:
-        job.delay(item)
-    message = str(raised.value)
-    assert 'ONCE["settings"]["url"]' in message and "unique_redis_url" in message
-    assert "hunter2" not in message
-    assert job.unique_store().holder(job.unique_lock_key((item,)))[0] is None  # nothing taken
-
-    app.conf.unique_redis_url = app.conf.broker_url  # chosen explicitly: the peer's is not used
-    get_conf(app).reload()
-    job.delay(item)
-    assert job.unique_store().holder(job.unique_lock_key((item,)))[0] is not None
-
-
 # -- celery-singleton ------------------------------------------------------------
 
 
@@ -230,30 +177,154 @@ def test_singleton_lock_expiry_attribute(app: Celery, item: str) -> None:
     assert job.unique_store().holder(job.unique_lock_key((item,)))[1] <= 20
 
 
+# -- where the locks live ------------------------------------------------------------
+#
+# The peers' settings that say where locks live are honoured: a project whose
+# locks are away from the broker's Redis changes its imports only.
+
+
+@pytest.fixture(scope="module")
+def other_redis() -> Iterator[str]:
+    """A Redis server of its own: the peers' lock location, away from the broker's."""
+    with RedisServer() as server:
+        yield server.url
+
+
+def held_in(url: str, key: str) -> str | None:
+    """The task id holding lock ``key`` in the Redis at ``url``."""
+    with redis.Redis.from_url(url) as client:
+        return lock_holder(client, key)
+
+
+def test_queue_once_takes_its_locks_in_the_redis_of_the_once_url(
+    app: Celery, item: str, other_redis: str, redis_client: redis.Redis
+) -> None:
+    app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": other_redis}}
+
+    @app.task(base=QueueOnce, shared=False, name="compat.once_other_url")
+    def job(value: str) -> None: ...
+
+    first = job.delay(item)
+    key = job.unique_lock_key((item,))
+    assert held_in(other_redis, key) == first.id
+    assert not redis_client.exists(key)  # not in the broker's
+    with pytest.raises(AlreadyQueued) as info:
+        job.delay(item)
+    assert info.value.existing_id == first.id
+
+
+def test_singleton_takes_its_locks_in_the_backend_url_redis_under_its_prefix(
+    app: Celery, item: str, other_redis: str, redis_client: redis.Redis
+) -> None:
+    app.conf.update(singleton_backend_url=other_redis, singleton_key_prefix="SINGLETONLOCK_")
+
+    @app.task(base=Singleton, shared=False, name="compat.singleton_other_location")
+    def job(value: str) -> None: ...
+
+    first = job.delay(item)
+    key = job.unique_lock_key((item,))
+    assert key.startswith("SINGLETONLOCK_:v1:{compat.singleton_other_location:")
+    assert held_in(other_redis, key) == first.id
+    assert not redis_client.exists(key)
+    assert job.delay(item).id == first.id
+
+
+def test_the_peer_settings_of_one_class_leave_the_other_and_unique_tasks_alone(
+    app: Celery, item: str, other_redis: str, redis_client: redis.Redis
+) -> None:
+    app.conf.update(singleton_backend_url=other_redis, singleton_key_prefix="SINGLETONLOCK_")
+
+    @app.task(base=QueueOnce, shared=False, name="compat.once_beside_singleton")
+    def job(value: str) -> None: ...
+
+    @app.task(base=UniqueTask, shared=False, name="compat.unique_beside_singleton")
+    def plain(value: str) -> None: ...
+
+    for task in (job, plain):
+        first = task.delay(item)
+        key = task.unique_lock_key((item,))
+        assert key.startswith("celery_unique:") and lock_holder(redis_client, key) == first.id
+
+
+def test_our_lock_location_settings_win_over_the_peers_and_say_so(
+    app: Celery, item: str, other_redis: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret_url = other_redis.replace("redis://", "redis://:hunter2@")
+    app.conf.update(
+        unique_redis_url=app.conf.broker_url,
+        unique_key_prefix="ours",
+        singleton_backend_url=secret_url,
+        singleton_key_prefix="SINGLETONLOCK_",
+    )
+
+    @app.task(base=Singleton, shared=False, name="compat.singleton_ours_win")
+    def job(value: str) -> None: ...
+
+    with caplog.at_level(logging.WARNING, logger="celery_unique.compat"):
+        first = job.delay(item)
+        job.delay(item)
+    key = job.unique_lock_key((item,))
+    assert key.startswith("ours:") and lock_holder(redis_client, key) == first.id
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2  # once each, not on every call
+    assert said[0].startswith("singleton_backend_url is set, but so is unique_redis_url, which wins")
+    assert said[1].startswith("singleton_key_prefix is set, but so is unique_key_prefix, which wins")
+    assert "hunter2" not in " ".join(said)
+
+
 @pytest.mark.parametrize(
-    ("setting", "value", "ours"),
+    ("settings", "named"),
     [
-        ("singleton_backend_url", "redis://:hunter2@127.0.0.1:1/0", "unique_redis_url"),
-        ("singleton_key_prefix", "SINGLETONLOCK_", "unique_key_prefix"),
+        ({"singleton_backend_url": "mongodb://:hunter2@127.0.0.1/0"}, "singleton_backend_url"),
+        ({"singleton_backend_url": "redis://:hunter2@127.0.0.1:63x79/0"}, "singleton_backend_url"),
+        ({"singleton_backend_url": 6379}, "singleton_backend_url"),
+        ({"singleton_key_prefix": "SINGLETON{LOCK}"}, "singleton_key_prefix"),
+        (
+            {"ONCE": {"settings": {"url": "redis://:hunter2@127.0.0.1:6379/hunter2"}}},
+            'ONCE["settings"]["url"]',
+        ),
     ],
 )
-def test_singleton_lock_location_settings_are_refused_unless_ours_is_set(
-    app: Celery, item: str, setting: str, value: str, ours: str
+def test_an_unusable_peer_lock_location_is_refused_without_its_secret(
+    app: Celery, item: str, settings: dict[str, Any], named: str
 ) -> None:
-    app.conf[setting] = value
+    from celery_unique.checks import configuration_errors
 
-    @app.task(base=Singleton, shared=False, name="compat.singleton_location")
+    app.conf.update(settings)
+    base = QueueOnce if "ONCE" in settings else Singleton
+
+    @app.task(base=base, shared=False, name="compat.unusable_location")
     def job(value: str) -> None: ...
 
     with pytest.raises(ConfigurationError) as raised:
         job.delay(item)
-    assert setting in str(raised.value) and ours in str(raised.value)
-    assert "hunter2" not in str(raised.value)
+    assert str(raised.value).startswith(named) and "hunter2" not in str(raised.value)
+    [error] = configuration_errors(app)  # and a worker refuses to start
+    assert str(error) == f"compat.unusable_location: {raised.value}"
 
-    app.conf[ours] = app.conf.broker_url if ours == "unique_redis_url" else "migrated"
-    get_conf(app).reload()
-    first = job.delay(item)
-    assert job.delay(item).id == first.id
+
+def spellings(url: str) -> list[str]:
+    """``url`` (a Redis URL with a host and port), spelt in ways that name the same database."""
+    parsed = urlsplit(url)
+    base = f"{parsed.scheme}://{parsed.netloc}"
+    database = int(parsed.path.strip("/") or 0)
+    found = [url, f"{base}/{database}/", f"{base}/?db={database}"]
+    return found + ([base, f"{base}/"] if database == 0 else [])
+
+
+def test_queue_once_url_of_the_broker_redis_is_accepted_in_any_spelling(
+    app: Celery, item: str, redis_url: str
+) -> None:
+    for n, spelling in enumerate(spellings(redis_url)):
+        app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": spelling}}
+
+        @app.task(base=QueueOnce, shared=False, name=f"compat.once_same_url{n}")
+        def job(value: str) -> None: ...
+
+        job.delay(item)
+        with pytest.raises(AlreadyQueued):
+            job.delay(item)
+        assert job.unique_store() is get_conf(app).locks  # one client
 
 
 def test_singleton_lock_location_settings_equal_to_ours_are_accepted(
@@ -267,6 +338,7 @@ def test_singleton_lock_location_settings_equal_to_ours_are_accepted(
 
         first = job.delay(item)
         assert job.delay(item).id == first.id
+        assert job.unique_store() is get_conf(app).locks
 
 
 # -- with a worker -----------------------------------------------------------------
@@ -362,3 +434,58 @@ def test_a_retry_is_not_its_own_duplicate(
     open_gate(redis_client, token)
     assert first.get(timeout=WAIT) == 1
     wait_for(lambda: holder(task, token) is None, timeout=WAIT, worker=compat_worker)
+
+
+# -- with a worker, locks where the peers' settings put them --------------------------
+
+
+@pytest.fixture(scope="module")
+def location_worker(celery_app: Celery, redis_url: str, other_redis: str) -> Iterator[Worker]:
+    compat_location_app.configure(redis_url, other_redis, polling_backend_url(redis_url))
+    with Worker(
+        redis_url,
+        "compat-location",
+        "--queues",
+        compat_location_app.QUEUE,
+        app="tests.integration.compat_location_app",
+        env={"COMPAT_LOCKS_URL": other_redis},
+    ) as started:
+        yield started
+    get_conf(compat_location_app.app).close()
+
+
+def finished(redis_client: redis.Redis, task_id: str) -> Callable[[], bool]:
+    """Whether the worker's task_postrun for ``task_id`` is done (celery-unique's release among it)."""
+    return lambda: bool(redis_client.exists(finished_key(task_id)))
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize("name", ["once", "singleton"])
+def test_the_worker_releases_a_lock_where_the_peers_settings_put_it(
+    location_worker: Worker,
+    token: str,
+    events: Events,
+    redis_client: redis.Redis,
+    other_redis: str,
+    name: str,
+) -> None:
+    task = getattr(compat_location_app, name)
+    locks_url = other_redis if name == "once" else compat_location_app.singleton_url(other_redis)
+    first = task.delay(token)
+    key = task.unique_lock_key((token,))
+    prefix = "celery_unique" if name == "once" else compat_location_app.SINGLETON_PREFIX
+    assert key.startswith(f"{prefix}:v1:")
+    wait_for(seen(events, "start"), timeout=WAIT, worker=location_worker)
+    assert held_in(locks_url, key) == first.id  # the run checked its lock there and holds it
+    assert not redis_client.exists(key)
+    duplicate = task.apply_async((token,), once={"graceful": True}) if name == "once" else task.delay(token)
+    assert duplicate.id in (None, first.id)
+    open_gate(redis_client, token)
+    wait_for(finished(redis_client, first.id), timeout=WAIT, worker=location_worker)
+    assert held_in(locks_url, key) is None  # released there by the worker
+
+    again = task.delay(token)
+    assert again.id != first.id
+    wait_for(finished(redis_client, again.id), timeout=WAIT, worker=location_worker)
+    assert held_in(locks_url, key) is None
+    assert [e["id"] for e in events() if e["event"] == "end"] == [first.id, again.id]

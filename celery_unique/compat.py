@@ -57,9 +57,9 @@ def _once_settings(app: Any) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class _Location:
-    """Where a compat class's locks live."""
+    """Where a compat class's locks live: a Redis URL (None: the app's) and a key prefix."""
 
-    store: LockStore
+    url: str | None
     prefix: str
 
 
@@ -81,25 +81,27 @@ class _PeerTask(UniqueTask):
         return None
 
     def unique_store(self) -> LockStore:
-        return self._location().store
+        conf = get_conf(self._get_app())
+        url = self._location(conf).url
+        if url is None:
+            return conf.locks
+        # Built at first use, like the app's own: a client is made here, not when checked.
+        return conf.cached(f"compat:{self._peer_class}:store", lambda: conf.store_at(url, self._url_setting))
 
     @property
     def unique_key_prefix(self) -> str:
-        return self._location().prefix
+        return self._location(get_conf(self._get_app())).prefix
 
-    def check_unique_options(self) -> None:
-        super().check_unique_options()
-        self._location()
+    def check_unique_location(self) -> None:
+        if self._location(get_conf(self._get_app())).url is None:
+            super().check_unique_location()  # the app's Redis
 
-    def _location(self) -> _Location:
-        conf = get_conf(self._get_app())
-        # One per class of peer settings (all the Singleton tasks of an app share theirs).
+    def _location(self, conf: UniqueConf) -> _Location:
+        # One per class (all the Singleton tasks of an app share theirs), read once.
         return conf.cached(f"compat:{self._peer_class}", lambda: self._find_location(conf))
 
     def _find_location(self, conf: UniqueConf) -> _Location:
         app = conf.app
-        store: LockStore | None = None
-        prefix = conf.key_prefix
         url = self._peer_url(app)
         if url is not None:
             if not (isinstance(url, str) and url.startswith(SINGLE_SCHEMES)):
@@ -109,10 +111,12 @@ class _PeerTask(UniqueTask):
                     f"{self._url_setting} must be a Redis URL starting with one of "
                     f"{', '.join(SINGLE_SCHEMES)}; got scheme {scheme!r}"
                 )
-            if app.conf.get("unique_redis_url") is None:
-                store = conf.store_at(url, self._url_setting)
-            elif normalised_url(url, self._url_setting) != normalised_url(conf.redis_url):
-                self._overridden(self._url_setting, "unique_redis_url")
+            wanted = normalised_url(url, self._url_setting)
+            if app.conf.get("unique_redis_url") is not None:
+                if wanted != normalised_url(conf.redis_url):
+                    self._overridden(self._url_setting, "unique_redis_url")
+                url = None
+        prefix = conf.key_prefix
         theirs = self._peer_prefix(app)
         if theirs is not None:
             theirs = validate_prefix(theirs, self._prefix_setting)
@@ -120,7 +124,7 @@ class _PeerTask(UniqueTask):
                 prefix = theirs
             elif theirs != prefix:
                 self._overridden(self._prefix_setting, "unique_key_prefix")
-        return _Location(store or conf.locks, prefix)
+        return _Location(url, prefix)
 
     def _overridden(self, theirs: str, ours: str) -> None:
         # Never the values: a URL may hold a password.

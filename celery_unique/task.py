@@ -188,6 +188,12 @@ class UniqueTask(Task):  # type: ignore[misc]
             check_choice(self.on_duplicate, ON_DUPLICATE, "on_duplicate")
         self._argument_key(self.unique_on)  # unique_on names the task's parameters
 
+    def check_unique_location(self) -> None:
+        """Raise :class:`ConfigurationError` when this task's locks have no usable
+        place (checked without connecting to it): the app's Redis, unless a
+        subclass keeps them elsewhere."""
+        _ = get_conf(self._get_app()).redis_target
+
     @property
     def unique(self) -> Lease:
         """The current run's lock: ``.fence`` (fencing token) and ``.lost``."""

@@ -19,7 +19,7 @@ from celery import Celery, states
 from celery_unique import UniqueTask, exceptions
 from celery_unique.compat import AlreadyQueued, QueueOnce, Singleton
 from celery_unique.conf import get_conf
-from celery_unique.exceptions import ConfigurationError, DuplicateTaskError
+from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError
 from celery_unique.testing import RedisServer
 from tests.integration import compat_app, compat_location_app
 from tests.integration.compat_app import once, once_unlocked, singleton
@@ -300,7 +300,56 @@ def test_an_unusable_peer_lock_location_is_refused_without_its_secret(
         job.delay(item)
     assert str(raised.value).startswith(named) and "hunter2" not in str(raised.value)
     [error] = configuration_errors(app)  # and a worker refuses to start
-    assert str(error) == f"compat.unusable_location: {raised.value}"
+    assert str(error) == str(raised.value)
+
+
+@pytest.mark.parametrize("base", [QueueOnce, Singleton])
+def test_a_compat_task_connects_to_its_redis_only_to_take_a_lock(app: Celery, item: str, base: type) -> None:
+    """A cluster client connects as it is made: not while a key is built or the task checked,
+    and an unreachable cluster is a LockBackendError of delay(), as for any unique task."""
+    from celery_unique.checks import configuration_errors
+
+    app.conf.unique_redis_url = "redis+cluster://127.0.0.1:1"  # nothing listens there
+
+    @app.task(base=base, shared=False, name=f"compat.{base.__name__}.lazy")
+    def job(value: str) -> None: ...
+
+    assert job.unique_lock_key((item,)).startswith("celery_unique:")
+    assert not [error for error in configuration_errors(app) if error.args[0].startswith(job.name)]
+    with pytest.raises(LockBackendError):
+        job.delay(item)
+
+
+def test_an_app_whose_locks_all_live_in_a_peers_redis_needs_no_redis_of_its_own(
+    item: str, other_redis: str
+) -> None:
+    """celery-once's Redis URL with a broker that is not Redis: a worker starts."""
+    from celery_unique.checks import configuration_errors
+
+    app = Celery("compat-amqp", broker="amqp://guest@127.0.0.1:1//", set_as_current=False)
+    app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": other_redis}}
+    try:
+
+        @app.task(base=QueueOnce, shared=False, name="compat.once_amqp")
+        def job(value: str) -> None: ...
+
+        for name, task in list(app.tasks.items()):  # the suite's shared tasks join every app
+            if name != job.name and isinstance(task, UniqueTask):
+                del app.tasks[name]
+        assert configuration_errors(app) == []
+        key = job.unique_lock_key((item,))
+        assert job.unique_store().acquire(key, "owner", 60_000).acquired  # in the peer's Redis
+        assert held_in(other_redis, key) == "owner"
+
+        def plain(value: str) -> None: ...
+
+        for name in ("compat.unique_amqp", "compat.unique_amqp_too"):
+            app.task(base=UniqueTask, shared=False, name=name)(plain)
+        [error] = configuration_errors(app)  # said once, for the tasks that need it
+        assert str(error).startswith("celery-unique needs a Redis")
+    finally:
+        get_conf(app).close()
+        app.close()
 
 
 def spellings(url: str) -> list[str]:

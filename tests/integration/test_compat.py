@@ -272,6 +272,37 @@ def test_our_lock_location_settings_win_over_the_peers_and_say_so(
     assert "hunter2" not in " ".join(said)
 
 
+def test_celery_unique_commands_list_and_release_locks_where_the_peers_settings_put_them(
+    app: Celery, item: str, other_redis: str, redis_client: redis.Redis
+) -> None:
+    """What ``celery unique locks`` and ``release`` call, on the app's places and the peers'."""
+    from celery_unique.inspect import force_release, iter_locks
+
+    app.conf.update(singleton_backend_url=other_redis, singleton_key_prefix="SINGLETONLOCK_")
+
+    @app.task(base=Singleton, shared=False, name="compat.singleton_listed")
+    def job(value: str) -> None: ...
+
+    @app.task(base=UniqueTask, shared=False, name="compat.unique_listed")
+    def plain(value: str) -> None: ...
+
+    ours, theirs = plain.delay(item), job.delay(item)
+    [found] = iter_locks(app, job.name)
+    assert (found.holder, found.key, found.lifetime) == (
+        theirs.id,
+        job.unique_lock_key((item,)),
+        "until_executed",
+    )
+    listed = {lock.key: lock.holder for lock in iter_locks(app) if lock.holder in (ours.id, theirs.id)}
+    assert listed[job.unique_lock_key((item,))] == theirs.id
+    assert listed[plain.unique_lock_key((item,))] == ours.id
+    assert force_release(app, found.key) and held_in(other_redis, found.key) is None
+    assert force_release(app, plain.unique_lock_key((item,)))
+    assert not redis_client.exists(plain.unique_lock_key((item,)))
+    with pytest.raises(ValueError, match="not a celery-unique lock key"):
+        force_release(app, found.key.replace("SINGLETONLOCK_", "celery_unique"))  # not where it lives
+
+
 @pytest.mark.parametrize(
     ("settings", "named"),
     [

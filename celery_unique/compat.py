@@ -180,7 +180,7 @@ class QueueOnce(_PeerTask):
         except DuplicateTaskError as exc:
             if once.get("graceful"):
                 return EagerResult(None, None, states.REJECTED)
-            raise AlreadyQueued(exc.task_name, exc.key_digest, exc.existing_id, exc.ttl) from None
+            raise AlreadyQueued(exc.ttl, exc.task_name, exc.key_digest, exc.existing_id) from None
 
 
 class Singleton(_PeerTask):

@@ -59,10 +59,23 @@ def test_queue_once_raises_already_queued_with_a_countdown(app: Celery, item: st
 
 def test_already_queued_lives_with_the_other_errors_and_pickles() -> None:
     assert AlreadyQueued is exceptions.AlreadyQueued
-    error = AlreadyQueued("proj.refresh", "ab" * 32, "task-id", 12.5)
+    error = AlreadyQueued(12.5, "proj.refresh", "ab" * 32, "task-id")
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is AlreadyQueued and str(copy) == str(error) and vars(copy) == vars(error)
     assert copy.countdown == 12.5 and copy.existing_id == "task-id"
+    assert "task-id" in str(error)
+
+
+def test_already_queued_is_built_as_celery_once_builds_it() -> None:
+    """Tests written for celery-once build it themselves (to stub a duplicate, say)."""
+    for error in (AlreadyQueued(10), AlreadyQueued(countdown=10)):
+        assert error.countdown == 10 and error.message == "Expires in 10 seconds" == str(error)
+        assert isinstance(error, DuplicateTaskError) and error.existing_id == ""
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is AlreadyQueued and str(copy) == str(error) and vars(copy) == vars(error)
+    with pytest.raises(AlreadyQueued) as raised:
+        raise AlreadyQueued(2.5)
+    assert raised.value.countdown == 2.5
 
 
 def test_queue_once_graceful_returns_a_rejected_result(app: Celery, item: str) -> None:

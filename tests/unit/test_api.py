@@ -39,6 +39,8 @@ def test_all_is_sorted_and_complete() -> None:
         exceptions.UniqueKeyError("bad key"),
         exceptions.LockBackendError("down"),
         exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5),
+        exceptions.AlreadyQueued(12.5, "proj.add", "ab" * 32, "task-id"),
+        exceptions.AlreadyQueued(10),
         exceptions.LockConflictError("proj.add", "ab" * 32, "task-id", None),
         exceptions.IdempotencyConflict("proj.add", "order-1", "ab" * 32, "cd" * 32),
         exceptions.ReplayedError("CardDeclined", "insufficient funds"),

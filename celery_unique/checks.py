@@ -48,21 +48,23 @@ def configuration_errors(app: Any) -> list[ConfigurationError]:
         return []
     # Where locks live is checked per task: a task may keep them away from the
     # app's Redis (a compat class, on its peer's setting), and an app whose
-    # tasks all do needs none. A place that cannot be used is said once.
+    # tasks all do needs none. A setting that cannot work is said once.
     errors = get_conf(app).errors(skip=("redis_target",))
-    places: dict[str, ConfigurationError] = {}
+    settings: dict[str, ConfigurationError] = {}
     for task in tasks:
         try:
-            task.check_unique_location()
+            task.check_unique_settings()
         except ConfigurationError as exc:
-            places.setdefault(str(exc), exc)
+            settings.setdefault(str(exc), exc)
         try:
             task.check_unique_options()
         except ConfigurationError as exc:
             message = str(exc)
+            if message in settings:
+                continue  # the same setting, met again through the task's options
             named = message if message.startswith(f"{task.name}: ") else f"{task.name}: {message}"
             errors.append(ConfigurationError(named))
-    return [*places.values(), *errors]
+    return [*settings.values(), *errors]
 
 
 def check_timeouts(app: Any) -> list[Finding]:

@@ -24,8 +24,10 @@ logged once.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,8 +36,8 @@ from celery.result import EagerResult
 
 from celery_unique.clients import SINGLE_SCHEMES, normalised_url
 from celery_unique.conf import UNTIL_EXECUTING, UniqueConf, check_lock_timeout, get_conf
-from celery_unique.exceptions import AlreadyQueued, ConfigurationError, DuplicateTaskError
-from celery_unique.keys import validate_prefix
+from celery_unique.exceptions import AlreadyQueued, ConfigurationError, DuplicateTaskError, UniqueKeyError
+from celery_unique.keys import ArgumentKey, UniqueOn, validate_prefix
 from celery_unique.locks import LockStore
 from celery_unique.task import UniqueTask
 
@@ -53,6 +55,61 @@ def _once_settings(app: Any) -> Mapping[str, Any]:
     if not isinstance(settings, Mapping):
         raise ConfigurationError('ONCE must be a dict whose "settings" is a dict, as celery-once reads it')
     return settings
+
+
+# celery-singleton's Redis backend, by the import paths it is known under.
+_SINGLETON_REDIS_BACKEND = (
+    "celery_singleton.backends.redis.RedisBackend",
+    "celery_singleton.backends.RedisBackend",
+)
+
+
+def _import_path(value: Any) -> str:
+    return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+
+
+def _encoder_class(value: Any) -> type[json.JSONEncoder] | None:
+    """celery-singleton's ``singleton_json_encoder_class``: a class or its import path."""
+    if value is None:
+        return None
+    found = value
+    if isinstance(value, str):
+        module, _, name = value.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"singleton_json_encoder_class {value!r} cannot be imported: {exc}"
+            ) from None
+    if not (isinstance(found, type) and issubclass(found, json.JSONEncoder)):
+        raise ConfigurationError(
+            "singleton_json_encoder_class must be a json.JSONEncoder subclass or its import path, "
+            f"got {value!r}"
+        )
+    return found
+
+
+class _EncodedArgumentKey(ArgumentKey):
+    """Keys of calls whose chosen arguments are first written by celery-singleton's
+    ``singleton_json_encoder_class`` and read back: what it writes alike (a UUID
+    and its text, with an encoder that writes UUIDs as text) is one call, as with
+    celery-singleton. The result is then keyed as any other."""
+
+    def __init__(
+        self, task_name: str, func: Any, unique_on: UniqueOn, encoder: type[json.JSONEncoder]
+    ) -> None:
+        super().__init__(task_name, func, unique_on)
+        self.unique_on = unique_on
+        self.encoder = encoder
+
+    def material(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        chosen = super().material(args, kwargs)
+        try:
+            return json.loads(json.dumps(chosen, cls=self.encoder, sort_keys=True))
+        except (TypeError, ValueError) as exc:
+            raise UniqueKeyError(
+                f"{self.task_name}: singleton_json_encoder_class cannot write the arguments: {exc}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -92,15 +149,20 @@ class _PeerTask(UniqueTask):
     def unique_key_prefix(self) -> str:
         return self._location(get_conf(self._get_app())).prefix
 
-    def check_unique_location(self) -> None:
+    def check_unique_settings(self) -> None:
         if self._location(get_conf(self._get_app())).url is None:
-            super().check_unique_location()  # the app's Redis
+            super().check_unique_settings()  # the app's Redis
 
     def _location(self, conf: UniqueConf) -> _Location:
         # One per class (all the Singleton tasks of an app share theirs), read once.
         return conf.cached(f"compat:{self._peer_class}", lambda: self._find_location(conf))
 
+    def _check_peer_settings(self, conf: UniqueConf) -> None:
+        """Raise :class:`ConfigurationError` for a peer's setting that cannot be honoured
+        (checked with the location, so said once, by delay() and by a starting worker)."""
+
     def _find_location(self, conf: UniqueConf) -> _Location:
+        self._check_peer_settings(conf)
         app = conf.app
         url = self._peer_url(app)
         if url is not None:
@@ -192,6 +254,7 @@ class Singleton(_PeerTask):
 
     raise_on_duplicate: bool | None = None
     lock_expiry: float | None = None
+    _encoded_key: _EncodedArgumentKey | None = None
     _peer_class = "Singleton"
     _url_setting = "singleton_backend_url"
     _prefix_setting = "singleton_key_prefix"
@@ -215,6 +278,43 @@ class Singleton(_PeerTask):
 
     def _peer_url(self, app: Any) -> Any:
         return app.conf.get("singleton_backend_url")
+
+    def _check_peer_settings(self, conf: UniqueConf) -> None:
+        settings = conf.app.conf
+        backend = settings.get("singleton_backend_class")
+        if backend is not None:
+            path = backend if isinstance(backend, str) else _import_path(backend)
+            if path not in _SINGLETON_REDIS_BACKEND:
+                raise ConfigurationError(
+                    f"singleton_backend_class is {path!r}, but celery-unique keeps locks in Redis "
+                    "only: remove it (the locks live at singleton_backend_url, else in the broker's Redis)"
+                )
+        if settings.get("singleton_backend_kwargs"):
+            # Never the values: they may hold a password.
+            raise ConfigurationError(
+                "singleton_backend_kwargs is set, but celery-unique makes its own Redis client: give "
+                "connection options in the query string of singleton_backend_url, where redis-py reads "
+                "them (timeouts: unique_redis_socket_timeout, unique_redis_connect_timeout), and remove it"
+            )
+        self._json_encoder(conf)
+
+    def _json_encoder(self, conf: UniqueConf) -> type[json.JSONEncoder] | None:
+        return conf.cached(
+            "compat:Singleton:encoder",
+            lambda: _encoder_class(conf.app.conf.get("singleton_json_encoder_class")),
+        )
+
+    def _argument_key(self, unique_on: UniqueOn) -> ArgumentKey:
+        """Keys through ``singleton_json_encoder_class`` when it is set."""
+        encoder = self._json_encoder(get_conf(self._get_app()))
+        if encoder is None:
+            return super()._argument_key(unique_on)
+        built = self._encoded_key
+        if built is None or built.encoder is not encoder or built.unique_on is not unique_on:
+            built = _EncodedArgumentKey(self.name, self.run, unique_on, encoder)
+            if unique_on is self.unique_on:  # kept, as UniqueTask keeps its own
+                self._encoded_key = built
+        return built
 
     def _peer_prefix(self, app: Any) -> Any:
         return app.conf.get("singleton_key_prefix")

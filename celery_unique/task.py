@@ -188,10 +188,11 @@ class UniqueTask(Task):  # type: ignore[misc]
             check_choice(self.on_duplicate, ON_DUPLICATE, "on_duplicate")
         self._argument_key(self.unique_on)  # unique_on names the task's parameters
 
-    def check_unique_location(self) -> None:
-        """Raise :class:`ConfigurationError` when this task's locks have no usable
-        place (checked without connecting to it): the app's Redis, unless a
-        subclass keeps them elsewhere."""
+    def check_unique_settings(self) -> None:
+        """Raise :class:`ConfigurationError` for an app-wide setting this task
+        depends on that cannot work: where its locks live (the app's Redis,
+        unless a subclass keeps them elsewhere), checked without connecting.
+        A worker says each such error once, not once per task."""
         _ = get_conf(self._get_app()).redis_target
 
     @property

@@ -5,6 +5,7 @@ Written from those packages' documented behaviour (no code copied).
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import uuid
@@ -19,7 +20,7 @@ from celery import Celery, states
 from celery_unique import UniqueTask, exceptions
 from celery_unique.compat import AlreadyQueued, QueueOnce, Singleton
 from celery_unique.conf import get_conf
-from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError
+from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError, UniqueKeyError
 from celery_unique.testing import RedisServer
 from tests.integration import compat_app, compat_location_app
 from tests.integration.compat_app import once, once_unlocked, singleton
@@ -188,6 +189,90 @@ def test_singleton_lock_expiry_attribute(app: Celery, item: str) -> None:
 
     job.delay(item)
     assert job.unique_store().holder(job.unique_lock_key((item,)))[1] <= 20
+
+
+class UUIDAsText(json.JSONEncoder):
+    """A celery-singleton ``singleton_json_encoder_class``: a UUID is written as its text."""
+
+    def default(self, o: Any) -> Any:
+        return str(o) if isinstance(o, uuid.UUID) else super().default(o)
+
+
+@pytest.mark.parametrize("encoder", [UUIDAsText, f"{__name__}.UUIDAsText"], ids=["class", "path"])
+def test_singleton_json_encoder_class_decides_which_calls_are_the_same(
+    app: Celery, encoder: Any, item: str
+) -> None:
+    app.conf.singleton_json_encoder_class = encoder
+
+    @app.task(base=Singleton, shared=False, name="compat.singleton_encoder", unique_on=["ident"])
+    def job(ident: Any, note: str = "") -> None: ...
+
+    ident = uuid.UUID(item)
+    first = job.delay(ident)
+    assert job.delay(str(ident), note="another").id == first.id  # written alike: one call
+    assert job.delay(ident.hex).id != first.id
+    with pytest.raises(UniqueKeyError, match="singleton_json_encoder_class cannot write"):
+        job.delay(object())
+
+
+def test_without_an_encoder_singleton_keys_keep_their_types(app: Celery, item: str) -> None:
+    @app.task(base=Singleton, shared=False, name="compat.singleton_typed")
+    def job(ident: Any) -> None: ...
+
+    ident = uuid.UUID(item)
+    first = job.delay(ident)
+    assert job.delay(str(ident)).id != first.id
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        (
+            {"singleton_backend_class": "myproject.locks.MemcachedBackend"},
+            "singleton_backend_class is 'myproject",
+        ),
+        (
+            {"singleton_backend_class": ConfigurationError},
+            "singleton_backend_class is 'celery_unique.exceptions",
+        ),
+        ({"singleton_backend_kwargs": {"password": "hunter2"}}, "singleton_backend_kwargs is set"),
+        ({"singleton_json_encoder_class": "json.NoSuchEncoder"}, "singleton_json_encoder_class 'json.NoSuch"),
+        ({"singleton_json_encoder_class": dict}, "singleton_json_encoder_class must be a json.JSONEncoder"),
+    ],
+)
+def test_singleton_settings_that_cannot_be_honoured_are_refused(
+    app: Celery, item: str, settings: dict[str, Any], said: str
+) -> None:
+    from celery_unique.checks import configuration_errors
+
+    app.conf.update(settings)
+
+    @app.task(base=Singleton, shared=False, name="compat.singleton_refused")
+    def job(value: str) -> None: ...
+
+    @app.task(base=Singleton, shared=False, name="compat.singleton_refused_too")
+    def other(value: str) -> None: ...
+
+    with pytest.raises(ConfigurationError) as raised:
+        job.delay(item)
+    assert str(raised.value).startswith(said) and "hunter2" not in str(raised.value)
+    assert [str(error) for error in configuration_errors(app)] == [str(raised.value)]  # said once
+
+
+def test_celery_singletons_own_backend_is_accepted(app: Celery, item: str) -> None:
+    class RedisBackend:  # celery-singleton's, as its class (it is not installed here)
+        __module__ = "celery_singleton.backends.redis"
+        __qualname__ = "RedisBackend"
+
+    for n, backend in enumerate(("celery_singleton.backends.redis.RedisBackend", RedisBackend, None)):
+        app.conf.update(singleton_backend_class=backend, singleton_backend_kwargs={})
+        get_conf(app).reload()
+
+        @app.task(base=Singleton, shared=False, name=f"compat.singleton_backend{n}")
+        def job(value: str) -> None: ...
+
+        first = job.delay(item)
+        assert job.delay(item).id == first.id
 
 
 # -- where the locks live ------------------------------------------------------------

@@ -37,11 +37,12 @@ from celery.result import EagerResult
 from celery_unique.clients import SINGLE_SCHEMES, normalised_url
 from celery_unique.conf import UNTIL_EXECUTING, UniqueConf, check_lock_timeout, get_conf
 from celery_unique.exceptions import AlreadyQueued, ConfigurationError, DuplicateTaskError, UniqueKeyError
+from celery_unique.inspect import held_locks
 from celery_unique.keys import ArgumentKey, UniqueOn, validate_prefix
-from celery_unique.locks import LockStore
+from celery_unique.locks import LockStore, task_id_of
 from celery_unique.task import UniqueTask
 
-__all__ = ["AlreadyQueued", "QueueOnce", "Singleton"]
+__all__ = ["AlreadyQueued", "QueueOnce", "Singleton", "clear_locks"]
 
 logger = logging.getLogger(__name__)
 
@@ -318,3 +319,40 @@ class Singleton(_PeerTask):
 
     def _peer_prefix(self, app: Any) -> Any:
         return app.conf.get("singleton_key_prefix")
+
+
+def clear_locks(app: Any, *, all: bool = False, timeout: float = 1.0) -> int:
+    """celery-singleton's ``clear_locks(app)``: free locks of ``app``'s ``Singleton`` tasks.
+
+    celery-singleton deleted every lock, the held ones too. This frees only the
+    locks that no task of a live worker holds: after reading the locks, it asks
+    the workers (``app.control.inspect``, waiting ``timeout`` seconds for each of
+    ``active``, ``reserved`` and ``scheduled``) which tasks they run, hold or
+    have scheduled, and keeps the locks of those task ids. A message still in
+    the broker's queue is not seen by any worker, so its lock is freed (and a
+    duplicate of it may then be queued); so is the lock of a worker that did not
+    answer in time. With ``all=True`` every lock is freed, as celery-singleton
+    did. Each release is owner-checked: a lock taken again meanwhile is kept.
+    Returns how many locks were freed.
+    """
+    names = [name for name, task in app.tasks.items() if isinstance(task, Singleton)]
+    found = [held for name in names for held in held_locks(app, name)]
+    if not found:
+        return 0
+    kept = set() if all else _held_by_workers(app, timeout)
+    return sum(store.release(key, owner) for store, key, owner in found if task_id_of(owner) not in kept)
+
+
+def _held_by_workers(app: Any, timeout: float) -> set[str]:
+    """The ids of the tasks that the live workers run, hold (prefetched) or have scheduled."""
+    inspector = app.control.inspect(timeout=timeout)
+    requests = [
+        request
+        for replies in (inspector.active(), inspector.reserved())
+        for listed in (replies or {}).values()
+        for request in listed
+    ]
+    requests += [
+        entry.get("request") or {} for entries in (inspector.scheduled() or {}).values() for entry in entries
+    ]
+    return {request["id"] for request in requests if request.get("id")}

@@ -255,6 +255,18 @@ def _locks_at(
                 )
 
 
+def held_locks(app: Any, task_name: str, count: int = 500) -> Iterator[tuple[LockStore, str, str]]:
+    """(lock store, key, owner token) of every lock of one task, queued and running,
+    via SCAN in the task's place: what an owner-checked release of them needs."""
+    tag = _tag_pattern(task_name)
+    for store, prefix in locations(app, task_name):
+        for kind in ("lock", "run"):
+            for page in _pages(store.client, f"{_glob_escape(prefix)}:{KEY_VERSION}:{tag}:{kind}", count):
+                for key, value, *_ in _snapshots(store, page):
+                    if value is not None:  # gone between SCAN and GET
+                        yield store, key, text(value)
+
+
 def _outcome_task(sealer: Any, key: str, stored: str) -> str:
     """The task id that stored an outcome; "?" when it does not open (another key) or parse."""
     try:

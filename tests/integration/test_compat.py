@@ -18,7 +18,7 @@ import redis
 from celery import Celery, states
 
 from celery_unique import UniqueTask, exceptions
-from celery_unique.compat import AlreadyQueued, QueueOnce, Singleton
+from celery_unique.compat import AlreadyQueued, QueueOnce, Singleton, clear_locks
 from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError, UniqueKeyError
 from celery_unique.testing import RedisServer
@@ -540,8 +540,14 @@ def holder(task: Any, token: str) -> str | None:
     return found
 
 
-def seen(events: Events, event: str, count: int = 1) -> Callable[[], bool]:
-    return lambda: len([e for e in events() if e["event"] == event]) >= count
+def finished(redis_client: redis.Redis, task_id: str) -> Callable[[], bool]:
+    """Whether the worker's task_postrun for ``task_id`` is done (celery-unique's release among it)."""
+    return lambda: bool(redis_client.exists(finished_key(task_id)))
+
+
+def seen(events: Events, event: str, count: int = 1, of: str | None = None) -> Callable[[], bool]:
+    """Whether ``event`` was recorded ``count`` times for the test's token (or ``of``)."""
+    return lambda: len([e for e in events(of) if e["event"] == event]) >= count
 
 
 @pytest.mark.worker
@@ -614,6 +620,47 @@ def test_a_retry_is_not_its_own_duplicate(
     wait_for(lambda: holder(task, token) is None, timeout=WAIT, worker=compat_worker)
 
 
+def scheduled_ids(app: Celery) -> set[str]:
+    """The ids of the tasks the live workers have scheduled (an eta, a countdown)."""
+    replies = app.control.inspect(timeout=0.5).scheduled() or {}
+    return {entry["request"]["id"] for entries in replies.values() for entry in entries}
+
+
+@pytest.mark.worker
+def test_clear_locks_frees_the_locks_no_live_worker_holds(
+    compat_worker: Worker, celery_app: Celery, token: str, events: Events, redis_client: redis.Redis
+) -> None:
+    from celery_unique.locks import new_owner
+
+    running, scheduled, queued, orphaned = (f"{token}-{n}" for n in range(4))
+    nobody = f"nobody-{token}"  # a queue no worker consumes: a message the workers cannot see
+    first = singleton.delay(running)
+    later = singleton.apply_async((scheduled,), countdown=600)
+    waiting = singleton.apply_async((queued,), queue=nobody)
+    store = singleton.unique_store()
+    assert store.acquire(
+        singleton.unique_lock_key((orphaned,)), new_owner("lost-in-a-crash"), 600_000
+    ).acquired
+    try:
+        wait_for(seen(events, "start", of=running), timeout=WAIT, worker=compat_worker)
+        wait_for(lambda: later.id in scheduled_ids(celery_app), timeout=WAIT, worker=compat_worker)
+
+        assert clear_locks(celery_app) >= 2
+        assert holder(singleton, running) == first.id  # running on a live worker
+        assert holder(singleton, scheduled) == later.id  # scheduled on a live worker
+        assert holder(singleton, queued) is None  # its message waits in the broker: not seen, freed
+        assert holder(singleton, orphaned) is None
+        assert waiting.id not in scheduled_ids(celery_app)
+
+        assert clear_locks(celery_app, all=True) >= 2  # as celery-singleton did: every lock
+        assert holder(singleton, running) is None and holder(singleton, scheduled) is None
+    finally:
+        celery_app.control.revoke(later.id)
+        open_gate(redis_client, running)
+        redis_client.delete(nobody)
+    wait_for(finished(redis_client, first.id), timeout=WAIT, worker=compat_worker)
+
+
 # -- with a worker, locks where the peers' settings put them --------------------------
 
 
@@ -630,11 +677,6 @@ def location_worker(celery_app: Celery, redis_url: str, other_redis: str) -> Ite
     ) as started:
         yield started
     get_conf(compat_location_app.app).close()
-
-
-def finished(redis_client: redis.Redis, task_id: str) -> Callable[[], bool]:
-    """Whether the worker's task_postrun for ``task_id`` is done (celery-unique's release among it)."""
-    return lambda: bool(redis_client.exists(finished_key(task_id)))
 
 
 @pytest.mark.worker

@@ -219,6 +219,17 @@ class QueueOnce(_PeerTask):
             cls.lock = UNTIL_EXECUTING
 
     @property
+    def renew_lock(self) -> bool:  # type: ignore[override]  # derived from where the timeout comes from
+        """Only for celery-unique's own ``lock_timeout`` (the task's, or ``unique_lock_timeout``).
+
+        celery-once's timeout (``once={"timeout": s}``, ``default_timeout``, an
+        hour by default) is the lock's expiry, running task or not, as there.
+        """
+        if self.once.get("timeout"):
+            return False
+        return self.lock_timeout is not None or self._get_app().conf.get("unique_lock_timeout") is not None
+
+    @property
     def unique_lock_timeout(self) -> float:
         """``once={"timeout": s}``, else ``unique_lock_timeout`` when set, else
         ``ONCE["settings"]["default_timeout"]``, else the default."""
@@ -268,14 +279,27 @@ class Singleton(_PeerTask):
         return "raise" if raise_on_duplicate else "return_existing"
 
     @property
+    def renew_lock(self) -> bool:  # type: ignore[override]  # derived from where the timeout comes from
+        """Unless celery-singleton's expiry is in force: its lock expires then, running
+        task or not, as there (without one, celery-singleton's lock lived as long as
+        the task: the renewed ``lock_timeout`` only bounds a crash)."""
+        return self._peer_expiry() is None
+
+    @property
     def unique_lock_timeout(self) -> float:
         """``lock_expiry``, else ``unique_lock_timeout`` when set, else
         ``singleton_lock_expiry``, else the default."""
+        expiry = self._peer_expiry()
+        return check_lock_timeout(expiry) if expiry else super().unique_lock_timeout
+
+    def _peer_expiry(self) -> Any:
+        """celery-singleton's expiry in force: ``lock_expiry``, else ``singleton_lock_expiry``
+        unless ``unique_lock_timeout`` is set (None for none)."""
         expiry = self.lock_expiry
         conf = self._get_app().conf
         if expiry is None and conf.get("unique_lock_timeout") is None:
             expiry = conf.get("singleton_lock_expiry")
-        return check_lock_timeout(expiry) if expiry else super().unique_lock_timeout
+        return expiry or None
 
     def _peer_url(self, app: Any) -> Any:
         return app.conf.get("singleton_backend_url")

@@ -22,10 +22,11 @@ app.conf.task_routes = {"tests.compat.*": {"queue": QUEUE}}
 
 
 def gated(name: str, base: type, on: Celery = app, **options: Any) -> Any:
-    """A task of app ``on`` keyed on ``token`` that retries once if asked, then waits at the gate."""
+    """A task of app ``on`` that retries once if asked, then waits at the gate (``note`` is
+    an argument that changes nothing: keyed on ``token`` only, calls differing in it are one)."""
 
     @on.task(base=base, bind=True, name=name, shared=False, max_retries=3, **options)
-    def run(self: Any, token: str, retry: bool = False) -> int:
+    def run(self: Any, token: str, retry: bool = False, note: str = "") -> int:
         record(token, "start", id=self.request.id, retries=self.request.retries)
         if retry and not self.request.retries:
             raise self.retry(countdown=0.5)
@@ -41,3 +42,5 @@ once_unlocked = gated(
     "tests.compat.once_unlocked", QueueOnce, once={"keys": ["token"], "unlock_before_run": True}
 )
 singleton = gated("tests.compat.singleton", Singleton, unique_on=["token"])
+once_expiring = gated("tests.compat.once_expiring", QueueOnce, once={"keys": ["token"], "timeout": 2})
+singleton_expiring = gated("tests.compat.singleton_expiring", Singleton, unique_on=["token"], lock_expiry=2)

@@ -23,7 +23,13 @@ from celery_unique.conf import get_conf
 from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError, UniqueKeyError
 from celery_unique.testing import RedisServer
 from tests.integration import compat_app, compat_location_app
-from tests.integration.compat_app import once, once_unlocked, singleton
+from tests.integration.compat_app import (
+    once,
+    once_expiring,
+    once_unlocked,
+    singleton,
+    singleton_expiring,
+)
 from tests.integration.conftest import Events, Worker, lock_holder, wait_for
 from tests.integration.results import polling_backend_url
 from tests.integration.worker_app import finished_key, open_gate
@@ -618,6 +624,31 @@ def test_a_retry_is_not_its_own_duplicate(
     open_gate(redis_client, token)
     assert first.get(timeout=WAIT) == 1
     wait_for(lambda: holder(task, token) is None, timeout=WAIT, worker=compat_worker)
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize(
+    "task", [once_expiring, singleton_expiring], ids=["QueueOnce-timeout", "Singleton-lock_expiry"]
+)
+def test_the_peers_timeout_is_an_expiry_even_while_the_task_runs(
+    compat_worker: Worker, token: str, events: Events, redis_client: redis.Redis, task: Any
+) -> None:
+    """As celery-once's timeout and celery-singleton's lock_expiry: the lock is not
+    renewed, so an identical task may be queued once it expired, the first still running."""
+    first = task.delay(token)
+    wait_for(seen(events, "start"), timeout=WAIT, worker=compat_worker)
+    ttl = task.unique_store().holder(task.unique_lock_key((token,)))[1]
+    assert ttl is not None and ttl <= 2
+    wait_for(lambda: holder(task, token) is None, timeout=WAIT, worker=compat_worker)  # expired
+    second = task.delay(token)  # neither AlreadyQueued nor the first's result
+    assert second.id not in (None, first.id)
+    assert holder(task, token) == second.id
+    open_gate(redis_client, token)
+    wait_for(seen(events, "end", 2), timeout=WAIT, worker=compat_worker)
+    assert {e["id"] for e in events() if e["event"] == "end"} == {first.id, second.id}
+    wait_for(finished(redis_client, first.id), timeout=WAIT, worker=compat_worker)
+    wait_for(finished(redis_client, second.id), timeout=WAIT, worker=compat_worker)
+    assert holder(task, token) is None
 
 
 def scheduled_ids(app: Celery) -> set[str]:

@@ -43,4 +43,8 @@ once_unlocked = gated(
 )
 singleton = gated("tests.compat.singleton", Singleton, unique_on=["token"])
 once_expiring = gated("tests.compat.once_expiring", QueueOnce, once={"keys": ["token"], "timeout": 2})
+once_graceful = gated("tests.compat.once_graceful", QueueOnce, once={"keys": ["token"], "graceful": True})
+singleton_raising = gated(
+    "tests.compat.singleton_raising", Singleton, unique_on=["token"], raise_on_duplicate=True
+)
 singleton_expiring = gated("tests.compat.singleton_expiring", Singleton, unique_on=["token"], lock_expiry=2)

@@ -26,9 +26,11 @@ from tests.integration import compat_app, compat_location_app
 from tests.integration.compat_app import (
     once,
     once_expiring,
+    once_graceful,
     once_unlocked,
     singleton,
     singleton_expiring,
+    singleton_raising,
 )
 from tests.integration.conftest import Events, Worker, lock_holder, wait_for
 from tests.integration.results import polling_backend_url
@@ -624,6 +626,71 @@ def test_a_retry_is_not_its_own_duplicate(
     open_gate(redis_client, token)
     assert first.get(timeout=WAIT) == 1
     wait_for(lambda: holder(task, token) is None, timeout=WAIT, worker=compat_worker)
+
+
+@pytest.mark.worker
+def test_queue_once_keys_and_already_queued_countdown(
+    compat_worker: Worker, token: str, events: Events, redis_client: redis.Redis
+) -> None:
+    """once={"keys": ["token"]}: calls differing in other arguments are one; the
+    AlreadyQueued of a duplicate tells the seconds its lock has left."""
+    first = once.delay(token, note="first")
+    wait_for(seen(events, "start"), timeout=WAIT, worker=compat_worker)
+    with pytest.raises(AlreadyQueued) as info:
+        once.delay(token, note="another")
+    assert info.value.existing_id == first.id
+    assert info.value.countdown is not None and 3500 < info.value.countdown <= 3600  # celery-once's hour
+    other = once.delay(f"{token}-other")  # another key: queued beside it
+    open_gate(redis_client, token)
+    open_gate(redis_client, f"{token}-other")
+    wait_for(finished(redis_client, first.id), timeout=WAIT, worker=compat_worker)
+    wait_for(finished(redis_client, other.id), timeout=WAIT, worker=compat_worker)
+    assert [e["id"] for e in events() if e["event"] == "start"] == [first.id]
+    assert holder(once, token) is None
+
+
+@pytest.mark.worker
+def test_queue_once_graceful_returns_none_for_a_running_duplicate(
+    compat_worker: Worker, token: str, events: Events, redis_client: redis.Redis
+) -> None:
+    first = once_graceful.delay(token)
+    wait_for(seen(events, "start"), timeout=WAIT, worker=compat_worker)
+    again = once_graceful.delay(token)
+    assert (again.id, again.state, again.result) == (None, states.REJECTED, None)  # nothing published
+    open_gate(redis_client, token)
+    wait_for(finished(redis_client, first.id), timeout=WAIT, worker=compat_worker)
+    after = once_graceful.delay(token)
+    assert after.id not in (None, first.id)
+    wait_for(finished(redis_client, after.id), timeout=WAIT, worker=compat_worker)
+    assert [e["id"] for e in events() if e["event"] == "start"] == [first.id, after.id]
+
+
+@pytest.mark.worker
+def test_singleton_unique_on_returns_the_running_task_for_other_arguments(
+    compat_worker: Worker, token: str, events: Events, redis_client: redis.Redis
+) -> None:
+    first = singleton.delay(token, note="first")
+    wait_for(seen(events, "start"), timeout=WAIT, worker=compat_worker)
+    same = singleton.delay(token=token, note="another")
+    assert (same.id, same.duplicate) == (first.id, True)
+    open_gate(redis_client, token)
+    assert same.get(timeout=WAIT) == 0  # the first run's result
+    assert [e["id"] for e in events() if e["event"] == "start"] == [first.id]
+
+
+@pytest.mark.worker
+def test_singleton_raise_on_duplicate_names_the_running_task(
+    compat_worker: Worker, token: str, events: Events, redis_client: redis.Redis
+) -> None:
+    first = singleton_raising.delay(token)
+    wait_for(seen(events, "start"), timeout=WAIT, worker=compat_worker)
+    with pytest.raises(DuplicateTaskError) as info:
+        singleton_raising.delay(token, note="another")
+    assert info.value.task_id == first.id  # celery-singleton's attribute
+    open_gate(redis_client, token)
+    wait_for(finished(redis_client, first.id), timeout=WAIT, worker=compat_worker)
+    after = singleton_raising.delay(token)
+    assert after.id != first.id and after.get(timeout=WAIT) == 0
 
 
 @pytest.mark.worker

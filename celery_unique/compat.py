@@ -5,9 +5,11 @@
 call, and ``ONCE["settings"]["default_timeout"]``) and raises
 ``AlreadyQueued`` (with ``.countdown``). ``Singleton`` takes
 celery-singleton's (``unique_on``, ``raise_on_duplicate``, ``lock_expiry``,
-and the ``singleton_raise_on_duplicate``/``singleton_lock_expiry`` settings).
-Both run on celery-unique's locks: one round trip, owner-checked release,
-TTLs, release on revoke and time limits.
+and the ``singleton_raise_on_duplicate``/``singleton_lock_expiry``/
+``singleton_json_encoder_class`` settings); :func:`clear_locks` stands for
+its ``clear_locks``. Both run on celery-unique's locks: one round trip,
+owner-checked release, TTLs, release on revoke and time limits. The peers'
+timeouts stay expiries, as there (not renewed while the task runs).
 
 Where the locks live follows the peers' settings too
 (``ONCE["settings"]["url"]``, ``singleton_backend_url``,
@@ -19,7 +21,9 @@ and the worker's hooks both use: the worker releases a lock where the producer
 took it. A celery-unique setting that is set (``unique_redis_url``,
 ``unique_key_prefix``) wins over the peer's, as ``unique_lock_timeout`` wins
 over the peers' default timeouts; a peer's setting that it overrides is
-logged once.
+logged once. A peer's setting that cannot be honoured
+(``singleton_backend_class`` other than its Redis backend,
+``singleton_backend_kwargs``) is a :class:`ConfigurationError`.
 """
 
 from __future__ import annotations

@@ -457,11 +457,28 @@ def test_a_compat_task_connects_to_its_redis_only_to_take_a_lock(app: Celery, it
         job.delay(item)
 
 
+def test_the_startup_checks_look_at_a_peers_redis_too(app: Celery) -> None:
+    from celery_unique.checks import check_eviction
+
+    with RedisServer("--maxmemory-policy", "allkeys-lru") as evicting:
+        app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": evicting.url}}
+
+        @app.task(base=QueueOnce, shared=False, name="compat.once_evicting")
+        def job(value: str) -> None: ...
+
+        try:
+            [finding] = check_eviction(app)
+        finally:
+            get_conf(app).close()
+    assert finding.id == "eviction" and "maxmemory-policy allkeys-lru" in finding.message
+
+
 def test_an_app_whose_locks_all_live_in_a_peers_redis_needs_no_redis_of_its_own(
     item: str, other_redis: str
 ) -> None:
     """celery-once's Redis URL with a broker that is not Redis: a worker starts."""
     from celery_unique.checks import configuration_errors
+    from celery_unique.inspect import iter_locks
 
     app = Celery("compat-amqp", broker="amqp://guest@127.0.0.1:1//", set_as_current=False)
     app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"url": other_redis}}
@@ -477,6 +494,7 @@ def test_an_app_whose_locks_all_live_in_a_peers_redis_needs_no_redis_of_its_own(
         key = job.unique_lock_key((item,))
         assert job.unique_store().acquire(key, "owner", 60_000).acquired  # in the peer's Redis
         assert held_in(other_redis, key) == "owner"
+        assert [lock.holder for lock in iter_locks(app) if lock.task_name == job.name] == ["owner"]
 
         def plain(value: str) -> None: ...
 

@@ -18,6 +18,7 @@ checks) can report them too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from redis.exceptions import NoPermissionError
 from celery_unique.clients import REDIS_ERRORS, is_cluster, text
 from celery_unique.conf import HELD_WHILE_RUNNING, get_conf
 from celery_unique.exceptions import ConfigurationError, UniqueError
+from celery_unique.inspect import locations
 
 
 @dataclass(frozen=True)
@@ -46,15 +48,25 @@ def configuration_errors(app: Any) -> list[ConfigurationError]:
     tasks = _unique_tasks(app)
     if not tasks:
         return []
-    errors = get_conf(app).errors()
+    # Where locks live is checked per task: a task may keep them away from the
+    # app's Redis (a compat class, on its peer's setting), and an app whose
+    # tasks all do needs none. A setting that cannot work is said once.
+    errors = get_conf(app).errors(skip=("redis_target",))
+    settings: dict[str, ConfigurationError] = {}
     for task in tasks:
+        try:
+            task.check_unique_settings()
+        except ConfigurationError as exc:
+            settings.setdefault(str(exc), exc)
         try:
             task.check_unique_options()
         except ConfigurationError as exc:
             message = str(exc)
+            if message in settings:
+                continue  # the same setting, met again through the task's options
             named = message if message.startswith(f"{task.name}: ") else f"{task.name}: {message}"
             errors.append(ConfigurationError(named))
-    return errors
+    return [*settings.values(), *errors]
 
 
 def check_timeouts(app: Any) -> list[Finding]:
@@ -105,26 +117,43 @@ def check_visibility_timeout(app: Any) -> list[Finding]:
 _UNREADABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, UniqueError)
 
 
+def _lock_clients(app: Any) -> list[Any]:
+    """The client of every Redis that holds ``app``'s locks: its own, and those of
+    tasks that keep theirs elsewhere (a compat class, on its peer's setting)."""
+    found: list[Any] = []
+    for store, _ in locations(app):
+        if not any(store.client is client for client in found):
+            found.append(store.client)
+    return found
+
+
+def _replies(client: Any, ask: Callable[..., Any]) -> list[Any]:
+    """``ask``'s reply from one Redis, or from every primary of a cluster (each holds locks)."""
+    if is_cluster(client):
+        return [ask(client, target_nodes=node) for node in client.get_primaries()]
+    return [ask(client)]
+
+
 def check_eviction(app: Any) -> list[Finding]:
+    findings: list[Finding] = []
     try:
-        client = get_conf(app).locks.client
-        if is_cluster(client):
-            # Every primary holds locks: each must keep them.
-            replies = [
-                client.config_get("maxmemory-policy", target_nodes=node) for node in client.get_primaries()
-            ]
-        else:
-            replies = [client.config_get("maxmemory-policy")]
+        for client in _lock_clients(app):
+            findings += _eviction(client)
     except NoPermissionError as exc:
-        return [
+        findings.append(
             Finding(
                 "eviction",
                 f"cannot read the lock Redis's maxmemory-policy ({exc}): allow its user "
                 "CONFIG GET, or make sure yourself that it is noeviction",
             )
-        ]
+        )
     except _UNREADABLE:
-        return []  # unreachable, or no lock Redis: said elsewhere
+        pass  # unreachable, or no lock Redis: said elsewhere
+    return list(dict.fromkeys(findings))  # two lock Redis alike are said once
+
+
+def _eviction(client: Any) -> list[Finding]:
+    replies = _replies(client, lambda on, **node: on.config_get("maxmemory-policy", **node))
     policies = {text(reply.get("maxmemory-policy") or "") for reply in replies}
     policy = next((found for found in sorted(policies) if found and found != "noeviction"), None)
     if policy:
@@ -144,11 +173,11 @@ def check_replicas(app: Any) -> list[Finding]:
         wanted = conf.lock_replicas
         if not wanted:
             return []
-        client = conf.locks.client
-        if is_cluster(client):
-            replies = [client.info("replication", target_nodes=node) for node in client.get_primaries()]
-        else:
-            replies = [client.info("replication")]
+        replies = [
+            reply
+            for client in _lock_clients(app)
+            for reply in _replies(client, lambda on, **node: on.info("replication", **node))
+        ]
     except _UNREADABLE:
         return []
     connected = min(int(reply.get("connected_slaves") or 0) for reply in replies)

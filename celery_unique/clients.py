@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -108,14 +108,70 @@ def sentinel_client(url: str, transport_options: dict[str, Any], **options: Any)
     return client
 
 
-def check_target(url: str, transport_options: dict[str, Any]) -> None:
-    """Raise :class:`ConfigurationError` for a URL no client can be built for."""
+# The ports a URL without one means, by scheme.
+_DEFAULT_PORTS = {
+    "redis": 6379,
+    "rediss": 6379,
+    "redis+cluster": 6379,
+    "rediss+cluster": 6379,
+    "sentinel": 26379,
+}
+_SOCKET = "redis+socket://"  # kombu's (and celery-once's) spelling of unix://
+
+
+def normalised_url(url: str, setting: str = "unique_redis_url") -> str:
+    """``url`` spelt one way per server, database, credentials and options.
+
+    Two settings name one location when their normalised URLs are equal:
+    ``redis://h``, ``redis://h:6379``, ``redis://h:6379/`` and
+    ``redis://h:6379/0`` are one (the default port, database 0), as are
+    ``redis+socket:///s`` and ``unix:///s?db=0``. The database is read as
+    redis-py reads it (``?db=`` wins over the path), and the query options are
+    sorted. Each node of a ``;``-joined list is normalised, in its order. A
+    port that is no number is a :class:`ConfigurationError` naming ``setting``
+    (never the URL: it may hold a password).
+    """
+    return ";".join(_normalised_node(part.strip(), setting) for part in url.split(";") if part.strip())
+
+
+def _normalised_node(url: str, setting: str) -> str:
+    if url.startswith(_SOCKET):
+        url = "unix://" + url[len(_SOCKET) :]
+    parsed = urlsplit(url)
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parsed.query):
+        options.setdefault(name, value)  # the first of a repeated option, as redis-py
+    database = options.pop("db", None)
+    if database is None and parsed.scheme != "unix":
+        database = unquote(parsed.path).replace("/", "")
+    try:
+        database = str(int(database or 0))
+        port = parsed.port
+    except ValueError:
+        raise ConfigurationError(
+            f"{setting} has a port or database that is not a number "
+            "(percent-encode special characters in a password)"
+        ) from None
+    user = ""
+    if parsed.username or parsed.password:
+        name, password = (quote(unquote(part or ""), safe="") for part in (parsed.username, parsed.password))
+        user = f"{name}:{password}@"
+    query = "".join(f"&{quote(name)}={quote(value)}" for name, value in sorted(options.items()))
+    if parsed.scheme == "unix":
+        return f"unix://{user}{unquote(parsed.path)}?db={database}{query}"
+    host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    port = port or _DEFAULT_PORTS.get(parsed.scheme, 0)
+    return f"{parsed.scheme}://{user}{host}:{port}/{database}{query.replace('&', '?', 1)}"
+
+
+def check_target(url: str, transport_options: dict[str, Any], setting: str = "unique_redis_url") -> None:
+    """Raise :class:`ConfigurationError` (naming ``setting``) for a URL no client can be built for."""
     if not url.startswith(SCHEMES):
         # Only the scheme: the rest may hold a password.
         scheme = repr(url.partition("://")[0]) if "://" in url else "no scheme"
-        raise ConfigurationError(
-            f"unique_redis_url must start with one of {', '.join(SCHEMES)}; got {scheme}"
-        )
+        raise ConfigurationError(f"{setting} must start with one of {', '.join(SCHEMES)}; got {scheme}")
     if url.startswith(SENTINEL_SCHEMES) and not transport_options.get("master_name"):
         raise ConfigurationError(
             "a sentinel:// URL needs the master's name: "
@@ -157,6 +213,8 @@ def make_client(url: str, transport_options: dict[str, Any] | None = None, **opt
     """The client for ``url``; ``options`` are connection settings (timeouts)."""
     transport_options = transport_options or {}
     check_target(url, transport_options)
+    if url.startswith(_SOCKET):
+        url = "unix://" + url[len(_SOCKET) :]  # redis-py knows only this spelling
     options = {**ANONYMOUS, **options}
     if url.startswith(CLUSTER_SCHEMES):
         return cluster_client(url, **options)  # its retries follow a failover to the new primary

@@ -14,14 +14,25 @@ reads them again; the Django integration calls it on ``setting_changed``, so
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery_unique import metrics, sealing
-from celery_unique.clients import SCHEMES, SENTINEL_SCHEMES, check_target, location, make_client
+from celery_unique.clients import (
+    SCHEMES,
+    SENTINEL_SCHEMES,
+    check_target,
+    location,
+    make_client,
+    normalised_url,
+)
 from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import validate_prefix
 from celery_unique.locks import LockStore
+
+T = TypeVar("T")
 
 UNTIL_EXECUTED = "until_executed"
 UNTIL_EXECUTING = "until_executing"
@@ -214,10 +225,13 @@ class UniqueConf:
         value = self._get("unique_redis_connect_timeout")
         return check_lock_timeout(value, "unique_redis_connect_timeout")
 
-    def errors(self) -> list[ConfigurationError]:
-        """What is wrong with the settings: one error per invalid setting."""
+    def errors(self, skip: tuple[str, ...] = ()) -> list[ConfigurationError]:
+        """What is wrong with the settings: one error per invalid setting (but
+        those of the properties named in ``skip``)."""
         found = []
         for name in _VALIDATED:
+            if name in skip:
+                continue
             try:
                 getattr(self, name)
             except ConfigurationError as exc:
@@ -272,25 +286,55 @@ class UniqueConf:
         """The lock store for the configured Redis (one client per URL and timeouts)."""
         store: LockStore | None = self._values.get("_locks")
         if store is None:
-            url, options = self.redis_target
-            timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
-            replicas = self.lock_replicas
-            ident = (url, repr(sorted(options.items())), *timeouts.values(), replicas)
-            store = self._stores.get(ident)
-            if store is None:
-                # Built outside the lock: a cluster client connects now, and
-                # during an outage threads must not queue behind one another.
-                client = make_client(url, options, **timeouts)
-                built = LockStore(client, replicas, self.replica_timeout_ms, location(url))
-                with self._lock:
-                    store = self._stores.setdefault(ident, built)
-                if store is not built:
-                    built.close()  # another thread was first
-            # The first use of the locks in this process: counters from now
-            # on (before the store is kept, so a setting that fails fails again).
-            metrics.enable_as_configured(self.prometheus)
-            self._values["_locks"] = store
+            store = self._values["_locks"] = self._store(*self.redis_target)
         return store
+
+    def store_at(self, url: Any, setting: str) -> LockStore:
+        """The lock store of the Redis at ``url``, which ``setting`` names (a peer
+        package's setting, read by a compat class), with this app's timeouts and
+        replicas: :attr:`locks` itself when ``url`` is the same Redis in any spelling.
+
+        A URL that cannot be used is a :class:`ConfigurationError` naming ``setting``,
+        never the URL (it may hold a password).
+        """
+        if not isinstance(url, str):
+            raise ConfigurationError(f"{setting} must be a string, got {type(url).__name__}")
+        check_target(url, {}, setting)
+        wanted = normalised_url(url, setting)
+        with contextlib.suppress(ConfigurationError):  # no Redis of ours: another, then
+            if wanted == normalised_url(self.redis_url):
+                return self.locks
+        return self._store(url, {})
+
+    def _store(self, url: str, options: dict[str, Any]) -> LockStore:
+        timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
+        replicas = self.lock_replicas
+        # Equivalent spellings of one URL share one client.
+        ident = (normalised_url(url), repr(sorted(options.items())), *timeouts.values(), replicas)
+        store = self._stores.get(ident)
+        if store is None:
+            # Built outside the lock: a cluster client connects now, and
+            # during an outage threads must not queue behind one another.
+            client = make_client(url, options, **timeouts)
+            built = LockStore(client, replicas, self.replica_timeout_ms, location(url))
+            with self._lock:
+                store = self._stores.setdefault(ident, built)
+            if store is not built:
+                built.close()  # another thread was first
+        # The first use of the locks in this process: counters from now
+        # on (before the store is kept, so a setting that fails fails again).
+        metrics.enable_as_configured(self.prometheus)
+        return store
+
+    def cached(self, name: str, compute: Callable[[], T]) -> T:
+        """``compute()``, a value derived from the settings (by a task class, say),
+        computed once and kept until :meth:`reload`."""
+        values = self._values
+        try:
+            found: T = values[name]
+        except KeyError:
+            found = values[name] = compute()
+        return found
 
 
 # The properties that read and check a setting (what errors() looks at).

@@ -88,12 +88,26 @@ class AlreadyQueued(DuplicateTaskError):
     """celery-once's error, raised by :class:`celery_unique.compat.QueueOnce`.
 
     A :class:`DuplicateTaskError` that also carries the lock's seconds left
-    under celery-once's name, ``countdown``.
+    under celery-once's name, ``countdown``. It is built as celery-once's is,
+    ``AlreadyQueued(countdown)`` (as tests written for celery-once do), with
+    the message celery-once gives it; ``QueueOnce`` adds the task, key digest
+    and holder it knows.
     """
+
+    def __init__(
+        self, countdown: float | None, task_name: str = "", key_digest: str = "", existing_id: str = ""
+    ) -> None:
+        super().__init__(task_name, key_digest, existing_id, countdown)
 
     @property
     def countdown(self) -> float | None:
         return self.ttl
+
+    def describe(self) -> str:
+        return super().describe() if self.existing_id else f"Expires in {self.ttl} seconds"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.ttl, self.task_name, self.key_digest, self.existing_id))
 
 
 class LockConflictError(_HeldLockError):

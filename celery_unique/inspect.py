@@ -185,17 +185,53 @@ def _age(kind: str, lifetime: str, fence: Any, now: int) -> float | None:
     return micros / 1e6 if micros >= 0 else None  # a fence ahead of the clock is no start time
 
 
+def locations(app: Any, task_name: str | None = None) -> list[tuple[LockStore, str]]:
+    """Where ``app``'s locks live: (lock store, key prefix), each place once.
+
+    The app's settings' place, and that of every unique task that keeps its
+    locks elsewhere (a compat class, on its peer's setting); the app's own is
+    left out when it has no Redis and the tasks have places of their own. With
+    ``task_name``, that task's place (the app's, when it is not registered here).
+    """
+    conf = get_conf(app)
+    if task_name:
+        task = app.tasks.get(task_name)
+        tasks = [task] if task is not None and hasattr(type(task), "unique_lifetime") else []
+    else:
+        tasks = [task for task in app.tasks.values() if hasattr(type(task), "unique_lifetime")]
+    found: list[tuple[LockStore, str]] = []
+    for store, prefix in ((task.unique_store(), task.unique_key_prefix) for task in tasks):
+        if not any(store is seen and prefix == known for seen, known in found):
+            found.append((store, prefix))
+    if task_name and found:
+        return found
+    try:
+        own = (conf.locks, conf.key_prefix)
+    except ConfigurationError:
+        if found:
+            return found
+        raise
+    return found if own in found else [own, *found]
+
+
 def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iterator[LockInfo]:
-    """Every lock and stored outcome of ``app``'s key prefix (optionally of one task), via SCAN.
+    """Every lock and stored outcome of ``app`` (optionally of one task), via SCAN, in
+    each of its :func:`locations`.
 
     One round trip per ``count`` keys on one Redis, one per key on a cluster.
     """
-    conf = get_conf(app)
-    store = conf.locks
     tag = _tag_pattern(task_name)
     lifetimes: dict[str, str] = {}
+    for store, prefix in locations(app, task_name):
+        yield from _locks_at(app, store, prefix, tag, lifetimes, count)
+
+
+def _locks_at(
+    app: Any, store: LockStore, prefix: str, tag: str, lifetimes: dict[str, str], count: int
+) -> Iterator[LockInfo]:
+    conf = get_conf(app)
     for kind in KINDS:
-        pattern = f"{_glob_escape(conf.key_prefix)}:{KEY_VERSION}:{tag}:{kind}"
+        pattern = f"{_glob_escape(prefix)}:{KEY_VERSION}:{tag}:{kind}"
         for page in _pages(store.client, pattern, count):
             for key, value, pttl, fence, now in _snapshots(store, page):
                 if value is None:
@@ -217,6 +253,18 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
                     lifetime,
                     _age(kind, lifetime, fence, now),
                 )
+
+
+def held_locks(app: Any, task_name: str, count: int = 500) -> Iterator[tuple[LockStore, str, str]]:
+    """(lock store, key, owner token) of every lock of one task, queued and running,
+    via SCAN in the task's place: what an owner-checked release of them needs."""
+    tag = _tag_pattern(task_name)
+    for store, prefix in locations(app, task_name):
+        for kind in ("lock", "run"):
+            for page in _pages(store.client, f"{_glob_escape(prefix)}:{KEY_VERSION}:{tag}:{kind}", count):
+                for key, value, *_ in _snapshots(store, page):
+                    if value is not None:  # gone between SCAN and GET
+                        yield store, key, text(value)
 
 
 def _outcome_task(sealer: Any, key: str, stored: str) -> str:
@@ -257,10 +305,12 @@ def _callback_task(sealer: Any, key: str, callback: Any) -> str:
 
 
 def force_release(app: Any, key: str) -> bool:
-    """Delete a lock (or a stored outcome) whoever holds it (an operator's decision); True if it existed."""
-    conf = get_conf(app)
-    if not key.startswith(f"{conf.key_prefix}:{KEY_VERSION}:{{") or not key.endswith(
-        (":lock", ":run", ":result")
-    ):
+    """Delete a lock (or a stored outcome) whoever holds it (an operator's decision); True if it existed.
+
+    In the place of the task the key names (see :func:`locations`).
+    """
+    task_name = _task_of(key) if "{" in key and "}" in key else None
+    store, prefix = locations(app, task_name)[0]
+    if not key.startswith(f"{prefix}:{KEY_VERSION}:{{") or not key.endswith((":lock", ":run", ":result")):
         raise ValueError(f"not a celery-unique lock key of this app: {key!r}")
-    return bool(conf.locks.client.delete(key))
+    return bool(store.client.delete(key))

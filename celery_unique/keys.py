@@ -115,11 +115,9 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode("ascii")).hexdigest()
 
 
-def validate_prefix(prefix: str) -> str:
+def validate_prefix(prefix: str, setting: str = "unique_key_prefix") -> str:
     if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
-        raise ConfigurationError(
-            f"unique_key_prefix must be a non-empty string without braces, got {prefix!r}"
-        )
+        raise ConfigurationError(f"{setting} must be a non-empty string without braces, got {prefix!r}")
     return prefix
 
 

@@ -43,7 +43,7 @@ from celery_unique.conf import (
 from celery_unique.exceptions import LockBackendError, LockConflictError
 from celery_unique.keys import args_key, digest_of_key, family_of, fence_key, lock_key, result_key, run_key
 from celery_unique.lease import Lease, keeper
-from celery_unique.locks import NotReplicated, RunStart
+from celery_unique.locks import LockStore, NotReplicated, RunStart
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     conf = get_conf(task.app)
 
     def check() -> RunStart:
+        locks: LockStore = task.unique_store()
         try:
-            return conf.locks.begin_run(
+            return locks.begin_run(
                 lock_key(family),
                 run_key(family),
                 fence_key(family),
@@ -109,12 +110,12 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
                 "%s[%s]: Redis failed (%s); runs without its lock (unique_on_redis_error = 'allow')",
                 task.name,
                 task_id,
-                describe(exc, conf.location),
+                describe(exc, task.unique_location()),
             )
             setattr(request, RAN, True)
             return
         start = _when_redis_answers(task, task_id, family, exc, check)
-    store = conf.locks
+    store = task.unique_store()
     if start.done:
         # A copy of a message that already ran to its end: its acknowledgement was
         # lost in a broker outage, or a retry was published while it was still held.
@@ -165,7 +166,7 @@ def _when_redis_answers(
     message for good; the run waits for Redis instead (:data:`OUTAGE_WAIT`),
     and, past that, leaves the message to the broker's redelivery.
     """
-    where = get_conf(task.app).location
+    where = task.unique_location()
     error = LockBackendError(
         f"{task.name}: could not check the lock {digest_of_key(family)[:12]} in Redis "
         f"({describe(failure, where)})"
@@ -366,7 +367,7 @@ def _arguments_digest(task: Any, request: Any, header: headers.LockHeader | None
 def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str, why: str) -> None:
     ttl_ms = int(task.unique_result_ttl * 1000)
     conf = get_conf(task.app)
-    locks = conf.locks
+    locks = task.unique_store()
     outcome = idempotency.sealed(conf.sealer, family, outcome) if outcome else ""
     stored_and_released = _retried(
         lambda: locks.store_and_release(
@@ -407,7 +408,7 @@ def release(
 ) -> int:
     """Owner-checked release, retried a few times; the TTL is the backstop. With
     ``done_ttl_ms``, the owner's message is noted as run to its end."""
-    locks = get_conf(task.app).locks
+    locks = task.unique_store()
     count = _retried(
         lambda: locks.release_all(keys, owner, done_ttl_ms),
         attempts,

@@ -197,6 +197,13 @@ class UniqueTask(Task):  # type: ignore[misc]
             check_choice(self.on_duplicate, ON_DUPLICATE, "on_duplicate")
         self._argument_key(self.unique_on)  # unique_on names the task's parameters
 
+    def check_unique_settings(self) -> None:
+        """Raise :class:`ConfigurationError` for an app-wide setting this task
+        depends on that cannot work: where its locks live (the app's Redis,
+        unless a subclass keeps them elsewhere), checked without connecting.
+        A worker says each such error once, not once per task."""
+        _ = get_conf(self._get_app()).redis_target
+
     @property
     def unique(self) -> Lease:
         """The current run's lock: ``.fence`` (fencing token) and ``.lost``."""
@@ -233,8 +240,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         else:
             unique_on = (unique_options or {}).get("unique_on", self.unique_on)
             argument_digest = self._argument_key(unique_on).digest(args, kwargs)
-        prefix = get_conf(self._get_app()).key_prefix
-        return lock_key(family_key(prefix, self.name, argument_digest))
+        return lock_key(family_key(self.unique_key_prefix, self.name, argument_digest))
 
     def arguments_digest(self, args: Any = None, kwargs: Any = None) -> str:
         """Digest of all arguments of a call (to tell an idempotency key's reuse)."""
@@ -398,7 +404,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             except BaseException:
                 # Read the acquire reply first, so the release cannot overtake it.
                 if pending is None or _acquired_or_unknown(pending):
-                    self._release_after_failed_publish(conf.locks, call)
+                    self._release_after_failed_publish(self.unique_store(), call)
                 raise
             _hints.free(key)
             result.duplicate = False
@@ -406,7 +412,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             return result
 
         try:
-            store = conf.locks
+            store = self.unique_store()
             # A message published again is never dropped, so it needs the answer first.
             sequential = (
                 republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
@@ -447,7 +453,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         family = family_of(key)
         store: LockStore | None = None  # built at first use: a cluster client connects then
         try:
-            store = conf.locks
+            store = self.unique_store()
             try:
                 acquisition, stored, holder_digest = store.acquire_idempotent(
                     key, result_key(family), args_key(family), owner, ttl_ms, handover, given
@@ -473,7 +479,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             result = send()
         except BaseException:
-            self._release_after_failed_publish(conf.locks, call)
+            self._release_after_failed_publish(self.unique_store(), call)
             raise
         result.duplicate = result.replayed = False
         signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
@@ -575,7 +581,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             "%s[%s]: Redis failed (%s); published again without renewing lock %s (its run checks the lock)",
             self.name,
             task_id,
-            describe(error, get_conf(self._get_app()).location),
+            describe(error, self.unique_location()),
             digest_of_key(key)[:12],
         )
         result = send()
@@ -614,12 +620,12 @@ class UniqueTask(Task):  # type: ignore[misc]
                 "%s: Redis failed (%s); published without a uniqueness check "
                 "(unique_on_redis_error = 'allow')",
                 self.name,
-                describe(error, conf.location),
+                describe(error, self.unique_location()),
             )
             return publish()
         raise LockBackendError(
             f"{self.name}: could not take the lock {digest_of_key(key)[:12]} in Redis "
-            f"({describe(error, conf.location)}); nothing was published"
+            f"({describe(error, self.unique_location())}); nothing was published"
         ) from error
 
     @staticmethod
@@ -633,5 +639,20 @@ class UniqueTask(Task):  # type: ignore[misc]
         return any(options.get(name) for name in _CANVAS_OPTIONS)
 
     def unique_store(self) -> LockStore:
-        """The lock store this task uses (for tools and tests)."""
+        """The lock store of this task's locks: the app's, unless a subclass keeps
+        them elsewhere (the compat classes). The producer and the worker's hooks
+        both find it here, so they agree."""
         return get_conf(self._get_app()).locks
+
+    def unique_location(self) -> str:
+        """Where :meth:`unique_store` is, for messages (``host:port``; never a
+        password), found without connecting: "" when it cannot be said."""
+        try:
+            return get_conf(self._get_app()).location
+        except ConfigurationError:
+            return ""
+
+    @property
+    def unique_key_prefix(self) -> str:
+        """The key prefix of this task's locks (``unique_key_prefix`` unless a subclass says otherwise)."""
+        return get_conf(self._get_app()).key_prefix

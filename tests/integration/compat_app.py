@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import Celery
+
 from celery_unique.compat import QueueOnce, Singleton
 from tests.integration.worker_app import app, record, wait_at_gate
 
@@ -19,11 +21,12 @@ QUEUE = "compat"
 app.conf.task_routes = {"tests.compat.*": {"queue": QUEUE}}
 
 
-def _gated(name: str, base: type, **options: Any) -> Any:
-    """A task keyed on ``token`` that retries once if asked, then waits at the gate."""
+def gated(name: str, base: type, on: Celery = app, **options: Any) -> Any:
+    """A task of app ``on`` that retries once if asked, then waits at the gate (``note`` is
+    an argument that changes nothing: keyed on ``token`` only, calls differing in it are one)."""
 
-    @app.task(base=base, bind=True, name=name, shared=False, max_retries=3, **options)
-    def run(self: Any, token: str, retry: bool = False) -> int:
+    @on.task(base=base, bind=True, name=name, shared=False, max_retries=3, **options)
+    def run(self: Any, token: str, retry: bool = False, note: str = "") -> int:
         record(token, "start", id=self.request.id, retries=self.request.retries)
         if retry and not self.request.retries:
             raise self.retry(countdown=0.5)
@@ -34,8 +37,14 @@ def _gated(name: str, base: type, **options: Any) -> Any:
     return run
 
 
-once = _gated("tests.compat.once", QueueOnce, once={"keys": ["token"]})
-once_unlocked = _gated(
+once = gated("tests.compat.once", QueueOnce, once={"keys": ["token"]})
+once_unlocked = gated(
     "tests.compat.once_unlocked", QueueOnce, once={"keys": ["token"], "unlock_before_run": True}
 )
-singleton = _gated("tests.compat.singleton", Singleton, unique_on=["token"])
+singleton = gated("tests.compat.singleton", Singleton, unique_on=["token"])
+once_expiring = gated("tests.compat.once_expiring", QueueOnce, once={"keys": ["token"], "timeout": 2})
+once_graceful = gated("tests.compat.once_graceful", QueueOnce, once={"keys": ["token"], "graceful": True})
+singleton_raising = gated(
+    "tests.compat.singleton_raising", Singleton, unique_on=["token"], raise_on_duplicate=True
+)
+singleton_expiring = gated("tests.compat.singleton_expiring", Singleton, unique_on=["token"], lock_expiry=2)

@@ -39,6 +39,8 @@ def test_all_is_sorted_and_complete() -> None:
         exceptions.UniqueKeyError("bad key"),
         exceptions.LockBackendError("down"),
         exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5),
+        exceptions.AlreadyQueued(12.5, "proj.add", "ab" * 32, "task-id"),
+        exceptions.AlreadyQueued(10),
         exceptions.LockConflictError("proj.add", "ab" * 32, "task-id", None),
         exceptions.IdempotencyConflict("proj.add", "order-1", "ab" * 32, "cd" * 32),
         exceptions.ReplayedError("CardDeclined", "insufficient funds"),
@@ -291,3 +293,64 @@ def test_the_lock_client_makes_one_attempt_per_call() -> None:
         client.close()
         server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which ends
     assert accepted == [1]
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("redis://h", "redis://h:6379/0"),
+        ("redis://h:6379", "redis://h:6379/"),
+        ("redis://h:6379/0/", "redis://h/0"),
+        ("redis://H:6379/2", "redis://h?db=2"),
+        ("redis://h/5?db=2", "redis://h/2"),  # ?db= wins over the path, as redis-py reads it
+        ("rediss://:p%40ss@h?ssl_cert_reqs=none&db=1", "rediss://:p%40ss@h:6379/1?ssl_cert_reqs=none"),
+        ("redis+socket:///tmp/redis.sock", "unix:///tmp/redis.sock?db=0"),
+        ("redis://[::1]", "redis://[::1]:6379/0"),
+        ("sentinel://a;sentinel://b:26380", "sentinel://a:26379/0;sentinel://b:26380/"),
+    ],
+)
+def test_equivalent_urls_are_one_location(one: str, other: str) -> None:
+    from celery_unique.clients import normalised_url
+
+    assert normalised_url(one) == normalised_url(other)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("redis://h:6379/0", "redis://h:6380/0"),
+        ("redis://h/0", "redis://h/1"),
+        ("redis://h/0", "rediss://h/0"),
+        ("redis://h/0", "redis://g/0"),
+        ("redis://:a@h/0", "redis://:b@h/0"),  # another user is another client
+        ("unix:///a.sock", "unix:///b.sock"),
+    ],
+)
+def test_other_urls_are_other_locations(one: str, other: str) -> None:
+    from celery_unique.clients import normalised_url
+
+    assert normalised_url(one) != normalised_url(other)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@h:63a79/0", "redis://h:6379/hunter2", "redis://h/?db=hunter2"]
+)
+def test_an_unreadable_port_or_database_is_refused_without_the_url(url: str) -> None:
+    from celery_unique.clients import normalised_url
+
+    with pytest.raises(exceptions.ConfigurationError) as raised:
+        normalised_url(url, "ONCE['settings']['url']")
+    assert str(raised.value).startswith("ONCE['settings']['url'] has a port or database")
+    assert "hunter2" not in str(raised.value)
+
+
+def test_redis_socket_urls_are_unix_socket_clients() -> None:
+    """kombu's and celery-once's spelling of a Unix socket URL."""
+    from redis.connection import UnixDomainSocketConnection
+
+    from celery_unique.clients import make_client
+
+    client = make_client("redis+socket:///tmp/redis.sock?db=2")
+    kwargs = client.connection_pool.connection_kwargs
+    assert client.connection_pool.connection_class is UnixDomainSocketConnection
+    assert (kwargs["path"], kwargs["db"]) == ("/tmp/redis.sock", 2)

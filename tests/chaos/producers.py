@@ -13,7 +13,9 @@ then each thread calls ``delay()``:
 
 Every call's outcome is counted: published (``after_task_publish`` fired, so
 a message really left), duplicate (the holder's id) or raised (by type, with
-the ids it asked for or built: none of them may run).
+the ids it asked for or built: none of them may run after a LockBackendError,
+which publishes nothing; after a broker error they may, since a publish whose
+reply was lost may have landed).
 Progress counters live in the broker Redis (``chaos-published:<token>``,
 ``chaos-raised:<token>``) so the test can wait on them. At the end the process
 prints one JSON line.
@@ -33,6 +35,7 @@ from typing import Any
 from celery import signals
 
 from celery_unique import orphans
+from celery_unique.exceptions import UniqueError
 from tests.chaos import chaos_app
 
 
@@ -82,6 +85,8 @@ def main() -> None:
     returned: list[list[Any]] = []  # [item, id returned, duplicate] of every call that returned
     raised: Counter[str] = Counter()
     unpublished: list[str] = []  # ids that calls which raised asked for or built: none may run
+    # ... unless the broker raised: a publish whose reply was lost may have landed.
+    unsure: list[str] = []
     sent = threading.local()
 
     def before_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
@@ -107,7 +112,8 @@ def main() -> None:
         except Exception as exc:
             with lock:
                 raised[type(exc).__name__] += 1
-                unpublished.extend({*sent.built, *([task_id] if task_id else [])} - set(sent.ids))
+                asked = {*sent.built, *([task_id] if task_id else [])} - set(sent.ids)
+                (unpublished if isinstance(exc, UniqueError) else unsure).extend(asked)
             client.incr(raised_key(options.token))
         else:
             with lock:
@@ -152,7 +158,13 @@ def main() -> None:
         time.sleep(0.1)
     print(
         json.dumps(
-            {"published": published, "returned": returned, "raised": raised, "unpublished": unpublished}
+            {
+                "published": published,
+                "returned": returned,
+                "raised": raised,
+                "unpublished": unpublished,
+                "unsure": unsure,
+            }
         )
     )
 

@@ -272,6 +272,7 @@ def account(
         "run twice": sum(n - 1 for n in ran.values()),
         "published twice": sum(n - 1 for n in published.values()),
         "lost": len(believed - set(ran) - superseded),
+        "lost ids": sorted(believed - set(ran) - superseded),
         "superseded": len(superseded),
         "handles without a message": len(believed - set(published)),
         "ran although raised": len({i for r in seen for i in r["unpublished"]} & set(ran)),

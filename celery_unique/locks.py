@@ -42,7 +42,7 @@ from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import InvalidResponse, NoScriptError
 
 from celery_unique import scripts
 from celery_unique.clients import REDIS_ERRORS, certainly_not_run, text
@@ -174,11 +174,11 @@ def _parse_reply(data: bytes, at: int = 0) -> tuple[Reply | redis.ResponseError,
             return Redirected(message), end + 2
         return redis.ResponseError(message), end + 2
     if kind != b"*" or data[at + 1 : end] != b"2":
-        raise redis.ResponseError(f"unexpected acquire reply {data[at : at + 40]!r}")
+        raise InvalidResponse(f"unexpected acquire reply {data[at : at + 40]!r}")
     if len(data) < end + 3:
         return None
     if data[end + 2 : end + 3] != b"$":
-        raise redis.ResponseError(f"unexpected acquire reply {data[at : at + 40]!r}")
+        raise InvalidResponse(f"unexpected acquire reply {data[at : at + 40]!r}")
     start = end + 3
     end = data.find(b"\r\n", start)
     if end < 0:
@@ -293,6 +293,10 @@ class PendingAcquire:
                 self.sent = False  # refused unrun: the first attempt cannot land
                 self._connection = None
                 store._give_back(self._node, connection)
+            except InvalidResponse as exc:
+                # What answered speaks no Redis protocol (a wrong port): nothing ran there.
+                self.sent, self.error = False, exc
+                self._drop()
             except REDIS_ERRORS:
                 self._drop()
             except BaseException:

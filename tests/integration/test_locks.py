@@ -186,8 +186,11 @@ def test_acquire_reply_parser_raises_errors() -> None:
         _parse_acquire_reply(b"-NOSCRIPT No matching script.\r\n")
     with pytest.raises(redis.ResponseError):
         _parse_acquire_reply(b"-ERR boom\r\n")
-    with pytest.raises(redis.ResponseError):
+    # Not what any Redis answers to the script: a protocol error (something else answered).
+    with pytest.raises(redis.exceptions.InvalidResponse):
         _parse_acquire_reply(b"+OK\r\n")
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        _parse_acquire_reply(b"HTTP/1.1 400 Bad Request\r\n")
 
 
 def test_an_acquire_and_its_wait_are_read_one_after_the_other() -> None:

@@ -87,7 +87,9 @@ def test_a_lock_the_replica_did_not_acknowledge_is_not_replicated(
             store.acquire(key, new_owner("u"), 10_000)
     assert short.value.acquisition.acquired and short.value.acquisition.owner == owner
     assert (short.value.acknowledged, short.value.wanted) == (0, 1)
-    assert TIMEOUT_MS / 1000 <= waited < 0.4  # WAIT's timeout, within the socket's
+    # Answered once WAIT's timeout passed: a reply, not the socket's timeout (which would
+    # raise a TimeoutError; no upper bound in time, which a loaded machine stretches).
+    assert waited >= TIMEOUT_MS / 1000
     assert store.owner(key)[0] == owner  # taken: the caller knows it holds it
     assert not duplicate.value.acquisition.acquired and duplicate.value.acquisition.holder == owner
     # The replica back, the same lock is confirmed for a duplicate.

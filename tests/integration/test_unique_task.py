@@ -239,6 +239,8 @@ def test_a_copy_is_not_run_again_after_later_calls_of_its_key_ran(
     try:
         wait_for(ended(events), worker=worker)
         for runs in (2, 3):  # later messages of the same key, each run to its end
+            # Released after the body's "end" event (task_postrun): wait for it.
+            wait_for(lambda: holder_of(sleeper, token) is None, worker=worker)
             assert not sleeper.delay(token).duplicate
             wait_for(ended(events, runs), worker=worker)
         redis_client.rpush(parked, raw)  # the copy of the first

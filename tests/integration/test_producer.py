@@ -103,7 +103,7 @@ def test_message_headers_carry_the_lock_key_and_owner(
     assert header == {"key": key, "owner": header["owner"], "timeout": 3600.0}
     # The owner is the message's own: its task id and a suffix made for this call, held in the lock.
     assert header["owner"].startswith(f"{result.id}#") and task_id_of(header["owner"]) == result.id
-    assert redis_client.get(key) == header["owner"].encode()
+    assert get_conf(app).locks.client.get(key) == header["owner"].encode()
     assert item not in message["headers"][HEADER]["key"]  # digests only, never raw arguments
 
 
@@ -156,7 +156,7 @@ def test_a_call_takes_over_a_lock_this_process_gave_up_on(
         del stalled  # its releases are dropped
     assert not again.duplicate
     assert queued_ids(redis_client).count(again.id) == 1
-    owner = redis_client.get(key).decode()
+    owner = get_conf(app).locks.client.get(key).decode()
     assert owner != given_up and task_id_of(owner) == again.id
 
 

@@ -146,7 +146,9 @@ def test_the_shared_redis_restarted_from_its_aof_loses_nothing_and_runs_no_key_t
         lost=figures["lost"],
         note=f"{sum(raised_by.values())} delay() raised {dict(raised_by)}, "
         f"{log.count('Redis failed')} runs met the outage, {log.count('reject requeue=False')} rejected, "
-        f"{figures['orphan locks']} orphan locks left, {len(never_received)} lost by the broker "
+        f"{figures['ran after a broker error']} ran after their delay() met a broker error (a publish "
+        f"whose reply was lost landed), {figures['orphan locks']} orphan locks left, "
+        f"{len(never_received)} lost by the broker "
         "between kombu's pop and its unacked record",
     )
     assert "reject requeue=False" not in log

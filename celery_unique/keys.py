@@ -187,6 +187,31 @@ def context_family(prefix: str, name: str) -> str:
     return f"{prefix}:{KEY_VERSION}:{{context:{validate_token(name)}}}"
 
 
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def reaper_key(prefix: str, name: str) -> str:
+    """A key of the reaper's (its leader, the workers' beats, its figures): one slot for all."""
+    return f"{prefix}:{KEY_VERSION}:{{reaper}}:{name}"
+
+
+def workers_key(prefix: str) -> str:
+    """The reaper's set of the workers that beat (their ids)."""
+    return reaper_key(prefix, "workers")
+
+
+def alive_key(prefix: str, worker_id: str) -> str:
+    """A worker's short-lived key (the reaper's): it is alive while the key exists."""
+    return reaper_key(prefix, f"alive:{worker_id}")
+
+
+def record_key(prefix: str, worker_id: str) -> str:
+    """A worker's last record (JSON), which the reaper reads."""
+    return reaper_key(prefix, f"worker:{worker_id}")
+
+
 def family_of(key: str) -> str:
     """The family of any key built here (everything before the last colon)."""
     return key.rpartition(":")[0]

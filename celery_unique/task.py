@@ -1,27 +1,26 @@
 """``UniqueTask``: a Celery task class whose ``apply_async`` never publishes a duplicate.
 
 ``delay()``, ``apply_async()``, ``signature(...).apply_async()`` and
-``self.retry()`` all pass through :meth:`UniqueTask.apply_async`. It takes the
-lock before the message is published, puts the lock key and owner in the
-message headers, and releases the lock again if publishing fails. The worker
-releases it when the task ends (:mod:`celery_unique.hooks`).
+``self.retry()`` all pass through :meth:`UniqueTask.apply_async`. It resolves
+the options (per call, task, settings), builds the key and the owner token,
+and puts both in the message headers; :func:`celery_unique.publish.publish`
+then takes the lock and publishes along the path the call needs, releasing
+the lock again if publishing fails. The worker releases it when the task ends
+(:mod:`celery_unique.hooks`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from celery import Task
 from celery.utils import uuid
 
-from celery_unique import headers, hooks, idempotency, orphans, runs, signals
-from celery_unique.clients import REDIS_ERRORS, certainly_not_run, describe
+from celery_unique import headers, hooks, idempotency, orphans, publish, runs
 from celery_unique.conf import (
     LIFETIMES,
     ON_CONFLICT,
@@ -29,26 +28,22 @@ from celery_unique.conf import (
     UNTIL_EXECUTING,
     UNTIL_EXPIRED,
     WHILE_EXECUTING,
-    UniqueConf,
     check_choice,
     check_lock_timeout,
     get_conf,
 )
-from celery_unique.exceptions import ConfigurationError, DuplicateTaskError, LockBackendError
+from celery_unique.exceptions import ConfigurationError
 from celery_unique.keys import (
     ArgumentKey,
     UniqueOn,
-    args_key,
     digest,
-    digest_of_key,
     family_key,
     family_of,
     lock_key,
     result_key,
 )
 from celery_unique.lease import Lease
-from celery_unique.locks import Acquisition, LockStore, NotReplicated, PendingAcquire, new_owner
-from celery_unique.publish import DuplicateFound, DuplicateHints, GatedProducer, GateFailed
+from celery_unique.locks import LockStore, new_owner
 
 logger = logging.getLogger(__name__)
 
@@ -60,30 +55,6 @@ CALL_OPTIONS = frozenset({"unique_on", "lock_timeout", "on_duplicate"})
 # a chord or cut a chain, so these are published as they are unless configured
 # otherwise. A caller's own link= does not make a canvas member.
 _CANVAS_OPTIONS = ("chord", "group_id")
-
-_hints = DuplicateHints()
-
-
-@dataclasses.dataclass(frozen=True)
-class _LockedCall:
-    """One ``apply_async`` that takes a lock: what the lock and the message need."""
-
-    key: str
-    task_id: str
-    owner: str  # the message's owner token: the lock's value while it holds it
-    ttl_ms: int
-    handover: str  # the owner the lock may be taken from ("" for none)
-    republish: bool  # the message is published again (a retry): never dropped
-    on_duplicate: str
-    send: Callable[..., Any]  # publish the locked message
-    publish_unlocked: Callable[..., Any]  # publish without a lock (unique_on_redis_error = "allow")
-
-
-def _acquired_or_unknown(pending: PendingAcquire) -> bool:
-    found = pending.reply()  # never asked again: that could take the lock now
-    if found is None:
-        return pending.may_have_run()
-    return found.acquired
 
 
 def _running_request(task: Any) -> Any:
@@ -291,7 +262,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         app = self._get_app()
         conf = get_conf(app)
 
-        def publish() -> Any:
+        def publish_unlocked() -> Any:
             """Publish without a lock."""
             result = super(UniqueTask, self).apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
@@ -306,7 +277,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                     f"{self.name}: idempotency_key and a per-call unique_on need a lifetime that "
                     "locks at delay(), not while_executing"
                 )
-            return publish()  # checked in the worker only
+            return publish_unlocked()  # checked in the worker only
         current = _running_request(self)
         running_lock = headers.from_context(current)
         # The running message published again with its own id: a retry or a
@@ -317,11 +288,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         if of_current and running_lock is None:
             # A message that carried no lock (sent by name, or a canvas
             # member) comes back unchecked: dropping it would lose it.
-            return publish()
+            return publish_unlocked()
         if not republish and self._is_canvas_member(options):
             if conf.on_canvas == "bypass":
                 logger.info("%s: canvas member published without a uniqueness check", self.name)
-                return publish()
+                return publish_unlocked()
             if conf.on_canvas == "raise":
                 raise ConfigurationError(
                     f"{self.name} is a UniqueTask used in a group, chord or chain "
@@ -377,256 +348,14 @@ class UniqueTask(Task):  # type: ignore[misc]
                 args, kwargs, task_id, via, link, link_error, shadow, **locked_options
             )
 
-        call = _LockedCall(key, task_id, owner, ttl_ms, handover, republish, on_duplicate, send, publish)
-        if given is not None:
-            published, result = self._publish_idempotent(conf, call, idempotency_key, given)
-        else:
-            published, result = self._publish_locked(app, conf, call, producer)
+        call = publish.LockedCall(
+            app, conf, key, task_id, owner, ttl_ms, handover, republish, on_duplicate, producer, send,
+            publish_unlocked, given, idempotency_key,
+        )  # fmt: skip
+        published, result = publish.publish(self, call)
         if published and passes_on:
             runs.passed_on(current)
         return result
-
-    def _publish_locked(
-        self, app: Any, conf: UniqueConf, call: _LockedCall, producer: Any
-    ) -> tuple[bool, Any]:
-        """Take the lock and publish; (whether a locked message went out, what to return)."""
-        key, task_id, owner, ttl_ms, handover = call.key, call.task_id, call.owner, call.ttl_ms, call.handover
-        republish, send = call.republish, call.send
-        store: LockStore | None = None  # built at first use: a cluster client connects then
-        pending: PendingAcquire | None = None  # sent now, read as the message goes out
-        attempt: PendingAcquire | None = None  # sent and read now
-
-        def publish(via: Any = producer) -> Any:
-            try:
-                result = send(via)
-            except DuplicateFound:
-                raise
-            except BaseException:
-                # Read the acquire reply first, so the release cannot overtake it.
-                if pending is None or _acquired_or_unknown(pending):
-                    self._release_after_failed_publish(self.unique_store(), call)
-                raise
-            _hints.free(key)
-            result.duplicate = False
-            signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
-            return result
-
-        try:
-            store = self.unique_store()
-            # A message published again is never dropped, so it needs the answer first.
-            sequential = (
-                republish or app.conf.task_always_eager or not store.lean or _hints.expects_duplicate(key)
-            )
-            if sequential:
-                attempt = store.begin_acquire(key, owner, ttl_ms, handover)
-                acquisition = self._answer(conf, attempt)
-            else:
-                pending = store.begin_acquire(key, owner, ttl_ms, handover)
-        except REDIS_ERRORS as exc:
-            return self._acquire_failed(conf, call, store, exc, attempt)
-        if pending is None:
-            if not acquisition.acquired:
-                if not republish:
-                    return False, self._duplicate(key, acquisition, call.on_duplicate)
-                logger.warning(
-                    "%s[%s]: published again although lock %s is held by %s (never dropped)",
-                    self.name,
-                    task_id,
-                    digest_of_key(key)[:12],
-                    acquisition.holder_id,
-                )
-            return True, publish()
-        try:
-            return True, self._publish_gated(app, conf, pending, producer, publish)
-        except DuplicateFound as found:
-            self._forget_unpublished(task_id)
-            return False, self._duplicate(key, found.acquisition, call.on_duplicate)
-        except GateFailed as failed:
-            return False, self._redis_failed(conf, key, failed.error, call.publish_unlocked)
-
-    def _publish_idempotent(
-        self, conf: UniqueConf, call: _LockedCall, idempotency_key: str | None, given: str
-    ) -> tuple[bool, Any]:
-        """Replay a stored outcome, return the in-flight task, or take the lock and publish."""
-        key, task_id, owner, ttl_ms, handover = call.key, call.task_id, call.owner, call.ttl_ms, call.handover
-        republish, send = call.republish, call.send
-        family = family_of(key)
-        store: LockStore | None = None  # built at first use: a cluster client connects then
-        try:
-            store = self.unique_store()
-            try:
-                acquisition, stored, holder_digest = store.acquire_idempotent(
-                    key, result_key(family), args_key(family), owner, ttl_ms, handover, given
-                )
-            except NotReplicated as short:
-                self._unreplicated(conf, short)
-                acquisition, stored, holder_digest = short.answer
-        except REDIS_ERRORS as exc:
-            return self._acquire_failed(conf, call, store, exc)
-        if stored is not None:
-            outcome = idempotency.read(conf.sealer, family, stored)
-            idempotency.check_conflict(self.name, idempotency_key, outcome.args_digest, given)
-            logger.info(
-                "%s: outcome of %s replayed (key %s)", self.name, outcome.task_id, digest_of_key(key)[:12]
-            )
-            return False, outcome.handle()
-        idempotency.check_conflict(self.name, idempotency_key, holder_digest, given)
-        if not acquisition.acquired and not republish:
-            in_flight = self._duplicate(key, acquisition, call.on_duplicate)
-            if in_flight is not None:
-                in_flight.replayed = False
-            return False, in_flight
-        try:
-            result = send()
-        except BaseException:
-            self._release_after_failed_publish(self.unique_store(), call)
-            raise
-        result.duplicate = result.replayed = False
-        signals.lock_acquired.send(sender=self, task_id=task_id, key_digest=digest_of_key(key))
-        return True, result
-
-    def _forget_unpublished(self, task_id: str) -> None:
-        """Undo what Celery did for a message the gate stopped (result subscription)."""
-        consumer = getattr(self.backend, "result_consumer", None)
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                consumer.cancel_for(task_id)
-
-    def _answer(self, conf: UniqueConf, pending: PendingAcquire) -> Acquisition:
-        """The acquire's answer (a lock the replicas did not confirm: see :meth:`_unreplicated`)."""
-        try:
-            return pending.result()
-        except NotReplicated as short:
-            self._unreplicated(conf, short)
-            return short.acquisition
-
-    def _unreplicated(self, conf: UniqueConf, short: NotReplicated) -> None:
-        """An answer whose lock the replicas did not confirm (a lock taken, or the
-        holder's lock of a duplicate) is a Redis error, raised again; under
-        ``unique_on_redis_error = "allow"`` it stands, with a warning."""
-        if conf.on_redis_error != "allow":
-            raise short
-        logger.warning(
-            "%s: %s; the answer stands as without unique_lock_replicas (unique_on_redis_error = 'allow')",
-            self.name,
-            short,
-        )
-
-    def _publish_gated(
-        self, app: Any, conf: UniqueConf, pending: PendingAcquire, producer: Any, publish: Any
-    ) -> Any:
-        """Publish while the acquire reply is in flight; the producer reads it last."""
-
-        def gate() -> None:
-            try:
-                acquisition = self._answer(conf, pending)
-            except REDIS_ERRORS as exc:
-                raise GateFailed(exc) from exc
-            if not acquisition.acquired:
-                raise DuplicateFound(acquisition)
-
-        try:
-            with app.producer_or_acquire(producer) as real_producer:
-                return publish(GatedProducer(real_producer, gate))
-        finally:
-            # Every path must read the reply: that returns the connection to
-            # the pool. Not asked again: after a failure, that would take a
-            # lock for a message that is not published.
-            pending.reply()
-
-    def _release_after_failed_publish(self, store: LockStore, call: _LockedCall) -> None:
-        key, owner, republish = call.key, call.owner, call.republish
-        try:
-            store.release(key, owner)
-        except REDIS_ERRORS as exc:
-            if not republish:  # a republished message's lock is its earlier message's too
-                orphans.releaser.release_later(store, key, owner, call.ttl_ms)
-            # The error, not its traceback: on an outage every call lands here.
-            logger.warning(
-                "%s: the message was not published and its lock %s could not be released (%s); %s",
-                self.name,
-                digest_of_key(key)[:12],
-                describe(exc, store.location),
-                "it expires after its timeout" if republish else "retried in the background",
-            )
-
-    def _duplicate(self, key: str, acquisition: Acquisition, on_duplicate: str) -> Any:
-        _hints.held(key, acquisition.ttl)
-        key_digest = digest_of_key(key)
-        holder = acquisition.holder_id
-        signals.duplicate_rejected.send(sender=self, existing_id=holder, key_digest=key_digest)
-        logger.info(
-            "%s: duplicate of %s (key %s, lock ttl %ss): not published",
-            self.name,
-            holder,
-            key_digest[:12],
-            acquisition.ttl,
-        )
-        if on_duplicate == "raise":
-            raise DuplicateTaskError(self.name, key_digest, holder, acquisition.ttl)
-        if on_duplicate == "ignore":
-            return None
-        result = self.AsyncResult(holder)
-        result.duplicate = True
-        return result
-
-    def _republish_unchecked(self, key: str, task_id: str, error: BaseException, send: Any) -> Any:
-        """Publish a message again (a retry) although Redis failed.
-
-        A message published again is never dropped: Celery would turn a
-        retry that cannot publish into a rejection and lose the task. It
-        keeps its lock header, and its run checks the lock when it starts.
-        """
-        logger.warning(
-            "%s[%s]: Redis failed (%s); published again without renewing lock %s (its run checks the lock)",
-            self.name,
-            task_id,
-            describe(error, self.unique_location()),
-            digest_of_key(key)[:12],
-        )
-        result = send()
-        result.duplicate = result.replayed = False
-        return result
-
-    def _acquire_failed(
-        self,
-        conf: UniqueConf,
-        call: _LockedCall,
-        store: LockStore | None,
-        error: BaseException,
-        attempt: PendingAcquire | None = None,
-    ) -> tuple[bool, Any]:
-        """Redis failed while taking the lock: (whether a message went out, what to return)."""
-        if call.republish:
-            return True, self._republish_unchecked(call.key, call.task_id, error, call.send)
-        if isinstance(error, NotReplicated) and store is not None:
-            if error.acquisition.acquired:
-                # Taken, and nothing is published: released now (or in the background).
-                self._release_after_failed_publish(store, call)
-            return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
-        if store is None:
-            may_have_run = False  # no client: nothing was sent
-        elif attempt is not None:
-            may_have_run = attempt.may_have_run()
-        else:
-            may_have_run = not certainly_not_run(error, store.cluster)
-        if may_have_run:
-            orphans.releaser.release_later(store, call.key, call.owner, call.ttl_ms)  # it may still land
-        return False, self._redis_failed(conf, call.key, error, call.publish_unlocked)
-
-    def _redis_failed(self, conf: UniqueConf, key: str, error: BaseException, publish: Any) -> Any:
-        if conf.on_redis_error == "allow":
-            logger.warning(
-                "%s: Redis failed (%s); published without a uniqueness check "
-                "(unique_on_redis_error = 'allow')",
-                self.name,
-                describe(error, self.unique_location()),
-            )
-            return publish()
-        raise LockBackendError(
-            f"{self.name}: could not take the lock {digest_of_key(key)[:12]} in Redis "
-            f"({describe(error, self.unique_location())}); nothing was published"
-        ) from error
 
     @staticmethod
     def _is_canvas_member(options: Mapping[str, Any]) -> bool:

@@ -393,13 +393,13 @@ def test_a_duplicate_stopped_at_the_gate_leaves_no_result_subscription(
 ) -> None:
     from celery import signals
 
-    from celery_unique import task as task_module
+    from celery_unique import publish
     from celery_unique.publish import DuplicateHints
 
     app = apps(redis_url, redis_url, result_backend=redis_url)
     job = app.tasks["producer.job"]
     first = job.delay(item)
-    monkeypatch.setattr(task_module, "_hints", DuplicateHints())  # the next call takes the gated path
+    monkeypatch.setattr(publish, "hints", DuplicateHints())  # the next call takes the gated path
     attempted: list[str] = []
 
     def seen(headers: dict[str, Any] | None = None, **_: Any) -> None:

@@ -339,7 +339,7 @@ def test_decisions_log_at_info_and_anomalies_at_warning(
     def levels(fragment: str) -> set[tuple[str, int]]:
         return {(r.name, r.levelno) for r in caplog.records if fragment in r.getMessage()}
 
-    assert levels("duplicate of") == {("celery_unique.task", logging.INFO)}
+    assert levels("duplicate of") == {("celery_unique.publish", logging.INFO)}
     assert levels("is held by someone-else") == {("celery_unique.runs", logging.INFO)}
     assert levels("could not release lock") == {("celery_unique.runs", logging.WARNING)}
     assert all(secret not in r.getMessage() for r in caplog.records)

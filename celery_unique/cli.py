@@ -6,6 +6,7 @@ KEYS, so it is safe on a busy production Redis.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -14,6 +15,7 @@ import click
 from celery_unique.clients import UNREACHABLE
 from celery_unique.exceptions import UniqueError
 from celery_unique.inspect import KINDS, force_release, iter_locks, open_fan_ins
+from celery_unique.reaper import Reaper
 
 
 def _app(ctx: click.Context) -> Any:
@@ -115,3 +117,34 @@ def stats(ctx: click.Context) -> None:
     for name in tasks:
         held = "".join(f"{counts[(name, kind)]:>8}" for kind in KINDS)
         click.echo(f"{name:<{width}}{held}{fan_ins[name]:>9}")
+
+
+@unique.command()
+@click.option("--dry-run", is_flag=True, help="list what would be freed, free nothing")
+@click.pass_context
+def reap(ctx: click.Context, dry_run: bool) -> None:
+    """Free the locks whose message no longer exists anywhere.
+
+    Two sweeps, unique_reap_interval / 6 seconds apart (at least 0.5 s): a lock
+    is freed when neither finds its message in the broker (a Redis broker's
+    queues and unacked messages) or in a live worker, and the second still
+    finds the same holder. With another broker than Redis, only the locks of
+    tasks that were running, acknowledged, on a worker that stopped beating.
+    Workers that run the reaper themselves need no such command.
+    """
+    reaper = Reaper(_app(ctx), dry_run=dry_run)
+    try:
+        reaper.sweep()
+        time.sleep(reaper.timing.sweep_every)
+        sweep = reaper.sweep()
+    finally:
+        reaper.close()
+    for orphan in sweep.reaped:
+        click.echo(orphan.line())
+    if not sweep.judged:
+        click.echo("a live worker did not report what it holds in time: nothing was freed; try again")
+    verb = "would free" if dry_run else "freed"
+    click.echo(
+        f"{verb} {len(sweep.reaped)} of {sweep.locks} lock(s) "
+        f"({sweep.messages} broker message(s) and {sweep.workers} live worker(s) read)"
+    )

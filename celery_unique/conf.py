@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "unique_encryption_key": None,
     "unique_encryption_key_fallbacks": (),
     "unique_lock_replicas": 0,
+    "unique_reap_interval": 60.0,
 }
 
 
@@ -239,6 +240,18 @@ class UniqueConf:
         return found
 
     @property
+    def reap_interval(self) -> float:
+        """Seconds within which the reaper frees a lock whose message is gone; 0: no reaper."""
+        value = self._get("unique_reap_interval")
+        if value is False or value == 0:
+            return 0.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+            raise ConfigurationError(
+                f"unique_reap_interval must be a number of seconds of at least 1, or 0 (off); got {value!r}"
+            )
+        return float(value)
+
+    @property
     def fan_in_claim_timeout(self) -> float:
         """Seconds a fan-in's closer has to publish its callback before another takes over."""
         value = self._get("unique_fan_in_claim_timeout")
@@ -354,6 +367,7 @@ _VALIDATED = (
     "sealer",
     "prometheus",
     "lock_replicas",
+    "reap_interval",
 )
 
 

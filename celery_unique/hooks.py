@@ -16,7 +16,9 @@ hook                       process                      does
 ``worker_init``            worker main process          refuse to start with settings or
                                                         task options that cannot work
 ``worker_ready``           worker main process          log :mod:`checks` findings; start
-                                                        the fan-in sweep (:mod:`sweeper`)
+                                                        the fan-in sweep (:mod:`sweeper`),
+                                                        the beat (:mod:`beats`) and the
+                                                        reaper (:mod:`reaper`)
 ``task_prerun``            pool child                   a fan-in's callback notes that it
                                                         began to run
 =========================  ===========================  ==================================
@@ -37,8 +39,10 @@ from billiard.exceptions import Terminated, WorkerLostError
 from celery import Task, signals
 from celery.worker.request import Request
 
-from celery_unique import aggregate, checks, headers, runs, sweeper
+from celery_unique import aggregate, beats, checks, headers, reaper, runs, sweeper
 from celery_unique.clients import REDIS_ERRORS, describe
+from celery_unique.conf import get_conf
+from celery_unique.repeating import Repeating
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +90,27 @@ def _callback_started(sender: Any = None, task: Any = None, **_: Any) -> None:
         aggregate.callback_started(task)
 
 
-_sweepers: list[sweeper.Sweeper] = []
+_running: list[Repeating] = []
 
 
 def _start_sweeping(sender: Any = None, **_: Any) -> None:
+    """The fan-in sweep, and, unless ``unique_reap_interval`` is 0, the worker's beat
+    and its candidacy for the reaper (``sender``: the worker's consumer)."""
     app = getattr(sender, "app", None)
     started = sweeper.start(app) if app is not None else None
-    if started is not None:
-        _sweepers.append(started)
+    if started is None:
+        return  # no Redis for celery-unique
+    _running.append(started)
+    interval = get_conf(app).reap_interval
+    if interval:
+        timing = beats.Timing(interval)
+        beat = beats.Beat(app, sender, timing)
+        _running.extend((beat.start(), reaper.Leader(app, timing, beat.worker_id).start()))
 
 
 def _stop_sweeping(**_: Any) -> None:
-    while _sweepers:
-        _sweepers.pop().stop()
+    while _running:
+        _running.pop().stop()  # the reaper first, the beat after it
 
 
 def _refuse_invalid_configuration(sender: Any = None, **_: Any) -> None:

@@ -24,6 +24,7 @@ _COUNTERS = (
     ("lock_conflict", "celery_unique_conflicts", "Runs that found their lock held", ("task", "policy")),
     ("lock_released", "celery_unique_locks_released", "Locks released", ("task", "why")),
     ("lock_lost", "celery_unique_locks_lost", "Locks lost while a task ran", ("task",)),
+    ("lock_reaped", "celery_unique_locks_reaped", "Locks freed by the reaper", ("task", "reason")),
     ("fan_in_completed", "celery_unique_fan_ins_completed", "Fan-ins whose callback ran", ()),
     ("fan_in_failed", "celery_unique_fan_ins_failed", "Fan-ins that failed or expired", ("reason",)),
     ("seal_broken", "celery_unique_seals_broken", "Stored values that did not verify", ("purpose",)),

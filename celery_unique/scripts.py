@@ -232,8 +232,9 @@ return {stored, released}
 """
 
 # -- fan-in -------------------------------------------------------------------
-# A fan-in context is one hash (one slot): fields "remaining" (parts still to
-# report; pushed far below zero once closed), "failed", "state" (open |
+# A fan-in context is one hash (one slot): fields "parts" (how many, for the
+# admin), "remaining" (parts still to report; pushed far below zero once
+# closed), "failed", "state" (open |
 # completed | failed | expired | refused), "policy", "callback", "errback" (both
 # sealed: celery_unique.sealing), "deadline"
 # (server time in ms, or absent), "e:<part>" (expected parts), "p:<part>" (a
@@ -266,7 +267,12 @@ end
 local function take_over(claimant, claim_ms, otherwise)
     local state = redis.call('HGET', KEYS[1], 'state')
     local action = state and ACTIONS[state]
-    if not action or tonumber(redis.call('HGET', KEYS[1], 'until') or '0') > now_ms() then
+    if not action then
+        return otherwise
+    end
+    -- The claimant's own call again (its reply was lost): the claim is its own.
+    local mine = redis.call('HGET', KEYS[1], 'claim') == claimant
+    if not mine and tonumber(redis.call('HGET', KEYS[1], 'until') or '0') > now_ms() then
         return otherwise
     end
     if redis.call('HEXISTS', KEYS[1], 'started') == 1 then
@@ -315,6 +321,23 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 )
+
+# Add more expected parts to a context its creator made (FAN_IN_CREATE takes
+# the first ones): a big fan-in is written in calls of a few thousand fields,
+# none of which holds the server for long. Run before any part is published.
+#   KEYS[1]  context hash
+#   ARGV[1]  the creator's id
+#   ARGV[2], ARGV[3], ...  field, value, field, value, ...
+# Returns 1 when added, 0 when the context is not this creator's (or is gone).
+FAN_IN_ADD = """
+if redis.call('HGET', KEYS[1], 'creator') ~= ARGV[1] then
+    return 0
+end
+for first = 2, #ARGV, 1000 do
+    redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
+return 1
+"""
 
 # Record one part's report; tell the reporter whether it closed the set, in
 # which case the reporter holds the publishing claim.
@@ -495,5 +518,25 @@ else
 end
 redis.call('LTRIM', KEYS[2], tonumber(ARGV[3]), -1)
 redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# Lead the reaper: take or renew the leadership for an owner, or resign it.
+# One reaper sweeps at a time across the fleet (several would be safe, each
+# release being owner-checked, but would read the broker for nothing).
+#   KEYS[1]  the leader key
+#   ARGV[1]  the candidate (a worker's id, or a command's)
+#   ARGV[2]  the lease in milliseconds, or "0" to resign
+# Returns 1 when the candidate leads (or resigned), 0 when another leads.
+LEAD = """
+local leader = redis.call('GET', KEYS[1])
+if leader ~= false and leader ~= ARGV[1] then
+    return 0
+end
+if ARGV[2] == '0' then
+    redis.call('DEL', KEYS[1])
+else
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
 return 1
 """

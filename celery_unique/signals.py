@@ -16,6 +16,8 @@ signal                 when                                           arguments
                        its start (``why="started"``), its end (the
                        state), a revoke, a time limit, a lost worker
 ``lock_lost``          renewal found a running task's lock gone       owner, key_digest
+``lock_reaped``        the reaper freed a lock whose message is gone  owner, key_digest,
+                       (:mod:`celery_unique.reaper`)                  task_name, reason
 ``fan_in_completed``   a fan-in's callback was published              token, parts
 ``fan_in_failed``      a fan-in failed or expired                     token, reason
 ``seal_broken``        a stored value did not verify (a forgery, or   purpose
@@ -38,6 +40,7 @@ __all__ = [
     "lock_acquired",
     "lock_conflict",
     "lock_lost",
+    "lock_reaped",
     "lock_released",
     "seal_broken",
 ]
@@ -47,6 +50,7 @@ duplicate_rejected = Signal(name="duplicate_rejected")
 lock_conflict = Signal(name="lock_conflict")
 lock_released = Signal(name="lock_released")
 lock_lost = Signal(name="lock_lost")
+lock_reaped = Signal(name="lock_reaped")
 fan_in_completed = Signal(name="fan_in_completed")
 fan_in_failed = Signal(name="fan_in_failed")
 seal_broken = Signal(name="seal_broken")

@@ -11,53 +11,26 @@ claims what it then does.
 
 from __future__ import annotations
 
-import logging
-import threading
 from typing import Any
 
-from celery_unique.clients import REDIS_ERRORS, describe
 from celery_unique.exceptions import ConfigurationError
-
-logger = logging.getLogger(__name__)
+from celery_unique.repeating import Repeating
 
 #: Seconds between two sweeps of one worker.
 INTERVAL = 1.0
 
 
-class Sweeper:
+class Sweeper(Repeating):
     """Sweeps one app's fan-ins from a daemon thread until stopped."""
 
     def __init__(self, app: Any, interval: float = INTERVAL) -> None:
+        super().__init__("the fan-in sweep", interval)
         self.app = app
-        self.interval = interval
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="celery-unique-sweep", daemon=True)
 
-    def start(self) -> Sweeper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
+    def tick(self) -> None:
         from celery_unique.aggregate import aggregator
 
-        failing = False
-        while not self._stopped.wait(self.interval):
-            try:
-                aggregator(self.app).sweep()
-            except REDIS_ERRORS as exc:
-                if not failing:  # once per outage, not once a second
-                    logger.warning("the fan-in sweep failed (%s); it goes on trying", describe(exc))
-                failing = True
-            except Exception:
-                logger.exception("the fan-in sweep failed; it goes on")
-            else:
-                if failing:
-                    logger.warning("the fan-in sweep reaches Redis again")
-                failing = False
+        aggregator(self.app).sweep()
 
 
 def start(app: Any) -> Sweeper | None:
@@ -68,4 +41,6 @@ def start(app: Any) -> Sweeper | None:
         _ = get_conf(app).redis_target
     except ConfigurationError:
         return None  # no fan-in can exist
-    return Sweeper(app).start()
+    sweeper = Sweeper(app)
+    sweeper.start()
+    return sweeper

@@ -150,6 +150,19 @@ hold = _task("chaos.hold", lock_timeout=60)
 killable = _task("chaos.killable", acks_late=True, reject_on_worker_lost=True, lock_timeout=5)
 # Short work, many keys (Redis outage, warm shutdown).
 work = _task("chaos.work", lock_timeout=60, conflict_retry_countdown=0.5, max_retries=20)
+# The reaper's scenarios: locks that live for the default hour, so that only the
+# reaper frees them soon; acknowledged as they start, or when they end.
+lasting = _task("chaos.lasting")
+lasting_late = _task("chaos.lasting_late", acks_late=True)
+
+
+@app.task(base=UniqueTask, bind=True, name="chaos.retrying", unique_on=("token", "item"), shared=False)
+def retrying(self: Any, token: str, item: str = "") -> None:
+    """Runs once, then waits an hour for its retry (the message waits in a worker's timer)."""
+    record(token, "start", id=self.request.id, item=item, retries=self.request.retries)
+    raise self.retry(countdown=3600)
+
+
 # Stores its outcome and replays it (the security tests' stored-data checks).
 idempotent = _task("chaos.idempotent", idempotent=True, lock_timeout=60)
 # Lost with its worker and delivered again after the visibility timeout,

@@ -459,3 +459,37 @@ def test_a_django_project_s_autodiscovered_tasks_are_known_to_the_cli(
         assert line.split()[-1] == "lifetime=until_and_while_executing", line
     finally:
         redis_client.delete(key)
+
+
+@pytest.fixture
+def own_prefix(celery_app: Any, token: str) -> Iterator[str]:
+    """The app's locks under a prefix of this test's, with a fast reaper; then back."""
+    before = {name: celery_app.conf.get(name) for name in ("unique_key_prefix", "unique_reap_interval")}
+    celery_app.conf.update(unique_key_prefix=f"cli-{token}", unique_reap_interval=3)
+    get_conf(celery_app).reload()
+    yield f"cli-{token}"
+    celery_app.conf.update(before)
+    get_conf(celery_app).reload()
+
+
+def test_reap_frees_a_lock_without_a_message_and_a_dry_run_only_lists_it(
+    celery_app: Any, store: LockStore, own_prefix: str, token: str
+) -> None:
+    key = sleeper.unique_lock_key((token,))
+    assert key.startswith(own_prefix)
+    assert store.acquire(key, f"lost-{token}#0123456789ab", 600_000).acquired  # never published
+    queued = sleeper.apply_async((f"{token}-queued",), countdown=60)  # its message is in the broker
+    try:
+        dry = run("reap", "--dry-run")
+        assert dry.exit_code == 0, dry.output
+        assert f"{key}  holder=lost-{token}  task={sleeper.name}  reason=no_message" in dry.output
+        assert "would free 1 of 2 lock(s)" in dry.output
+        assert store.owner(key)[0] == f"lost-{token}#0123456789ab"
+        done = run("reap")
+        assert done.exit_code == 0, done.output
+        assert "freed 1 of 2 lock(s)" in done.output
+        assert store.owner(key)[0] is None
+        assert sleeper.unique_store().holder(sleeper.unique_lock_key((f"{token}-queued",)))[0] == queued.id
+    finally:
+        queued.revoke()
+        release_held(store, sleeper.unique_lock_key((f"{token}-queued",)), queued.id)

@@ -133,8 +133,8 @@ def test_a_pickle_planted_in_its_keys_is_never_unpickled(
 
 
 def stored_text(client: redis.Redis, key: bytes) -> str:
-    """Everything a key holds, as text (strings, hashes, lists and the sorted sets of
-    owners and deadlines are what the plugin writes)."""
+    """Everything a key holds, as text (strings, hashes, lists, the sorted sets of
+    owners and deadlines and the reaper's set of workers are what the plugin writes)."""
     kind = client.type(key).decode()
     if kind == "string":
         parts = [client.get(key) or b""]
@@ -144,6 +144,8 @@ def stored_text(client: redis.Redis, key: bytes) -> str:
         parts = client.lrange(key, 0, -1)
     elif kind == "zset":
         parts = client.zrange(key, 0, -1)
+    elif kind == "set":
+        parts = sorted(client.smembers(key))
     else:
         pytest.fail(f"the plugin wrote a {kind} at {key!r}")
     return b"\n".join(parts).decode(errors="replace")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from celery_unique.keys import (
     family_of,
     fan_in_key,
     fence_key,
+    glob_escape,
     tag_name,
     task_name_of_tag,
 )
@@ -41,7 +41,7 @@ KINDS = ("lock", "run", "result")
 # has no such companion: until_executed writes a fence at the start of each
 # run, but while the holder waits in the queue the fence is an earlier run's.
 _RUN_LOCK_LIFETIMES = (WHILE_EXECUTING, UNTIL_AND_WHILE_EXECUTING)
-_UNKNOWN = "?"
+_UNKNOWN = UNKNOWN_LIFETIME = "?"
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class LockInfo:
     ttl: float | None
     lifetime: str  # the task's lock lifetime in this app, "?" when it is not registered here
     age: float | None  # seconds since the holder's run started; None when not known for certain
+    # When the run that stored an outcome started (epoch seconds): its family's fence,
+    # which no later run moved (a stored outcome is replayed, not run again).
+    started: float | None = None
 
     def line(self) -> str:
         """One line for a listing."""
@@ -66,14 +69,10 @@ class LockInfo:
         )
 
 
-def _task_of(key: str) -> str:
+def task_of(key: str) -> str:
+    """The task name in a key of a lock family."""
     tag = key[key.index("{") + 1 : key.rindex("}")]
     return task_name_of_tag(tag.rpartition(":")[0])
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally by a SCAN pattern."""
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 # Exactly one SHA-256 hex digest: with "*" in its place, the tag pattern of task
@@ -85,7 +84,7 @@ def _tag_pattern(task_name: str | None) -> str:
     """The hash tag, as a SCAN pattern, of the keys of ``task_name`` (of every task without one)."""
     if not task_name:
         return "{*}"
-    return f"{{{_glob_escape(tag_name(task_name))}:{_DIGEST_PATTERN}}}"
+    return f"{{{glob_escape(tag_name(task_name))}:{_DIGEST_PATTERN}}}"
 
 
 def _scan(client: Any, pattern: str, count: int) -> Iterator[str]:
@@ -105,7 +104,8 @@ def _pages(client: Any, pattern: str, count: int) -> Iterator[list[str]]:
         yield page
 
 
-def _lifetime(app: Any, task_name: str) -> str:
+def lifetime_of(app: Any, task_name: str) -> str:
+    """The lock lifetime of a task in ``app``; "?" when it is not a unique task registered there."""
     task = app.tasks.get(task_name)
     if task is None or not hasattr(type(task), "unique_lifetime"):
         return _UNKNOWN
@@ -229,42 +229,53 @@ def iter_locks(app: Any, task_name: str | None = None, count: int = 500) -> Iter
 def _locks_at(
     app: Any, store: LockStore, prefix: str, tag: str, lifetimes: dict[str, str], count: int
 ) -> Iterator[LockInfo]:
-    conf = get_conf(app)
+    sealer = get_conf(app).sealer
     for kind in KINDS:
-        pattern = f"{_glob_escape(prefix)}:{KEY_VERSION}:{tag}:{kind}"
+        pattern = f"{glob_escape(prefix)}:{KEY_VERSION}:{tag}:{kind}"
         for page in _pages(store.client, pattern, count):
             for key, value, pttl, fence, now in _snapshots(store, page):
-                if value is None:
-                    continue  # gone between SCAN and GET
-                name = _task_of(key)
-                if name not in lifetimes:
-                    lifetimes[name] = _lifetime(app, name)
-                lifetime = lifetimes[name]
-                held = text(value)
-                holder = _outcome_task(conf.sealer, key, held) if kind == "result" else task_id_of(held)
-                ttl = pttl / 1000.0 if pttl >= 0 else None
-                yield LockInfo(
-                    key,
-                    name,
-                    digest_of_key(key),
-                    kind,
-                    holder,
-                    ttl,
-                    lifetime,
-                    _age(kind, lifetime, fence, now),
-                )
+                if value is not None:  # else gone between SCAN and GET
+                    yield lock_info(sealer, key, text(value), pttl, fence, now, lifetimes, app)
 
 
-def held_locks(app: Any, task_name: str, count: int = 500) -> Iterator[tuple[LockStore, str, str]]:
-    """(lock store, key, owner token) of every lock of one task, queued and running,
-    via SCAN in the task's place: what an owner-checked release of them needs."""
+def lock_info(
+    sealer: Any, key: str, held: str, pttl: int, fence: Any, now: int, lifetimes: dict[str, str], app: Any
+) -> LockInfo:
+    """The info of a key read by :func:`_read`; ``lifetimes`` caches the tasks' lifetimes."""
+    name = task_of(key)
+    if name not in lifetimes:
+        lifetimes[name] = lifetime_of(app, name)
+    lifetime = lifetimes[name]
+    kind = key.rpartition(":")[2]
+    holder = _outcome_task(sealer, key, held) if kind == "result" else task_id_of(held)
+    return LockInfo(
+        key,
+        name,
+        digest_of_key(key),
+        kind,
+        holder,
+        pttl / 1000.0 if pttl >= 0 else None,
+        lifetime,
+        _age(kind, lifetime, fence, now),
+        int(fence) / 1e6 if kind == "result" and fence is not None else None,
+    )
+
+
+def held_locks(app: Any, task_name: str | None, count: int = 500) -> Iterator[tuple[LockStore, str, str]]:
+    """(lock store, key, owner token) of every lock of one task (of every task without
+    one), queued and running, via SCAN in its place: what an owner-checked release needs."""
     tag = _tag_pattern(task_name)
     for store, prefix in locations(app, task_name):
-        for kind in ("lock", "run"):
-            for page in _pages(store.client, f"{_glob_escape(prefix)}:{KEY_VERSION}:{tag}:{kind}", count):
-                for key, value, *_ in _snapshots(store, page):
-                    if value is not None:  # gone between SCAN and GET
-                        yield store, key, text(value)
+        # One pass over the keyspace for both kinds: of a family's suffixes (lock, run,
+        # fence, result, args, done) only "lock" and "run" match [lr][ou][cn]*.
+        pattern = f"{glob_escape(prefix)}:{KEY_VERSION}:{tag}:[lr][ou][cn]*"
+        for page in _pages(store.client, pattern, count):
+            # One MGET per page (per slot on a cluster): no TTL or fence is needed here.
+            client = store.client
+            values = client.mget_nonatomic(page) if store.cluster else client.mget(page)
+            for key, value in zip(page, values, strict=True):
+                if value is not None and key.endswith((":lock", ":run")):  # gone since SCAN, or not ours
+                    yield store, key, text(value)
 
 
 def _outcome_task(sealer: Any, key: str, stored: str) -> str:
@@ -283,7 +294,7 @@ def open_fan_ins(app: Any, count: int = 500) -> Counter[str]:
     conf = get_conf(app)
     client = conf.locks.client
     found: Counter[str] = Counter()
-    for page in _pages(client, fan_in_key(_glob_escape(conf.key_prefix), "*"), count):
+    for page in _pages(client, fan_in_key(glob_escape(conf.key_prefix), "*"), count):
         pipe = client.pipeline(transaction=False)
         for key in page:
             pipe.hmget(key, "state", "callback")
@@ -304,13 +315,16 @@ def _callback_task(sealer: Any, key: str, callback: Any) -> str:
     return task if isinstance(task, str) else _UNKNOWN
 
 
-def force_release(app: Any, key: str) -> bool:
-    """Delete a lock (or a stored outcome) whoever holds it (an operator's decision); True if it existed.
-
-    In the place of the task the key names (see :func:`locations`).
-    """
-    task_name = _task_of(key) if "{" in key and "}" in key else None
+def store_of(app: Any, key: str) -> LockStore:
+    """The lock store of a lock (or stored outcome) key of ``app``: the place of the task
+    the key names (see :func:`locations`). :class:`ValueError` for any other key."""
+    task_name = task_of(key) if "{" in key and "}" in key else None
     store, prefix = locations(app, task_name)[0]
     if not key.startswith(f"{prefix}:{KEY_VERSION}:{{") or not key.endswith((":lock", ":run", ":result")):
         raise ValueError(f"not a celery-unique lock key of this app: {key!r}")
-    return bool(store.client.delete(key))
+    return store
+
+
+def force_release(app: Any, key: str) -> bool:
+    """Delete a lock (or a stored outcome) whoever holds it (an operator's decision); True if it existed."""
+    return bool(store_of(app, key).client.delete(key))

@@ -18,5 +18,15 @@ run.add_argument(
     help="start no worker: the recomputes stay queued, holding their locks, for `celery unique locks` "
     "(needs REDIS_URL)",
 )
+run.add_argument(
+    "--admin",
+    nargs="?",
+    type=int,
+    const=8000,
+    metavar="PORT",
+    help="then serve the Django admin on 127.0.0.1:PORT (8000), with a superuser made for the demo",
+)
 options = parser.parse_args()
-raise SystemExit(demo.main(options.loans, options.payments, options.threads, options.without_worker))
+raise SystemExit(
+    demo.main(options.loans, options.payments, options.threads, options.without_worker, options.admin)
+)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,8 @@ from typing import Any
 from celery_unique.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The queue of the recomputes that wait for the admin to show them (--admin).
+PARKED = "example_project_parked"
 
 
 def start_worker() -> subprocess.Popen[bytes]:
@@ -87,8 +90,14 @@ def clear_leftovers(app: Any, task_name: str) -> tuple[int, int]:
     run's payments, or run on its loans. The numbers of messages and locks cleared."""
     from celery_unique.inspect import force_release, iter_locks
 
-    purged = app.control.purge() or 0
+    purged = (app.control.purge() or 0) + purge_parked(app)
     return purged, sum(force_release(app, lock.key) for lock in iter_locks(app, task_name))
+
+
+def purge_parked(app: Any) -> int:
+    """Delete what waits in the queue of parked recomputes (--admin); how many."""
+    with app.connection_for_write() as connection:
+        return int(connection.default_channel.queue_purge(PARKED) or 0)
 
 
 def print_counts(*rows: tuple[str, int, str]) -> None:
@@ -97,7 +106,44 @@ def print_counts(*rows: tuple[str, int, str]) -> None:
         print(f"{label:<27} {count:>6}   {note}".rstrip())
 
 
-def main(loans: int = 5, per_thread: int = 25, threads: int = 8, without_worker: bool = False) -> int:
+def serve_admin(app: Any, loan_ids: list[int], port: int) -> None:
+    """Serve the Django admin until interrupted, with a superuser made for the demo and
+    one recompute per loan parked in a queue no worker reads (locks to look at)."""
+    import secrets
+
+    from django.contrib.auth.models import User
+    from django.contrib.staticfiles.handlers import StaticFilesHandler
+    from django.core.servers.basehttp import run
+    from django.core.wsgi import get_wsgi_application
+
+    from example_project.loans.tasks import recompute_schedule
+
+    password = secrets.token_urlsafe(12)
+    User.objects.filter(username="admin").delete()
+    User.objects.create_superuser("admin", "admin@example.com", password)
+    for loan_id in loan_ids:
+        recompute_schedule.apply_async((loan_id,), queue=PARKED)
+    print()
+    print(f"admin at http://127.0.0.1:{port}/admin/celery_unique/lock/  user admin, password {password}")
+    print(f"({len(loan_ids)} recomputes wait in the queue {PARKED!r}, holding their locks; Ctrl-C stops)")
+    sys.stdout.flush()
+    # SIGTERM as Ctrl-C: the worker is stopped and the parked queue purged on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run("127.0.0.1", port, StaticFilesHandler(get_wsgi_application()), threading=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        purge_parked(app)
+
+
+def main(
+    loans: int = 5,
+    per_thread: int = 25,
+    threads: int = 8,
+    without_worker: bool = False,
+    admin_port: int | None = None,
+) -> int:
     with ExitStack() as stack:
         if not os.environ.get("REDIS_URL"):
             if without_worker:
@@ -203,4 +249,6 @@ def main(loans: int = 5, per_thread: int = 25, threads: int = 8, without_worker:
             if ok
             else "MISMATCH: see the counts above"
         )
+        if admin_port is not None:
+            serve_admin(app, loan_ids, admin_port)
         return 0 if ok else 1

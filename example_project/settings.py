@@ -21,10 +21,40 @@ ROOT_URLCONF = "example_project.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.admin",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
     "celery_unique.contrib.django",
     "example_project.loans",
 ]
-MIDDLEWARE: list[str] = []
+# The admin's (python -m example_project demo --admin). The payments view is
+# called by the demo's own clients: it is exempt from CSRF (views.py).
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+# The app whose locks the admin shows (in a web server's threads, Celery's current
+# app is its fallback app, not the project's).
+CELERY_UNIQUE_APP = "example_project.celery_app.app"
 
 
 def _database(url: str | None) -> dict[str, object]:

@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import django
 import pytest
 import redis
+from django.conf import settings
 
 from celery_unique.conf import get_conf
 from celery_unique.locks import task_id_of
@@ -177,6 +179,21 @@ def run_with_a_worker(command: list[str], **options: Any) -> subprocess.Complete
     return subprocess.run(command, **options)
 
 
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+#: The screenshots a browser test kept (tests/integration/test_django_admin.py).
+SCREENSHOTS = pytest.StashKey[list[str]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    """A failed browser test's report lists the screenshots of the pages it saw."""
+    report = yield
+    shots = item.stash.get(SCREENSHOTS, None)
+    if report.failed and shots:
+        report.sections.append(("screenshots", "\n".join(shots)))
+    return report
+
+
 def service_reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):
@@ -248,3 +265,81 @@ def wait_for(
             log = f"\nworker log:\n{worker.log_text()}" if worker is not None else ""
             pytest.fail(f"condition not met within {timeout}s{log}")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def django_databases() -> Iterator[list[str]]:
+    """Configure Django once for the session; the aliases to test."""
+    folder = tempfile.TemporaryDirectory(prefix="celery-unique-django-")
+    sqlite_options: dict[str, Any] = {"timeout": 30}
+    if django.VERSION >= (5, 1):
+        sqlite_options.update(transaction_mode="IMMEDIATE", init_command="PRAGMA journal_mode=WAL;")
+    databases: dict[str, Any] = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.path.join(folder.name, "test.sqlite3"),
+            "OPTIONS": sqlite_options,
+        },
+        "pg": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("PGDATABASE", "test"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "HOST": PG_HOST,
+            "PORT": PG_PORT,
+        },
+    }
+    if not settings.configured:
+        settings.configure(
+            INSTALLED_APPS=[
+                "django.contrib.contenttypes",
+                "django.contrib.auth",
+                "django.contrib.admin",
+                "django.contrib.sessions",
+                "django.contrib.messages",
+                "django.contrib.staticfiles",
+                "celery_unique.contrib.django",
+                "tests.django_app",
+            ],
+            # The admin's pages (tests/integration/test_django_admin.py).
+            MIDDLEWARE=[
+                "django.contrib.sessions.middleware.SessionMiddleware",
+                "django.middleware.common.CommonMiddleware",
+                "django.middleware.csrf.CsrfViewMiddleware",
+                "django.contrib.auth.middleware.AuthenticationMiddleware",
+                "django.contrib.messages.middleware.MessageMiddleware",
+            ],
+            TEMPLATES=[
+                {
+                    "BACKEND": "django.template.backends.django.DjangoTemplates",
+                    "APP_DIRS": True,
+                    "OPTIONS": {
+                        "context_processors": [
+                            "django.template.context_processors.request",
+                            "django.contrib.auth.context_processors.auth",
+                            "django.contrib.messages.context_processors.messages",
+                        ]
+                    },
+                }
+            ],
+            ROOT_URLCONF="tests.django_app.urls",
+            STATIC_URL="/static/",
+            ALLOWED_HOSTS=["*"],
+            DATABASES=databases,
+            # Django 4.2's AdminEmailHandler renders the settings (SECRET_KEY
+            # included) for every logged error, even with no ADMINS.
+            SECRET_KEY="celery-unique-tests",
+            USE_TZ=True,
+            DEFAULT_AUTO_FIELD="django.db.models.AutoField",
+        )
+        django.setup()
+    from django.core.management import call_command
+    from django.db import connections
+
+    aliases = ["default"]
+    if service_reachable(PG_HOST, PG_PORT):
+        aliases.append("pg")
+    for alias in aliases:
+        call_command("migrate", database=alias, run_syncdb=True, verbosity=0)
+    yield aliases
+    connections.close_all()
+    folder.cleanup()

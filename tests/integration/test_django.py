@@ -8,73 +8,18 @@ under ``CI=true`` and skips those cases elsewhere, with the reason.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import django
 import pytest
 import redis
 from celery import Celery
-from django.conf import settings
 
 from celery_unique.conf import get_conf
-from tests.integration.conftest import Events, release_held, require_service, service_reachable, wait_for
+from tests.integration.conftest import PG_HOST, PG_PORT, Events, release_held, require_service, wait_for
 from tests.integration.worker_app import django_recompute, gate_key
-
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-
-
-@pytest.fixture(scope="session")
-def django_databases() -> Iterator[list[str]]:
-    """Configure Django once for the session; the aliases to test."""
-    folder = tempfile.TemporaryDirectory(prefix="celery-unique-django-")
-    sqlite_options: dict[str, Any] = {"timeout": 30}
-    if django.VERSION >= (5, 1):
-        sqlite_options.update(transaction_mode="IMMEDIATE", init_command="PRAGMA journal_mode=WAL;")
-    databases: dict[str, Any] = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": os.path.join(folder.name, "test.sqlite3"),
-            "OPTIONS": sqlite_options,
-        },
-        "pg": {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": os.environ.get("PGDATABASE", "test"),
-            "USER": os.environ.get("PGUSER", "postgres"),
-            "HOST": PG_HOST,
-            "PORT": PG_PORT,
-        },
-    }
-    if not settings.configured:
-        settings.configure(
-            INSTALLED_APPS=[
-                "django.contrib.contenttypes",
-                "celery_unique.contrib.django",
-                "tests.django_app",
-            ],
-            DATABASES=databases,
-            # Django 4.2's AdminEmailHandler renders the settings (SECRET_KEY
-            # included) for every logged error, even with no ADMINS.
-            SECRET_KEY="celery-unique-tests",
-            USE_TZ=True,
-            DEFAULT_AUTO_FIELD="django.db.models.AutoField",
-        )
-        django.setup()
-    from django.core.management import call_command
-    from django.db import connections
-
-    aliases = ["default"]
-    if service_reachable(PG_HOST, PG_PORT):
-        aliases.append("pg")
-    for alias in aliases:
-        call_command("migrate", database=alias, run_syncdb=True, verbosity=0)
-    yield aliases
-    connections.close_all()
-    folder.cleanup()
 
 
 @pytest.fixture(params=["default", "pg"])

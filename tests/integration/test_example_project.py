@@ -8,13 +8,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import pytest
 import redis
 
 from celery_unique.keys import digest, family_key, lock_key
-from tests.integration.conftest import require_service, run_with_a_worker
+from tests.integration.conftest import Worker, require_service, run_with_a_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,3 +117,60 @@ def test_manage_py_runs_the_checks_and_lists_the_locks(redis_url: str, tmp_path:
             assert not client.exists(key)
         finally:
             client.delete(key)
+
+
+@pytest.mark.worker
+def test_demo_serves_the_admin_with_a_superuser_and_queued_locks(redis_url: str) -> None:
+    """``demo --admin PORT``: after the demo, the admin is served with a superuser made for
+    it; logged in, its locks page lists the parked recomputes, each holding its lock."""
+    import http.cookiejar
+    import urllib.request
+    from urllib.parse import urlencode
+
+    from celery_unique.testing import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
+    env["REDIS_URL"] = urlunparse(urlparse(redis_url)._replace(path="/2"))
+    port = free_port()
+    command = [sys.executable, "-m", "example_project", "demo", "--payments", "2", "--admin", str(port)]
+    Worker.started += 1  # the demo's worker (see run_with_a_worker)
+    demo = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        said = ""
+        assert demo.stdout is not None
+        while "password" not in said:
+            line = demo.stdout.readline()
+            assert line, f"the demo ended without serving the admin:\n{said}"
+            said += line
+        password = re.search(r"user admin, password (\S+)", said).group(1)  # type: ignore[union-attr]
+        base = f"http://127.0.0.1:{port}"
+        browser = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(jar := http.cookiejar.CookieJar())
+        )
+        login = f"{base}/admin/login/?next=/admin/celery_unique/lock/"
+        wait_for(lambda: _answers(browser, login), timeout=30)
+        token = next(cookie.value for cookie in jar if cookie.name == "csrftoken")
+        form = {
+            "username": "admin",
+            "password": password,
+            "csrfmiddlewaretoken": token,
+            "next": "/admin/celery_unique/lock/",
+        }
+        request = urllib.request.Request(login, data=urlencode(form).encode(), headers={"Referer": login})
+        page = browser.open(request, timeout=30).read().decode()
+        assert page.count("loans.recompute_schedule") >= 5 and "queued" in page
+    finally:
+        demo.terminate()  # SIGTERM: the demo stops its worker and purges its parked queue
+        code = demo.wait(60)
+        if demo.stdout is not None:
+            demo.stdout.close()
+    assert code == 0
+
+
+def _answers(browser: Any, url: str) -> bool:
+    try:
+        return bool(browser.open(url, timeout=5).status == 200)
+    except OSError:
+        return False

@@ -10,13 +10,18 @@ from django.core.signals import setting_changed
 
 def _reload_settings(setting: str = "", **_: Any) -> None:
     # override_settings(CELERY_UNIQUE_...) must take effect at once.
+    if setting == "CELERY_UNIQUE_APP":
+        return  # which app, not its settings
     if setting.upper().startswith(("CELERY_UNIQUE_", "CELERY_BROKER", "CELERY_RESULT_BACKEND")):
         from celery_unique.conf import get_conf
         from celery_unique.contrib.django.checks import celery_app
+        from celery_unique.exceptions import ConfigurationError
 
-        app = celery_app()
-        if app is not None:
-            get_conf(app).reload()
+        try:
+            app = celery_app()
+        except ConfigurationError:
+            return  # E004 says so
+        get_conf(app).reload()
 
 
 def _secret_key() -> bytes | None:
@@ -29,6 +34,7 @@ def _secret_key() -> bytes | None:
 class CeleryUniqueConfig(AppConfig):  # type: ignore[misc]
     name = "celery_unique.contrib.django"
     label = "celery_unique"
+    default_auto_field = "django.db.models.AutoField"  # the admin's models, which have no table
     verbose_name = "celery-unique"
 
     def ready(self) -> None:

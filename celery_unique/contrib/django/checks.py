@@ -33,20 +33,59 @@ TAG = "celery_unique"
 
 
 def celery_app() -> Any:
-    from celery import current_app
+    """The project's Celery app: ``CELERY_UNIQUE_APP`` (a dotted path, such as
+    ``"proj.celery.app"``) when set, else Celery's current app.
 
-    return current_app._get_current_object()
+    Celery's current app is per thread: in a thread of a threaded web server (the
+    admin's pages) it is Celery's fallback app, unless the project's app was made the
+    default. Then the one app of this process that has unique tasks serves.
+    """
+    from celery import _state
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    named = getattr(settings, "CELERY_UNIQUE_APP", None)
+    if named:
+        try:
+            return import_string(named)
+        except ImportError as exc:
+            raise ConfigurationError(f"CELERY_UNIQUE_APP = {named!r} cannot be imported: {exc}") from exc
+    current = _state.get_current_app()
+    if current is not _state.default_app or current.main != "default":
+        return current
+    unique = [app for app in list(_state._get_active_apps()) if app is not current and _has_unique_tasks(app)]
+    return unique[0] if len(unique) == 1 else current
+
+
+def _has_unique_tasks(app: Any) -> bool:
+    try:
+        tasks = list(app.tasks.values())  # finalizes the app, as its first task call would
+    except RuntimeError:  # autofinalize=False and not finalized: not the project's app
+        return False
+    return any(hasattr(type(task), "unique_lifetime") for task in tasks)
 
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
     hint = "See the settings table in celery-unique's docs/settings.rst."
-    return [
-        checks.Error(str(exc), hint=hint, id="celery_unique.E004") for exc in get_conf(celery_app()).errors()
-    ]
+    try:
+        errors = get_conf(celery_app()).errors()
+    except ConfigurationError as exc:  # CELERY_UNIQUE_APP
+        errors = [exc]
+    return [checks.Error(str(exc), hint=hint, id="celery_unique.E004") for exc in errors]
+
+
+def _app() -> Any:
+    """The app, None when CELERY_UNIQUE_APP does not import (reported by E004)."""
+    try:
+        return celery_app()
+    except ConfigurationError:
+        return None
 
 
 def check_redis(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
-    app = celery_app()
+    app = _app()
+    if app is None:
+        return []
     conf = get_conf(app)
     try:
         conf.locks.client.ping()
@@ -70,7 +109,9 @@ def check_redis(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
 
 
 def check_timeouts(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
-    app = celery_app()
+    app = _app()
+    if app is None:
+        return []
     try:
         findings = core_checks.check_timeouts(app) + core_checks.check_visibility_timeout(app)
     except ConfigurationError:

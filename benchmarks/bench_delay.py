@@ -11,6 +11,10 @@ Each case is timed by the wall clock and by this process's CPU time. Then
 each contender makes a few calls under ``MONITOR`` to count Redis round
 trips (commands sent by the client, not the ones a Lua script runs inside).
 
+The contender "floor" is no library: a plain task's publish with one
+``SET NX`` overlapped, or for a key known held that ``SET NX`` and a handle
+(what a unique ``delay()`` cannot go below; see :class:`Floor`).
+
 One more contender, "unique, 1 replica", is UniqueTask with
 ``unique_lock_replicas = 1``, its locks on a private primary with one replica:
 its ``delay()`` returns once the replica acknowledged the lock (``WAIT``). Its
@@ -30,7 +34,10 @@ extra (``pip install -e '.[bench]'``) for the peers.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import random
 import statistics
 import sys
 import threading
@@ -42,6 +49,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.utils import uuid
 
 from celery_unique import UniqueTask
 from celery_unique.testing import ClusterServers, RedisServer, SentinelServers
@@ -89,6 +97,36 @@ def build_app(url: str, locks: Any = None) -> tuple[Celery, dict[str, Any]]:
     except ImportError:
         print("celery-singleton not installed: skipped", file=sys.stderr)
     return app, tasks
+
+
+class Floor:
+    """What ``delay()`` of a unique task cannot go below, with no celery-unique code: a
+    plain task's publish with one ``SET NX`` overlapped (sent first, read after the
+    publish), or for a key known held, the ``SET NX`` read first and a handle on the
+    holder (task id, key, one round trip, ``AsyncResult``)."""
+
+    def __init__(self, plain: Any, url: str) -> None:
+        self.plain = plain
+        pool = redis.Redis.from_url(url).connection_pool
+        self.connection = pool.connection_class(**pool.connection_kwargs)
+        self.connection.connect()
+        self.held: set[str] = set()
+
+    def delay(self, x: int) -> Any:
+        task_id = uuid()
+        key = "bench-floor:" + hashlib.sha256(json.dumps([[x], {}]).encode()).hexdigest()
+        parts = (b"SET", key.encode(), task_id.encode(), b"NX", b"PX", b"3600000")
+        self.connection.send_packed_command(
+            [b"*6\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)], check_health=False
+        )
+        if key in self.held:
+            if self.connection.read_response() is None:
+                return self.plain.AsyncResult(task_id)
+            self.held.discard(key)
+        result = self.plain.apply_async((x,), task_id=task_id)
+        if self.connection.read_response() is None:
+            self.held.add(key)
+        return result
 
 
 def build_replicated(url: str, primary_url: str) -> tuple[Celery, Any]:
@@ -171,11 +209,14 @@ def main() -> None:
             servers = ClusterServers() if options.locks == "cluster" else SentinelServers()
             locks = stack.enter_context(servers)
         app, tasks = build_app(url, locks)
+        tasks["floor"] = Floor(tasks["plain"], url)
         # A primary with one replica for "unique, 1 replica" (the Sentinel's, when there is one).
         replicated = locks if isinstance(locks, SentinelServers) else stack.enter_context(SentinelServers())
         replica_app, tasks["unique, 1 replica"] = build_replicated(url, replicated.primary.url)
         watched = {"unique, 1 replica": [url, replicated.primary.url]}
-        fresh_numbers = count(10_000_000)
+        # New numbers on every run: against a REDIS_URL reused from an earlier run, the
+        # same numbers would meet that run's locks (held for an hour) and be duplicates.
+        fresh_numbers = count(random.SystemRandom().randrange(1, 10**9) * 10**8)
         for task in tasks.values():
             task.delay(-1)  # warm up connections, scripts and the duplicate key
             task.delay(-1)

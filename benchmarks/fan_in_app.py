@@ -19,6 +19,17 @@ app.conf.update(
 )
 
 
+_clients: dict[int, redis.Redis] = {}
+
+
+def _client() -> redis.Redis:
+    """One client per worker process (made after the fork)."""
+    pid = os.getpid()
+    if pid not in _clients:
+        _clients[pid] = redis.Redis.from_url(app.conf.broker_url)
+    return _clients[pid]
+
+
 def _done(run: str, count: int) -> None:
     client = redis.Redis.from_url(app.conf.broker_url)
     client.set(f"bench:done:{run}", f"{time.time()}:{count}")
@@ -30,11 +41,27 @@ def part_chord(n: int) -> int:
     return n
 
 
-@app.task(name="bench.part_fan_in", ignore_result=True)
-def part_fan_in(n: int) -> int:
+@app.task(name="bench.part_stored")
+def part_stored(n: int) -> int:
+    """A part as most users write it: its result would be stored (fan_in asks it not to be)."""
+    return n
+
+
+@app.task(name="bench.part_ignored", ignore_result=True)
+def part_ignored(n: int) -> int:
+    """A part whose author turned results off."""
     return n
 
 
 @app.task(name="bench.callback")
 def callback(results: Any, run: str) -> None:
     _done(run, len(results))
+
+
+@app.task(name="bench.part_counted", ignore_result=True)
+def part_counted(run: str, parts: int) -> None:
+    """The floor: a plain task that counts itself in one round trip (no chord, no fan-in);
+    the last one marks the run done."""
+    client = _client()
+    if client.incr(f"bench:count:{run}") == parts:
+        client.set(f"bench:done:{run}", f"{time.time()}:{parts}")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from redis.cluster import RedisCluster
 
-from celery_unique import fan_in
-from celery_unique.aggregate import COMPLETED, DUPLICATE, aggregator
+from celery_unique import aggregate, fan_in
+from celery_unique.aggregate import COMPLETED, DEADLINE_TASK, DUPLICATE, aggregator
 from celery_unique.conf import get_conf
 from celery_unique.headers import FAN_IN_HEADER
 from tests.integration.conftest import Events, Worker, wait_for
@@ -22,6 +26,10 @@ from tests.integration.worker_app import (
     fan_part_killed_once,
     fan_worker,
 )
+
+
+def text_of(command: Any) -> str:
+    return command.decode() if isinstance(command, bytes) else command
 
 
 def callbacks(events: Events) -> list[dict[str, Any]]:
@@ -120,6 +128,32 @@ def test_deadline_fires_the_errback_with_the_missing_parts(
 
 
 @pytest.mark.worker
+def test_a_deadline_longer_than_the_visibility_timeout_holds_no_message_and_fires_once(
+    celery_app: Any, redis_url: str, redis_client: Any, token: str, events: Events
+) -> None:
+    # A deadline kept as a message would sit unacknowledged in the worker for the whole
+    # timeout, and come back every visibility timeout: it lives in Redis instead.
+    with Worker(redis_url, "short-visibility", env={"TEST_VISIBILITY_TIMEOUT": "1"}) as worker:
+        created = time.time()
+        aggregator(celery_app).create(
+            token, ["present", "lost"], fan_collect.s(token), fan_errback.s(token), timeout=4
+        )
+        fan_part.apply_async((token, 1), headers={FAN_IN_HEADER: {"token": token, "part": "present"}})
+        wait_for(lambda: "present" in aggregator(celery_app).reports(token), timeout=20, worker=worker)
+        # The part has run: while the fan-in waits for its deadline, no worker holds a message.
+        wait_for(lambda: redis_client.hlen("unacked") == 0, timeout=10, worker=worker)
+        assert errbacks(events) == []
+        wait_for(lambda: errbacks(events), timeout=30, worker=worker)
+        worker.drain()
+        [expired] = errbacks(events)
+        log = worker.whole_log()
+    assert expired["info"]["missing"] == ["lost"]
+    assert expired["time"] - created >= 4  # not before its deadline
+    assert f"{DEADLINE_TASK}[" not in log  # no deadline message was ever received, nor again
+    assert callbacks(events) == []
+
+
+@pytest.mark.worker
 def test_a_part_killed_mid_run_is_redelivered_and_the_fan_in_completes_once(
     worker: Worker, token: str, events: Events
 ) -> None:
@@ -179,6 +213,26 @@ def test_named_parts_of_different_task_types(worker: Worker, token: str, events:
     ]
 
 
+@pytest.mark.worker
+def test_parts_store_no_result_in_the_backend_unless_asked(
+    worker: Worker, celery_app: Any, token: str, events: Events
+) -> None:
+    """The context carries each part's result to the callback: a part's result is not
+    also written to the result backend, unless its signature asks for it."""
+    quiet, kept = uuid.uuid4().hex, uuid.uuid4().hex
+    header = {
+        "quiet": fan_worker.s(token, 1).set(task_id=quiet),
+        "kept": fan_worker.s(token, 2).set(task_id=kept, ignore_result=False),
+    }
+    fan_in(header, fan_collect.s(token))
+    wait_for(lambda: callbacks(events), timeout=20)
+    worker.drain()
+    assert [c["results"] for c in callbacks(events)] == [{"quiet": "worker1 done", "kept": "worker2 done"}]
+    meta = celery_app.backend.get_task_meta
+    wait_for(lambda: meta(kept)["status"] == "SUCCESS", worker=worker)
+    assert meta(quiet)["status"] == "PENDING"
+
+
 def test_reports_outside_the_worker_and_unknown_parts(celery_app: Any, token: str) -> None:
     agg = aggregator(celery_app)
     agg.create(token, ["x"], fan_collect.s(token))
@@ -217,28 +271,83 @@ def test_a_retried_create_finds_its_own_context(celery_app: Any, token: str) -> 
     agg.client.delete(key)
 
 
+def test_a_big_fan_in_is_written_in_calls_that_each_hold_redis_briefly(
+    celery_app: Any, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aggregate, "PARTS_PER_CALL", 1000)  # a smaller call: the same path, sooner
+    agg = aggregator(celery_app)
+    names = [f"part:{n}*[{{" for n in range(5500)]
+    # The server that holds the context: the locks' Redis (a cluster's node for its slot).
+    redis_client = agg.client
+    if isinstance(redis_client, RedisCluster):
+        redis_client = redis_client.get_redis_connection(redis_client.get_node_from_key(agg.key(token)))
+    slowlog = (redis_client.config_get("slowlog-log-slower-than"), redis_client.config_get("slowlog-max-len"))
+    redis_client.config_set("slowlog-log-slower-than", 0)  # every command, with its arguments
+    redis_client.config_set("slowlog-max-len", 10_000)
+    redis_client.slowlog_reset()
+    try:
+        agg.create(token, names, fan_collect.s(token), timeout=60)
+        logged = redis_client.slowlog_get(10_000)
+    finally:
+        for setting in slowlog:
+            redis_client.config_set(*next(iter(setting.items())))
+    writes = [e for e in logged if text_of(e["command"]).startswith("EVALSHA")]
+    # SLOWLOG shows 31 arguments and then "... (N more arguments)".
+    sizes = [31 + int(re.search(r"\((\d+) more arguments\)", text_of(e["command"]))[1]) for e in writes]
+    # Six calls (a NOSCRIPT answered one is sent again), none above 1,000 parts and the context's fields.
+    assert len(writes) >= 6 and max(sizes) <= 2 * 1000 + 40
+    key = agg.key(token)
+    try:
+        assert {f"e:{name}".encode() for name in names} <= set(redis_client.hkeys(key))
+        for name in names[:-1]:
+            assert agg._report(keys=[key], args=[name, "{}", "1", "fail", "c", 60_000]) == 0
+        assert agg._report(keys=[key], args=[names[-1], "{}", "1", "fail", "closer", 60_000]) == COMPLETED
+    finally:
+        redis_client.delete(key)
+
+
+def one_part_fan_in(celery_app: Any, token: str) -> tuple[Any, str, Callable[..., int]]:
+    """(aggregator, context key, report of its one part "a" by a claimant) of a new fan-in."""
+    agg = aggregator(celery_app)
+    agg.create(token, ["a"], fan_collect.s(token))
+    key = agg.key(token)
+
+    def report(claimant: str, claim_ms: int = 60_000) -> int:
+        payload = '{"ok": true, "value": 1}'
+        return int(agg._report(keys=[key], args=["a", payload, "1", "", claimant, claim_ms]))
+
+    return agg, key, report
+
+
+def test_a_report_asked_again_by_its_own_closer_gets_its_claim_back(celery_app: Any, token: str) -> None:
+    """A report whose reply was lost, sent again with the same claimant (a client's retry):
+    the claim it took is its own, so it publishes now instead of waiting for the sweep."""
+    agg, key, report = one_part_fan_in(celery_app, token)
+    try:
+        assert report("closer") == COMPLETED
+        assert report("closer") == COMPLETED
+        assert report("other") == DUPLICATE
+    finally:
+        agg.client.delete(key)
+
+
 def test_a_part_reported_again_takes_over_a_lapsed_claim(celery_app: Any, token: str) -> None:
     """The closer claimed the publishing and never published (it died): a part reported
     again (a redelivery) gets the claim once it lapsed, and must publish."""
-    agg = aggregator(celery_app)
-    agg.create(token, ["a"], fan_collect.s(token))
-    key, payload = agg.key(token), '{"ok": true, "value": 1}'
+    agg, key, report = one_part_fan_in(celery_app, token)
     try:
-        assert agg._report(keys=[key], args=["a", payload, "1", "", "closer", 300]) == COMPLETED
-        assert agg._report(keys=[key], args=["a", payload, "1", "", "other", 60_000]) == DUPLICATE
+        assert report("closer", 300) == COMPLETED
+        assert report("other") == DUPLICATE
         # Once the closer's 0.3 s claim lapsed, the redelivered report takes it over.
-        retaken = wait_for(
-            lambda: agg._report(keys=[key], args=["a", payload, "1", "", "redelivery", 60_000]) == COMPLETED,
-            timeout=10,
-        )
+        retaken = wait_for(lambda: report("redelivery") == COMPLETED, timeout=10)
         assert retaken and agg.client.hget(key, "claim") == b"redelivery"
         # A live claim is not taken over.
-        assert agg._report(keys=[key], args=["a", payload, "1", "", "late", 60_000]) == DUPLICATE
+        assert report("late") == DUPLICATE
         # The callback began to run (it was published): nothing takes the claim over, and the
         # context goes.
         agg.started(token)
         agg.client.hset(key, "until", 0)
-        assert agg._report(keys=[key], args=["a", payload, "1", "", "late", 60_000]) == DUPLICATE
+        assert report("late") == DUPLICATE
         assert not agg.client.exists(key)
     finally:
         agg.client.delete(key)

@@ -40,6 +40,8 @@ app.conf.update(
         {"master_name": os.environ["UNIQUE_REDIS_MASTER"]} if os.environ.get("UNIQUE_REDIS_MASTER") else None
     ),
 )
+if os.environ.get("TEST_VISIBILITY_TIMEOUT"):  # a worker that takes back unacknowledged messages soon
+    app.conf.broker_transport_options = {"visibility_timeout": float(os.environ["TEST_VISIBILITY_TIMEOUT"])}
 
 _events: redis.Redis | None = None
 

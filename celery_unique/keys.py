@@ -115,6 +115,24 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode("ascii")).hexdigest()
 
 
+# Types whose canonical JSON is JSON's own (exact types: a subclass, an enum
+# among them, is written as its base value by _encode).
+_NATIVE = frozenset((str, int, float, bool, type(None)))
+
+
+def _digest_of_arguments(arguments: Mapping[str, Any]) -> str:
+    """:func:`digest` of bound arguments; when every one is a plain scalar, without
+    the walk that tags other types (the same text, for the most common call). Their
+    names are parameter names, never a tag."""
+    if not all(type(value) in _NATIVE for value in arguments.values()):
+        return digest(arguments)
+    try:
+        text = _dumps(arguments)
+    except ValueError:  # an integer too long to write: said as digest() says it
+        return digest(arguments)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def validate_prefix(prefix: str, setting: str = "unique_key_prefix") -> str:
     if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
         raise ConfigurationError(f"{setting} must be a non-empty string without braces, got {prefix!r}")
@@ -301,6 +319,8 @@ class ArgumentKey:
     def digest(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> str:
         material = self.material(args or (), kwargs or {})
         try:
+            if self.key_function is None:
+                return _digest_of_arguments(material)
             return digest(material)
         except UniqueKeyError as exc:
             raise self._named(material, exc) from exc

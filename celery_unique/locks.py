@@ -62,6 +62,16 @@ def new_owner(task_id: str) -> str:
     return f"{task_id}#{os.urandom(6).hex()}"
 
 
+def new_task_id_and_owner() -> tuple[str, str]:
+    """A new task id (a random UUID, as Celery makes them) and its first owner token,
+    from one read of the system's random source (``delay()`` makes both per call)."""
+    raw = os.urandom(22)
+    digits = raw[:16].hex()
+    variant = "89ab"[raw[8] & 3]  # RFC 4122's variant; the digit it replaces was random
+    task_id = f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
+    return task_id, f"{task_id}#{raw[16:].hex()}"
+
+
 def task_id_of(owner: str) -> str:
     """The task id in an owner token (a bare task id, as a run that took its own
     lock in the worker writes, is its own task id)."""

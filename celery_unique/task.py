@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task
-from celery.utils import uuid
 
 from celery_unique import headers, hooks, idempotency, orphans, publish, runs
 from celery_unique.conf import (
@@ -43,7 +42,7 @@ from celery_unique.keys import (
     result_key,
 )
 from celery_unique.lease import Lease
-from celery_unique.locks import LockStore, new_owner
+from celery_unique.locks import LockStore, new_owner, new_task_id_and_owner
 
 logger = logging.getLogger(__name__)
 
@@ -313,12 +312,15 @@ class UniqueTask(Task):  # type: ignore[misc]
         carried = running_lock if of_current else None
         if republish and not of_current:
             carried = headers.from_message_headers(options.get("headers"))
-        task_id = task_id or uuid()
         if carried is not None:
+            assert task_id is not None  # a republished message's, given
             key, owner, handover = carried["key"], carried["owner"], carried["owner"]
         else:
             key = self.unique_lock_key(args, kwargs, unique_options, idempotency_key)
-            owner = new_owner(task_id)
+            if task_id is None:
+                task_id, owner = new_task_id_and_owner()
+            else:
+                owner = new_owner(task_id)
             # A republished message without a header took its lock in the
             # worker (its bare id); a running task that enqueues its own key
             # hands its lock over; a call may take a lock that an earlier call
@@ -335,17 +337,13 @@ class UniqueTask(Task):  # type: ignore[misc]
         if self.idempotent:
             # A retry keeps the producer's digest: JSON has turned tuples into lists since.
             given = (carried or {}).get("args") or self.arguments_digest(args, kwargs)
-        locked_options = {
-            **options,
-            "headers": {
-                **(options.get("headers") or {}),
-                headers.HEADER: headers.lock_header(key, owner, timeout, given),
-            },
-        }
 
         def send(via: Any = producer) -> Any:
+            # Built here, not before the lock is known ours: a duplicate needs no message.
+            lock = headers.lock_header(key, owner, timeout, given)
+            locked_headers = {**(options.get("headers") or {}), headers.HEADER: lock}
             return super(UniqueTask, self).apply_async(
-                args, kwargs, task_id, via, link, link_error, shadow, **locked_options
+                args, kwargs, task_id, via, link, link_error, shadow, **{**options, "headers": locked_headers}
             )
 
         call = publish.LockedCall(

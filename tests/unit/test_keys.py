@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -291,3 +292,37 @@ def test_one_and_one_point_zero_are_different_keys() -> None:
     """As docs/usage.rst says: JSON keeps an int and a float apart."""
     assert digest(1) != digest(1.0)
     assert digest(True) != digest(1)
+
+
+class Colour(str, enum.Enum):
+    RED = "red"
+
+
+plain_arguments = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),  # NaN and the infinities too
+    st.text(),
+    st.sampled_from([Colour.RED, 10**5000]),  # a subclass; an integer too long to write
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@given(st.tuples(plain_arguments, plain_arguments), st.dictionaries(st.sampled_from(["z", "_a"]), plain_arguments))
+def test_scalar_arguments_give_the_digest_of_the_general_encoding(
+    args: tuple[Any, Any], kwargs: dict[str, Any]
+) -> None:
+    """A call of plain scalars takes a shorter way to its digest: the same digest, or the same error."""
+
+    def task(a: Any, b: Any, z: Any = 0, _a: Any = None) -> None: ...
+
+    key = ArgumentKey("t", task, None)
+    bound = {"a": args[0], "b": args[1], "z": 0, "_a": None, **kwargs}
+    try:
+        expected = digest(bound)
+    except UniqueKeyError:
+        with pytest.raises(UniqueKeyError):
+            key.digest(args, kwargs)
+    else:
+        assert key.digest(args, kwargs) == expected

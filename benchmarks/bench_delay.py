@@ -152,10 +152,11 @@ def per_call_us(call: Callable[[int], Any], args: Callable[[], int], calls: int)
 
 def watch(url: str, seen: list[str]) -> Callable[[], None]:
     """Record in ``seen`` the commands clients send to ``url`` (through MONITOR; script
-    internals excluded, and a WAIT, which is sent in one write with the acquire
-    before it); the function returned stops watching."""
+    internals excluded, and a WAIT or the PTTL after a ``SET ... NX GET``, which are
+    sent in one write with the acquire before them); the function returned stops watching."""
     client = redis.Redis.from_url(url)
     ready, stopped = threading.Event(), threading.Event()
+    last: dict[Any, str] = {}  # each client's last command
 
     def listen() -> None:
         with client.monitor() as monitor:
@@ -165,8 +166,17 @@ def watch(url: str, seen: list[str]) -> Callable[[], None]:
                 if command.startswith("PING") and "bench-stop" in command:
                     stopped.set()
                     return
-                if entry.get("client_type") != "lua" and not command.startswith("WAIT"):
-                    seen.append(command)
+                if entry.get("client_type") == "lua" or command.startswith("WAIT"):
+                    continue
+                client_of = (entry.get("client_address"), entry.get("client_port"))
+                if (
+                    command.startswith("PTTL")
+                    and last.get(client_of, "").startswith("SET")
+                    and " NX GET " in last[client_of]
+                ):
+                    continue
+                last[client_of] = command
+                seen.append(command)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()

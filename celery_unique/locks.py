@@ -1,4 +1,4 @@
-"""The lock primitive: acquire, release and extend, each one Lua call.
+"""The lock primitive: acquire, release and extend, each one round trip.
 
 The lock value is an owner token: the task id and a random suffix made for
 each message (:func:`new_owner`). The message carries it in its headers, so
@@ -72,7 +72,7 @@ def new_task_id_and_owner() -> tuple[str, str]:
     from one read of the system's random source (``delay()`` makes both per call)."""
     raw = os.urandom(22)
     digits = raw[:16].hex()
-    variant = "89ab"[raw[8] & 3]  # RFC 4122's variant; the digit it replaces was random
+    variant = "89ab"[raw[8] >> 4 & 3]  # RFC 4122's variant, from the bits of the digit it replaces
     task_id = f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
     return task_id, f"{task_id}#{raw[16:].hex()}"
 
@@ -121,15 +121,20 @@ def _acquisition(owner: str, reply: Any) -> Acquisition:
     return Acquisition(owner=owner, holder=holder, ttl_ms=ttl_ms, acquired=holder == owner)
 
 
-def _set_acquisition(owner: str, ttl_ms: int, replies: list[Reply]) -> Acquisition:
-    """The answer of ``SET key owner NX GET PX ttl`` and the ``PTTL`` after it."""
-    holder, pttl = replies
-    if holder is None:  # it was free: ours now
+def _set_acquisition(
+    owner: str, ttl_ms: int, set_reply: Reply, pttl: Reply | redis.ResponseError
+) -> Acquisition:
+    """The answer of ``SET key owner NX GET PX ttl`` (it ran) and of the ``PTTL`` after it."""
+    if set_reply is None:  # it was free: ours now
         return Acquisition(owner=owner, holder=owner, ttl_ms=ttl_ms, acquired=True)
-    if not isinstance(holder, bytes) or not isinstance(pttl, int):
-        raise InvalidResponse(f"unexpected acquire replies {replies!r}")
-    holder_token = text(holder)
-    return Acquisition(owner=owner, holder=holder_token, ttl_ms=pttl, acquired=holder_token == owner)
+    if not isinstance(set_reply, bytes):
+        raise InvalidResponse(f"unexpected acquire reply {set_reply!r}")
+    holder = text(set_reply)
+    # Not atomic with the SET, as the script is: the holder may have released (-2)
+    # in between, or the PTTL met an error; the lock is then said to be at its end
+    # (no hint kept), never to live for ever (-1).
+    held_ms = pttl if isinstance(pttl, int) and pttl != -2 else 0
+    return Acquisition(owner=owner, holder=holder, ttl_ms=held_ms, acquired=holder == owner)
 
 
 class Redirected(redis.ResponseError):
@@ -243,6 +248,16 @@ def _parse_acquire_reply(data: bytes) -> Reply | None:
 def _read_replies(connection: Any, count: int) -> list[Reply]:
     """Read ``count`` replies (an acquire's, and a WAIT's) from a connection of
     our own; the first error reply raises once all of them are read."""
+    found: list[Reply] = []
+    for reply in _read_replies_and_errors(connection, count):
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        found.append(reply)
+    return found
+
+
+def _read_replies_and_errors(connection: Any, count: int) -> list[Reply | redis.ResponseError]:
+    """Read ``count`` replies from a connection of our own, error replies as their exceptions."""
     sock = connection._sock
     if sock is None:
         raise redis.ConnectionError("connection closed")
@@ -265,12 +280,7 @@ def _read_replies(connection: Any, count: int) -> list[Reply]:
             reply, at = parsed
             replies.append(reply)
         if len(replies) == count:
-            found: list[Reply] = []
-            for reply in replies:
-                if isinstance(reply, redis.ResponseError):
-                    raise reply
-                found.append(reply)
-            return found
+            return replies
 
 
 class PendingAcquire:
@@ -327,25 +337,17 @@ class PendingAcquire:
         """
         connection = self._connection
         store = self._store
+        if self._result is None and connection is not None and self._plain:
+            return self._plain_reply(connection)
         if self._result is None and connection is not None:
             try:
-                replies = _read_replies(connection, 2 if store.replicas or self._plain else 1)
+                replies = _read_replies(connection, 2 if store.replicas else 1)
             except (NoScriptError, Redirected):
                 # The client's own call loads the script or follows the
                 # redirection; this connection is fine for other keys.
                 self.sent = False  # refused unrun: the first attempt cannot land
                 self._connection = None
                 store._give_back(self._node, connection)
-            except redis.ResponseError as exc:
-                if self._plain and "syntax error" in str(exc).lower():
-                    # Before Redis 7.0, NX and GET together are a syntax error:
-                    # the SET did not run, and the script takes over for good.
-                    store.plain_set = False
-                    self.sent = False
-                    self._connection = None
-                    store._give_back(self._node, connection)
-                else:
-                    self._drop()  # as any Redis error: asked again on a new connection
             except InvalidResponse as exc:
                 # What answered speaks no Redis protocol (a wrong port): nothing ran there.
                 self.sent, self.error = False, exc
@@ -358,9 +360,6 @@ class PendingAcquire:
             else:
                 self._connection = None
                 store._give_back(self._node, connection)
-                if self._plain:
-                    self._result = _set_acquisition(self._call[1], self._call[2], replies)
-                    return self._result
                 found = self._result = _acquisition(self._call[1], replies[0])
                 if store.replicas:
                     # The script wrote the lock (taken, or written again as
@@ -369,6 +368,40 @@ class PendingAcquire:
                     if acks is None or acks < store.replicas:
                         self._short = store.not_replicated(found, acks)
         return self._result
+
+    def _plain_reply(self, connection: Any) -> Acquisition | None:
+        """:meth:`reply` of a ``SET ... NX GET`` and its ``PTTL``."""
+        store = self._store
+        try:
+            set_reply, pttl = _read_replies_and_errors(connection, 2)
+        except InvalidResponse as exc:
+            self.sent, self.error = False, exc  # no Redis answered: nothing ran there
+            self._drop()
+            return None
+        except BaseException:
+            self._drop()  # unknown whether the SET ran: asked again through the client
+            raise
+        if isinstance(set_reply, redis.ResponseError):
+            # A refused SET did not run; both replies are read, so the connection
+            # serves again, unless the server's state is in doubt (READONLY, ...).
+            self.sent = False
+            if "syntax error" in str(set_reply).lower():
+                store.plain_set = False  # before Redis 7.0, NX with GET: the script from now on
+            if isinstance(set_reply, Redirected) or not store.plain_set:
+                self._connection = None
+                store._give_back(self._node, connection)
+            else:
+                self._drop()
+            return None
+        try:
+            found = _set_acquisition(self._call[1], self._call[2], set_reply, pttl)
+        except InvalidResponse:
+            self._drop()
+            raise
+        self._connection = None
+        store._give_back(self._node, connection)
+        self._result = found
+        return found
 
     def may_have_run(self) -> bool:
         """Without a reply: whether an attempt may still have taken the lock. It

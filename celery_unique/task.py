@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 #: Options that may be given per call in ``apply_async(unique_options={...})``.
 CALL_OPTIONS = frozenset({"unique_on", "lock_timeout", "on_duplicate"})
+# The properties that resolve a task's options (a class that defines its own is never cached).
+_RESOLVERS = ("unique_lifetime", "unique_lock_timeout")
 
 # Options set only by Celery's canvas machinery (groups, chords, chains, and
 # callbacks dispatched by the worker). Deduplicating such a message would hang
@@ -119,8 +121,9 @@ class UniqueTask(Task):  # type: ignore[misc]
     Request = f"{hooks.__name__}:{hooks.UniqueRequest.__name__}"
 
     _unique_argument_key: ArgumentKey | None = None
-    # (settings generation, the attributes read, (lifetime, lock timeout, on_duplicate)).
-    _unique_resolved: tuple[int, tuple[Any, ...], tuple[str, float, str]] | None = None
+    # (the app's UniqueConf, its settings generation, the attributes read,
+    # (lifetime, lock timeout, on_duplicate)).
+    _unique_resolved: tuple[UniqueConf, int, tuple[Any, ...], tuple[str, float, str]] | None = None
     # False for a class that resolves a lifetime or timeout its own way (the compat
     # classes read other settings): resolved at each call, as they may change.
     _unique_resolve_once = True
@@ -130,7 +133,8 @@ class UniqueTask(Task):  # type: ignore[misc]
         super().__init_subclass__(**kwargs)
         # Wrap the run this class resolves to (its own, or a mixin's) once.
         cls.run = idempotency.replaying(inspect.getattr_static(cls, "run"))
-        if "unique_lifetime" in cls.__dict__ or "unique_lock_timeout" in cls.__dict__:
+        # Found wherever the class gets them (a mixin's too), not only in its own body.
+        if any(inspect.getattr_static(cls, name) is not UniqueTask.__dict__[name] for name in _RESOLVERS):
             cls._unique_resolve_once = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -168,16 +172,22 @@ class UniqueTask(Task):  # type: ignore[misc]
         """(lifetime, lock timeout, on_duplicate), resolved and checked once for the
         task's attributes and the settings as they are (again after either changed)."""
         attributes = (self.lock, self.lock_timeout, self.on_duplicate, self.idempotent)
+        generation = conf.generation  # read first: a reload meanwhile makes what follows stale
         resolved = self._unique_resolved
-        if resolved is not None and resolved[0] == conf.generation and resolved[1] == attributes:
-            return resolved[2]
+        if (
+            resolved is not None
+            and resolved[0] is conf
+            and resolved[1] == generation
+            and resolved[2] == attributes
+        ):
+            return resolved[3]
         options = (
             self.unique_lifetime,
             self.unique_lock_timeout,
             check_choice(self.on_duplicate or conf.default_on_duplicate, ON_DUPLICATE, "on_duplicate"),
         )
         if self._unique_resolve_once:
-            self._unique_resolved = (conf.generation, attributes, options)
+            self._unique_resolved = (conf, generation, attributes, options)
         return options
 
     def check_unique_options(self) -> None:
@@ -339,7 +349,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             key, owner, handover = carried["key"], carried["owner"], carried["owner"]
         else:
             key = self.unique_lock_key(args, kwargs, unique_options, idempotency_key)
-            if task_id is None:
+            if not task_id:  # as Celery: an empty id is none
                 task_id, owner = new_task_id_and_owner()
             else:
                 owner = new_owner(task_id)

@@ -239,12 +239,32 @@ def test_a_class_that_resolves_its_own_timeout_is_asked_at_each_call(app: Celery
     @app.task(base=OwnTimeout, name="producer.own_timeout", shared=False)
     def own(x: str) -> None: ...
 
-    for timeout in (30.0, 90.0):
-        timeouts[0] = timeout
-        argument = uuid.uuid4().hex
-        own.delay(argument)
-        ttl = own.unique_store().holder(own.unique_lock_key((argument,)))[1]
-        assert ttl is not None and timeout - 10 < ttl <= timeout
+    class TimeoutMixin:  # not a UniqueTask: found all the same
+        @property
+        def unique_lock_timeout(self) -> float:
+            return timeouts[0]
+
+    class Mixed(TimeoutMixin, UniqueTask):  # type: ignore[misc]
+        pass
+
+    @app.task(base=Mixed, name="producer.mixed_timeout", shared=False)
+    def mixed(x: str) -> None: ...
+
+    for task in (own, mixed):
+        for timeout in (30.0, 90.0):
+            timeouts[0] = timeout
+            argument = uuid.uuid4().hex
+            task.delay(argument)
+            ttl = task.unique_store().holder(task.unique_lock_key((argument,)))[1]
+            assert ttl is not None and timeout - 10 < ttl <= timeout
+
+
+def test_an_empty_task_id_is_none_as_celery_has_it(app: Celery, item: str) -> None:
+    job = app.tasks["producer.job"]
+    result = job.apply_async((item,), task_id="")
+    assert result.id
+    held_by = job.unique_store().holder(job.unique_lock_key((item,)))[0]
+    assert held_by is not None and task_id_of(held_by) == result.id
 
 
 def test_failed_publish_frees_its_lock(apps: Any, redis_url: str, item: str) -> None:

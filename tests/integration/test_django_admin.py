@@ -317,6 +317,14 @@ def look(
     browser.delete_all_cookies()
 
 
+def submit(browser: Any, button: str, then: str) -> Any:
+    """Click a form's button and wait for the page it leads to, found by an element of
+    its own (``then``, a CSS selector): a click may return before the next page loaded
+    (CI's py312 env looked for the confirmation's button on the list page)."""
+    browser.find_element("id", button).click()
+    return wait_for(lambda: browser.find_elements("css selector", then))[0]
+
+
 def log_in(browser: Any, look: Any, username: str) -> None:
     look("/admin/login/?next=/admin/", "login")
     browser.find_element("name", "username").send_keys(username)
@@ -353,6 +361,7 @@ def test_a_person_releases_the_lock_of_a_running_task_and_the_next_delay_publish
         Select(browser.find_element("id", "filter-state")).select_by_value("running")
         browser.find_element("id", "search-holder").send_keys(running.id)
         browser.find_element("id", "filter-submit").click()
+        wait_for(lambda: "state=running" in browser.current_url)  # the filtered page, not the last one
         look.shot("locks-filtered")
         return running.id in browser.find_element("id", "result_list").text
 
@@ -361,12 +370,12 @@ def test_a_person_releases_the_lock_of_a_running_task_and_the_next_delay_publish
     assert "state=running" in browser.current_url
     assert "running" in browser.find_element("id", "result_list").text
     browser.find_element("css selector", "input.row-select").click()
-    browser.find_element("id", "act").click()
+    submit(browser, "act", then="#confirm")
     look.shot("confirm")
     assert "are you sure" in browser.page_source
-    browser.find_element("id", "confirm").click()
+    messages = submit(browser, "confirm", then="ul.messagelist")
     look.shot("released")
-    assert "Released" in browser.find_element("css selector", "ul.messagelist").text
+    assert "Released" in messages.text
     assert django_recompute.unique_store().holder(django_recompute.unique_lock_key((token,)))[0] is None
     again = django_recompute.delay(token, gated=True)
     assert not again.duplicate and again.id != running.id
@@ -422,10 +431,10 @@ def test_a_person_expires_a_fan_in_and_its_errback_fires(
     assert token in text and "0 of 2" in text
     row = browser.find_element("xpath", f"//tr[td[contains(., '{token}')] or th[contains(., '{token}')]]")
     row.find_element("css selector", "input.row-select").click()
-    browser.find_element("id", "act").click()
-    browser.find_element("id", "confirm").click()
+    submit(browser, "act", then="#confirm")
+    messages = submit(browser, "confirm", then="ul.messagelist")
     look.shot("fan-in-expired")
-    assert "Expired fan-in" in browser.find_element("css selector", "ul.messagelist").text
+    assert "Expired fan-in" in messages.text
     [errback] = wait_for(lambda: [e for e in events() if e["event"] == "errback"], worker=worker)
     assert sorted(errback["info"]["missing"]) == ["a", "b"]
 

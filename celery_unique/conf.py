@@ -141,7 +141,10 @@ class UniqueConf:
 
     @property
     def key_prefix(self) -> str:
-        return validate_prefix(self._get("unique_key_prefix"))
+        prefix: str | None = self._values.get("_key_prefix")  # checked once: every delay() reads it
+        if prefix is None:
+            prefix = self._values["_key_prefix"] = validate_prefix(self._get("unique_key_prefix"))
+        return prefix
 
     @property
     def default_on_duplicate(self) -> str:

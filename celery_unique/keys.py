@@ -155,7 +155,13 @@ def task_name_of_tag(name: str) -> str:
 
 def family_key(prefix: str, task_name: str, key_digest: str) -> str:
     """The common head of every key of one lock (the hash tag is in braces)."""
-    return f"{prefix}:{KEY_VERSION}:{{{tag_name(task_name)}:{key_digest}}}"
+    return family_head(prefix, task_name) + key_digest + "}"
+
+
+def family_head(prefix: str, task_name: str) -> str:
+    """What every family of one task's locks starts with: its family key is
+    this, the argument digest and ``}``."""
+    return f"{prefix}:{KEY_VERSION}:{{{tag_name(task_name)}:"
 
 
 def lock_key(family: str) -> str:

@@ -37,7 +37,7 @@ from celery_unique.keys import (
     ArgumentKey,
     UniqueOn,
     digest,
-    family_key,
+    family_head,
     family_of,
     lock_key,
     result_key,
@@ -68,8 +68,21 @@ def _running_request(task: Any) -> Any:
     thread then.
     """
     stack = task.request_stack
-    top = stack.top if stack is not None else None
+    if stack is None or _nothing_pushed(stack):
+        return None
+    top = stack.top
     return top if top is not None and not top.called_directly else None
+
+
+def _nothing_pushed(stack: Any) -> bool:
+    """Whether nothing was ever pushed on ``stack`` on this thread (every producer's
+    case), seen without the two exceptions that ``stack.top`` raises and catches
+    then (4 us a call); False when that cannot be seen (another kind of stack)."""
+    local = getattr(stack, "_local", None)
+    storage = getattr(local, "__storage__", None)
+    if type(storage) is not dict:
+        return False
+    return not storage.get(local.__ident_func__(), {}).get("stack")  # type: ignore[union-attr]
 
 
 def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:
@@ -128,6 +141,7 @@ class UniqueTask(Task):  # type: ignore[misc]
     # classes read other settings): resolved at each call, as they may change.
     _unique_resolve_once = True
     _all_arguments_key: ArgumentKey | None = None
+    _unique_family_head: tuple[str, str, str] | None = None  # (prefix, task name, keys.family_head)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -244,7 +258,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         else:
             unique_on = (unique_options or {}).get("unique_on", self.unique_on)
             argument_digest = self._argument_key(unique_on).digest(args, kwargs)
-        return lock_key(family_key(self.unique_key_prefix, self.name, argument_digest))
+        prefix = self.unique_key_prefix
+        head = self._unique_family_head
+        if head is None or head[0] != prefix or head[1] != self.name:
+            head = self._unique_family_head = (prefix, self.name, family_head(prefix, self.name))
+        return lock_key(head[2] + argument_digest + "}")
 
     def arguments_digest(self, args: Any = None, kwargs: Any = None) -> str:
         """Digest of all arguments of a call (to tell an idempotency key's reuse)."""
@@ -389,6 +407,8 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     @staticmethod
     def _is_canvas_member(options: Mapping[str, Any]) -> bool:
+        if not options:
+            return False  # a plain delay()
         if headers.FAN_IN_HEADER in (options.get("headers") or {}):
             return True  # a dropped fan-in part would leave its fan-in waiting
         if "chain" in options or "parent_id" in options:

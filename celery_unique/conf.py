@@ -141,9 +141,10 @@ class UniqueConf:
 
     @property
     def key_prefix(self) -> str:
-        prefix: str | None = self._values.get("_key_prefix")  # checked once: every delay() reads it
+        values = self._values  # one dict: a reload meanwhile discards what this read caches
+        prefix: str | None = values.get("_key_prefix")  # checked once: every delay() reads it
         if prefix is None:
-            prefix = self._values["_key_prefix"] = validate_prefix(self._get("unique_key_prefix"))
+            prefix = values["_key_prefix"] = validate_prefix(self._get("unique_key_prefix"))
         return prefix
 
     @property
@@ -277,13 +278,14 @@ class UniqueConf:
     @property
     def sealer(self) -> sealing.Sealer:
         """Seals what the plugin stores and later trusts (:mod:`celery_unique.sealing`)."""
-        found: sealing.Sealer | None = self._values.get("_sealer")
+        values = self._values  # one dict: a reload meanwhile discards what this read caches
+        found: sealing.Sealer | None = values.get("_sealer")
         if found is None:
             provider = sealing.default_signing_key
             default = provider() if provider is not None else None
             signing = self._keys("unique_signing_key", default)
             found = sealing.Sealer(signing, self._keys("unique_encryption_key"))
-            self._values["_sealer"] = found
+            values["_sealer"] = found
         return found
 
     @property
@@ -305,9 +307,10 @@ class UniqueConf:
     @property
     def locks(self) -> LockStore:
         """The lock store for the configured Redis (one client per URL and timeouts)."""
-        store: LockStore | None = self._values.get("_locks")
+        values = self._values  # one dict: a reload meanwhile discards what this read caches
+        store: LockStore | None = values.get("_locks")
         if store is None:
-            store = self._values["_locks"] = self._store(*self.redis_target)
+            store = values["_locks"] = self._store(*self.redis_target)
         return store
 
     def store_at(self, url: Any, setting: str) -> LockStore:

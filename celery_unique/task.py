@@ -80,9 +80,10 @@ def _nothing_pushed(stack: Any) -> bool:
     then (4 us a call); False when that cannot be seen (another kind of stack)."""
     local = getattr(stack, "_local", None)
     storage = getattr(local, "__storage__", None)
-    if type(storage) is not dict:
+    ident = getattr(local, "__ident_func__", None)  # a thread's, or a greenlet's under gevent
+    if type(storage) is not dict or ident is None:
         return False
-    return not storage.get(local.__ident_func__(), {}).get("stack")  # type: ignore[union-attr]
+    return not storage.get(ident(), {}).get("stack")
 
 
 def _delay_seconds(app: Any, options: Mapping[str, Any]) -> float:

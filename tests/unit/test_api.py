@@ -94,6 +94,37 @@ def test_settings_are_read_from_app_conf_and_reload() -> None:
     assert conf.lock_timeout == 7.0
 
 
+@pytest.mark.parametrize(
+    ("setting", "before", "after", "read"),
+    [
+        ("unique_key_prefix", "old", "new", lambda c: c.key_prefix),
+        ("unique_redis_url", "redis://127.0.0.1:2/0", "redis://127.0.0.1:3/0", lambda c: c.locks.location),
+        ("unique_signing_key", "old-key-" * 4, "new-key-" * 4, lambda c: c.sealer._signing[0]),
+    ],
+)
+def test_a_reload_during_a_read_leaves_nothing_stale(
+    setting: str, before: str, after: str, read: Any
+) -> None:
+    """A value cached by a read that a reload overtook (another thread, Django's
+    setting_changed) belongs to the settings before it: it is not kept after."""
+    app = _app(**{setting: before})
+    conf = get_conf(app)
+    expected_after = read(get_conf(_app(**{setting: after})))
+    settings_read = conf._get
+
+    def read_while_reloaded(name: str) -> Any:
+        value = settings_read(name)
+        if name == setting and app.conf.get(setting) == before:
+            app.conf[setting] = after
+            conf.reload()  # what the other thread does meanwhile
+        return value
+
+    conf._get = read_while_reloaded  # type: ignore[method-assign]
+    read(conf)  # began before the reload: the old value, for this call only
+    conf._get = settings_read  # type: ignore[method-assign]
+    assert read(conf) == expected_after
+
+
 def test_redis_url_falls_back_to_a_redis_result_backend() -> None:
     app = Celery(
         "x", broker="amqp://guest@localhost//", backend="redis://127.0.0.1:4/1", set_as_current=False

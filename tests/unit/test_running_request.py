@@ -8,19 +8,26 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 from celery import Celery
+from celery.utils import threads
 
 from celery_unique import UniqueTask
-from celery_unique.task import _running_request
+from celery_unique.task import _nothing_pushed, _running_request
 
 
-def test_a_run_is_seen_on_its_own_thread_only() -> None:
+def _app_and_job() -> tuple[Celery, Any]:
     app = Celery("running", set_as_current=False)
 
     @app.task(base=UniqueTask, name="running.job")
     def job(n: int) -> None:
         pass
 
+    return app, job
+
+
+def test_a_run_is_seen_on_its_own_thread_only() -> None:
+    _, job = _app_and_job()
     inside: dict[str, Any] = {}
     pushed, done = threading.Event(), threading.Event()
 
@@ -64,3 +71,36 @@ def test_another_kind_of_stack_is_asked_as_celery_asks_it() -> None:
     run = type("Request", (), {"called_directly": False})()
     Stack.top = run
     assert _running_request(Task()) is run
+
+
+def test_the_stack_is_read_for_the_current_greenlet_not_the_thread() -> None:
+    """Under gevent or eventlet Celery keys the stack by greenlet: a run on one
+    greenlet is not another's, though both share the thread."""
+    _, job = _app_and_job()
+    stack = job.request_stack
+    current = ["g1"]
+    stack.__ident_func__ = lambda: current[0]  # as celery.utils.threads does for greenlets
+    job.push_request(id="on-g1", called_directly=False)
+    try:
+        assert _running_request(job).id == "on-g1"
+        current[0] = "g2"
+        assert _running_request(job) is None
+        current[0] = "g1"
+        assert _running_request(job).id == "on-g1"
+    finally:
+        job.pop_request()
+
+
+@pytest.mark.skipif(threads.USE_FAST_LOCALS, reason="Celery's thread-local stack has no storage to read")
+def test_an_empty_stack_is_seen_without_asking_its_top(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of the shortcut: a producer's thread, where nothing was pushed,
+    never reaches ``top`` (a Celery that renamed its storage would fail here)."""
+    _, job = _app_and_job()
+    stack = job.request_stack
+    assert _nothing_pushed(stack) is True
+
+    def no_top(self: Any) -> Any:
+        raise AssertionError("top was asked")
+
+    monkeypatch.setattr(type(stack), "top", property(no_top))
+    assert _running_request(job) is None

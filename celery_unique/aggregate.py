@@ -331,11 +331,7 @@ class Aggregator:
 
 def aggregator(app: Any) -> Aggregator:
     """The app's :class:`Aggregator` (made once per settings load)."""
-    values = get_conf(app)._values
-    found: Aggregator | None = values.get("_aggregator")
-    if found is None:
-        found = values["_aggregator"] = Aggregator(app)
-    return found
+    return get_conf(app).cached("_aggregator", lambda: Aggregator(app))
 
 
 def fan_in(

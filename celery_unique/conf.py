@@ -141,11 +141,8 @@ class UniqueConf:
 
     @property
     def key_prefix(self) -> str:
-        values = self._values  # one dict: a reload meanwhile discards what this read caches
-        prefix: str | None = values.get("_key_prefix")  # checked once: every delay() reads it
-        if prefix is None:
-            prefix = values["_key_prefix"] = validate_prefix(self._get("unique_key_prefix"))
-        return prefix
+        # Checked once per settings load: every delay() reads it.
+        return self.cached("_key_prefix", lambda: validate_prefix(self._get("unique_key_prefix")))
 
     @property
     def default_on_duplicate(self) -> str:
@@ -278,15 +275,13 @@ class UniqueConf:
     @property
     def sealer(self) -> sealing.Sealer:
         """Seals what the plugin stores and later trusts (:mod:`celery_unique.sealing`)."""
-        values = self._values  # one dict: a reload meanwhile discards what this read caches
-        found: sealing.Sealer | None = values.get("_sealer")
-        if found is None:
-            provider = sealing.default_signing_key
-            default = provider() if provider is not None else None
-            signing = self._keys("unique_signing_key", default)
-            found = sealing.Sealer(signing, self._keys("unique_encryption_key"))
-            values["_sealer"] = found
-        return found
+        return self.cached("_sealer", self._new_sealer)
+
+    def _new_sealer(self) -> sealing.Sealer:
+        provider = sealing.default_signing_key
+        default = provider() if provider is not None else None
+        signing = self._keys("unique_signing_key", default)
+        return sealing.Sealer(signing, self._keys("unique_encryption_key"))
 
     @property
     def prometheus(self) -> bool | None:
@@ -307,11 +302,7 @@ class UniqueConf:
     @property
     def locks(self) -> LockStore:
         """The lock store for the configured Redis (one client per URL and timeouts)."""
-        values = self._values  # one dict: a reload meanwhile discards what this read caches
-        store: LockStore | None = values.get("_locks")
-        if store is None:
-            store = values["_locks"] = self._store(*self.redis_target)
-        return store
+        return self.cached("_locks", lambda: self._store(*self.redis_target))
 
     def store_at(self, url: Any, setting: str) -> LockStore:
         """The lock store of the Redis at ``url``, which ``setting`` names (a peer
@@ -353,7 +344,7 @@ class UniqueConf:
     def cached(self, name: str, compute: Callable[[], T]) -> T:
         """``compute()``, a value derived from the settings (by a task class, say),
         computed once and kept until :meth:`reload`."""
-        values = self._values
+        values = self._values  # one dict: what a reload meanwhile overtakes is dropped with it
         try:
             found: T = values[name]
         except KeyError:

@@ -42,7 +42,6 @@ def _receiver(counter: Any, labels: tuple[str, ...]) -> Any:
     looking one up in prometheus_client costs more than the signal itself."""
     if not labels:
         return lambda sender=None, **kwargs: counter.inc()
-    children: dict[tuple[str, ...], Any] = {}
     if labels == ("task",):  # the lock signals of every delay(): the shortest way
         by_task: dict[str, Any] = {}
 
@@ -54,6 +53,7 @@ def _receiver(counter: Any, labels: tuple[str, ...]) -> Any:
             child.inc()
 
         return count_task
+    children: dict[tuple[str, ...], Any] = {}
 
     def count(sender: Any = None, **kwargs: Any) -> None:
         values = tuple(_label(name, sender, kwargs) for name in labels)

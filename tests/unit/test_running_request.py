@@ -16,18 +16,18 @@ from celery_unique import UniqueTask
 from celery_unique.task import _nothing_pushed, _running_request
 
 
-def _app_and_job() -> tuple[Celery, Any]:
+def _job() -> Any:
     app = Celery("running", set_as_current=False)
 
     @app.task(base=UniqueTask, name="running.job")
     def job(n: int) -> None:
         pass
 
-    return app, job
+    return job
 
 
 def test_a_run_is_seen_on_its_own_thread_only() -> None:
-    _, job = _app_and_job()
+    job = _job()
     inside: dict[str, Any] = {}
     pushed, done = threading.Event(), threading.Event()
 
@@ -76,7 +76,7 @@ def test_another_kind_of_stack_is_asked_as_celery_asks_it() -> None:
 def test_the_stack_is_read_for_the_current_greenlet_not_the_thread() -> None:
     """Under gevent or eventlet Celery keys the stack by greenlet: a run on one
     greenlet is not another's, though both share the thread."""
-    _, job = _app_and_job()
+    job = _job()
     stack = job.request_stack
     current = ["g1"]
     stack.__ident_func__ = lambda: current[0]  # as celery.utils.threads does for greenlets
@@ -95,7 +95,7 @@ def test_the_stack_is_read_for_the_current_greenlet_not_the_thread() -> None:
 def test_an_empty_stack_is_seen_without_asking_its_top(monkeypatch: pytest.MonkeyPatch) -> None:
     """The point of the shortcut: a producer's thread, where nothing was pushed,
     never reaches ``top`` (a Celery that renamed its storage would fail here)."""
-    _, job = _app_and_job()
+    job = _job()
     stack = job.request_stack
     assert _nothing_pushed(stack) is True
 

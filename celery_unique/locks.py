@@ -340,26 +340,19 @@ class PendingAcquire:
         if self._result is None and connection is not None and self._plain:
             return self._plain_reply(connection)
         if self._result is None and connection is not None:
+            self._connection = None
             try:
-                replies = _read_replies(connection, 2 if store.replicas else 1)
+                replies = store._read_kept(self._node, connection, 2 if store.replicas else 1)
             except (NoScriptError, Redirected):
-                # The client's own call loads the script or follows the
-                # redirection; this connection is fine for other keys.
-                self.sent = False  # refused unrun: the first attempt cannot land
-                self._connection = None
-                store._give_back(self._node, connection)
+                # Refused unrun, so the first attempt cannot land; the client's
+                # own call loads the script or follows the redirection.
+                self.sent = False
             except InvalidResponse as exc:
                 # What answered speaks no Redis protocol (a wrong port): nothing ran there.
                 self.sent, self.error = False, exc
-                self._drop()
             except REDIS_ERRORS:
-                self._drop()
-            except BaseException:
-                self._drop()
-                raise
+                pass  # asked again through the client (result)
             else:
-                self._connection = None
-                store._give_back(self._node, connection)
                 found = self._result = _acquisition(self._call[1], replies[0])
                 if store.replicas:
                     # The script wrote the lock (taken, or written again as
@@ -503,6 +496,33 @@ class LockStore:
         if self._pid == os.getpid():
             self._idle.setdefault(node, []).append(connection)
 
+    def _read_kept(self, node: str, connection: Any, count: int) -> list[Reply]:
+        """Read ``count`` replies on a connection from :meth:`_take_connection`, then
+        keep it for the next call. An error reply read to its end (NOSCRIPT, a
+        redirection) leaves the connection fit to keep; any other failure
+        disconnects it. Either raises."""
+        try:
+            replies = _read_replies(connection, count)
+        except (NoScriptError, Redirected):
+            self._give_back(node, connection)
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        self._give_back(node, connection)
+        return replies
+
+    def _exchange(self, key: str, command: bytes, count: int, fresh: bool = False) -> list[Reply]:
+        """Send ``command`` on a kept connection to ``key``'s server (a new one if
+        ``fresh``) and read its ``count`` replies (see :meth:`_read_kept`)."""
+        node, connection = self._take_connection(key, fresh)
+        try:
+            connection.send_packed_command([command], check_health=False)
+        except BaseException:
+            connection.disconnect()
+            raise
+        return self._read_kept(node, connection, count)
+
     def _encode_acquire(self, key: str, owner: str, ttl_ms: int, handover: str) -> bytes:
         return b"".join(
             (
@@ -575,21 +595,11 @@ class LockStore:
         command = b"".join((self._touch_head, _bulk(key.encode()), _bulk(holder.encode())))
         error: BaseException | None = None
         for fresh in (False, True):
-            node, connection = "", None
             try:
-                node, connection = self._take_connection(key, fresh)
-                connection.send_packed_command([command + self._wait], check_health=False)
-                held, acks = _read_replies(connection, 2)
+                held, acks = self._exchange(key, command + self._wait, 2, fresh)
             except REDIS_ERRORS as exc:
-                if connection is not None:
-                    connection.disconnect()
                 error = exc
                 continue
-            except BaseException:
-                if connection is not None:
-                    connection.disconnect()
-                raise
-            self._give_back(node, connection)
             if held != 1:  # the lock is no longer the holder's
                 raise self.not_replicated(acquisition, None, answer)
             if not isinstance(acks, int) or acks < self.replicas:
@@ -605,26 +615,14 @@ class LockStore:
         for scripts that may run again with the same arguments."""
         if not self.lean:
             return script(keys=[key], args=args)
-        node, connection = "", None
         parts = [b"EVALSHA", script.sha.encode(), b"1", key.encode(), *(str(a).encode() for a in args)]
         command = b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
         try:
-            node, connection = self._take_connection(key)
-            connection.send_packed_command([command], check_health=False)
-            [reply] = _read_replies(connection, 1)
-        except (NoScriptError, Redirected):
-            # Read to its end: the connection serves again; the client loads or follows.
-            self._give_back(node, connection)
-            return script(keys=[key], args=args)
+            [reply] = self._exchange(key, command, 1)
         except _LEAN_FAILURES:
-            if connection is not None:
-                connection.disconnect()
+            # NOSCRIPT, a redirection, or a connection that failed: the client
+            # loads the script, follows the redirection, or connects again.
             return script(keys=[key], args=args)
-        except BaseException:
-            if connection is not None:
-                connection.disconnect()
-            raise
-        self._give_back(node, connection)
         return reply
 
     def begin_acquire(self, key: str, owner: str, ttl_ms: int, handover: str = "") -> PendingAcquire:

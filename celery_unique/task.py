@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -148,6 +149,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         super().__init_subclass__(**kwargs)
         # Wrap the run this class resolves to (its own, or a mixin's) once.
         cls.run = idempotency.replaying(inspect.getattr_static(cls, "run"))
+        # Celery's decorator puts each option in the class's body, where a plain
+        # function given as unique_on would be bound to the task when read.
+        key_function = cls.__dict__.get("unique_on")
+        if isinstance(key_function, types.FunctionType):
+            cls.unique_on = staticmethod(key_function)
         # Found wherever the class gets them (a mixin's too), not only in its own body.
         if any(inspect.getattr_static(cls, name) is not UniqueTask.__dict__[name] for name in _RESOLVERS):
             cls._unique_resolve_once = False

@@ -550,3 +550,21 @@ def test_a_mixin_run_replays_a_stored_outcome(apps: Any, redis_url: str, item: s
     charge.unique_store().client.set(family + ":result", stored, px=60_000)
     assert charge.apply((item,)).get() == "charged before"
     assert runs == []
+
+
+def test_a_key_function_in_the_decorator_deduplicates_delay(
+    apps: Any, redis_url: str, item: str, redis_client: redis.Redis
+) -> None:
+    app = apps(redis_url, redis_url)
+
+    def by_order(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return args[0]
+
+    @app.task(base=UniqueTask, name="producer.keyed", unique_on=by_order, shared=False)
+    def keyed(order: str, note: str) -> None: ...
+
+    first = keyed.delay(item, "first")
+    again = keyed.delay(item, "second")
+    assert again.duplicate and again.id == first.id
+    assert not keyed.delay(item + "-other", "first").duplicate
+    assert queued_ids(redis_client).count(first.id) == 1

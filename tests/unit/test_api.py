@@ -412,3 +412,28 @@ def test_a_location_names_the_server_and_never_the_password(url: str, said: str)
     from celery_unique.clients import location
 
     assert location(url) == said and "secret" not in location(url)
+
+
+def _first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0] if args else kwargs["order_id"]
+
+
+@pytest.mark.parametrize("bind", [False, True])
+@pytest.mark.parametrize(
+    "key_function", [_first_argument, lambda args, kwargs: args[0]], ids=["def", "lambda"]
+)
+def test_a_key_function_given_to_the_decorator_is_called_with_args_and_kwargs(
+    key_function: Any, bind: bool
+) -> None:
+    """Celery's decorator makes each option a class attribute: a plain function
+    given as unique_on must not come back bound to the task."""
+    from celery_unique import UniqueTask
+
+    app = _app()
+
+    @app.task(base=UniqueTask, name="keyed", bind=bind, shared=False, unique_on=key_function)
+    def keyed(*args: Any) -> None: ...
+
+    task = app.tasks["keyed"]
+    assert task.unique_lock_key((7, "ignored")) == task.unique_lock_key((7, "other"))
+    assert task.unique_lock_key((7,)) != task.unique_lock_key((8,))

@@ -234,6 +234,8 @@ def _unreplicated(task: Any, conf: UniqueConf, family: str, lifetime: str, short
 
 def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
     policy = task.unique_on_conflict
+    if policy == "discard" and headers.fan_in_callback(task.request) is not None:
+        policy = "retry"  # a discarded fan-in callback would lose its fan-in's results
     key_digest = digest_of_key(family)
     logger.info(
         "%s[%s]: lock %s is held by %s (ttl %ss): %s",

@@ -347,6 +347,10 @@ class UniqueTask(Task):  # type: ignore[misc]
             # A message that carried no lock (sent by name, or a canvas
             # member) comes back unchecked: dropping it would lose it.
             return publish_unlocked()
+        if not republish and self._is_fan_in_message(options):
+            # Never deduplicated: a dropped part would leave its fan-in waiting, a
+            # dropped callback lose the results (the worker's running lock still holds).
+            return publish_unlocked()
         if not republish and self._is_canvas_member(options):
             if conf.on_canvas == "bypass":
                 logger.info("%s: canvas member published without a uniqueness check", self.name)
@@ -413,11 +417,15 @@ class UniqueTask(Task):  # type: ignore[misc]
         return result
 
     @staticmethod
+    def _is_fan_in_message(options: Mapping[str, Any]) -> bool:
+        """A fan-in's part, or its callback or errback."""
+        found = options.get("headers") if options else None
+        return bool(found) and (headers.FAN_IN_HEADER in found or headers.FAN_IN_CALLBACK_HEADER in found)
+
+    @staticmethod
     def _is_canvas_member(options: Mapping[str, Any]) -> bool:
         if not options:
             return False  # a plain delay()
-        if headers.FAN_IN_HEADER in (options.get("headers") or {}):
-            return True  # a dropped fan-in part would leave its fan-in waiting
         if "chain" in options or "parent_id" in options:
             # "chain" (even empty) and an explicit parent_id are passed only
             # by Celery's chain and callback dispatch.

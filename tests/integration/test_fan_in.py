@@ -18,6 +18,7 @@ from celery_unique.conf import get_conf
 from celery_unique.headers import FAN_IN_HEADER
 from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import (
+    FAN_UNIQUE_COLLECT,
     fan_collect,
     fan_errback,
     fan_in_fault_key,
@@ -25,6 +26,7 @@ from tests.integration.worker_app import (
     fan_part,
     fan_part_killed_once,
     fan_worker,
+    open_gate,
 )
 
 
@@ -404,3 +406,26 @@ def test_a_producer_and_a_worker_with_different_keys_fail_loudly_at_the_first_fa
     wait_for(lambda: refused in worker.whole_log(), worker=worker)
     assert handle.state == "refused" and callbacks(events) == []
     aggregator(celery_app).client.delete(handle.key)
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize("lifetime", sorted(FAN_UNIQUE_COLLECT))
+def test_a_unique_callback_whose_key_is_held_still_runs_for_its_fan_in(
+    worker: Worker, token: str, events: Events, redis_client: Any, lifetime: str
+) -> None:
+    """Two fan-ins whose callbacks have one key: the second completes while the
+    first one's callback runs. Dropping its callback as a duplicate (at delay() or
+    at the run) would lose its results; it runs, after the first where the lock
+    guards runs."""
+    collect = FAN_UNIQUE_COLLECT[lifetime]
+    fan_in([fan_part.s(token, 1)], collect.s(token, gated=True))
+    wait_for(lambda: callbacks(events), timeout=60, worker=worker)  # the first callback holds the key
+    second = fan_in([fan_part.s(token, 2)], collect.s(token))
+    wait_for(lambda: second.state is None, timeout=60, worker=worker)  # completed: its callback published
+    if lifetime != "until_executed":  # a running lock: the second callback's run meets the first's
+        met = re.compile(rf"{re.escape(collect.name)}\[[^]]*\]: lock \w+ is held by")
+        wait_for(lambda: met.search(worker.log_text()), timeout=60, worker=worker)
+    open_gate(redis_client, token)
+    wait_for(lambda: len(callbacks(events)) >= 2, timeout=60, worker=worker)
+    worker.drain()
+    assert sorted(done["results"]["0"] for done in callbacks(events)) == [2, 4]

@@ -27,6 +27,7 @@ from celery_unique import (
     LockBackendError,
     UniqueKeyError,
     UniqueTask,
+    fan_in,
 )
 from celery_unique.conf import get_conf
 from celery_unique.headers import HEADER
@@ -568,3 +569,18 @@ def test_a_key_function_in_the_decorator_deduplicates_delay(
     assert again.duplicate and again.id == first.id
     assert not keyed.delay(item + "-other", "first").duplicate
     assert queued_ids(redis_client).count(first.id) == 1
+
+
+@pytest.mark.parametrize("on_canvas", ["bypass", "dedupe", "raise"])
+def test_fan_in_parts_are_never_deduplicated(
+    apps: Any, redis_url: str, item: str, redis_client: redis.Redis, on_canvas: str
+) -> None:
+    """Whatever unique_on_canvas says (it is about Celery's canvas): a dropped part
+    would leave its fan-in waiting."""
+    app = apps(redis_url, redis_url, unique_on_canvas=on_canvas, unique_signing_key="test-signing-key")
+    job = app.tasks["producer.job"]
+    held = job.delay(item)
+    before = redis_client.llen(QUEUE)
+    fan_in([job.s(item), job.s(item)], app.tasks["producer.plain"].s())
+    assert redis_client.llen(QUEUE) - before == 2
+    assert job.delay(item).id == held.id  # the parts took no lock: the key is still the first call's

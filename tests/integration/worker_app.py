@@ -349,6 +349,32 @@ def fan_errback(info: dict[str, Any], token: str) -> None:
     record(token, "errback", info=info)
 
 
+def _unique_fan_collect(lifetime: str) -> Any:
+    """A fan-in callback that is a UniqueTask: one key per token, whatever its results."""
+
+    @app.task(
+        base=UniqueTask,
+        bind=True,
+        name=f"tests.fan.unique_collect.{lifetime}",
+        lock=lifetime,
+        unique_on=("token",),
+        shared=False,
+        conflict_retry_countdown=0.3,
+    )
+    def collect(self: Any, results: dict[str, Any], token: str, gated: bool = False) -> None:
+        record(token, "callback", results=results, id=self.request.id)
+        if gated:
+            wait_at_gate(token)
+
+    return collect
+
+
+FAN_UNIQUE_COLLECT = {
+    lifetime: _unique_fan_collect(lifetime)
+    for lifetime in ("until_executed", "while_executing", "until_and_while_executing")
+}
+
+
 @app.task(
     base=UniqueTask,
     bind=True,

@@ -419,8 +419,8 @@ class UniqueTask(Task):  # type: ignore[misc]
     @staticmethod
     def _is_fan_in_message(options: Mapping[str, Any]) -> bool:
         """A fan-in's part, or its callback or errback."""
-        found = options.get("headers") if options else None
-        return bool(found) and (headers.FAN_IN_HEADER in found or headers.FAN_IN_CALLBACK_HEADER in found)
+        found = (options.get("headers") if options else None) or {}
+        return headers.FAN_IN_HEADER in found or headers.FAN_IN_CALLBACK_HEADER in found
 
     @staticmethod
     def _is_canvas_member(options: Mapping[str, Any]) -> bool:

@@ -9,7 +9,8 @@ hook                       process                      does
                                                         lifetime releases at the end;
                                                         a fan-in part reports itself
 ``task_revoked``           worker main process          revoked before start, expired
-``UniqueRequest``          worker main process          hard time limit, killed pool child,
+``UniqueRequest``          worker main process          hard time limit (once the child
+                                                        stopped), killed pool child,
                                                         the child's exit after
                                                         ``revoke(terminate=True)``
                                                         (no postrun runs there)
@@ -39,7 +40,7 @@ from billiard.exceptions import Terminated, WorkerLostError
 from celery import Task, signals
 from celery.worker.request import Request
 
-from celery_unique import aggregate, beats, checks, headers, reaper, runs, sweeper
+from celery_unique import aggregate, beats, checks, children, headers, reaper, runs, sweeper
 from celery_unique.clients import REDIS_ERRORS, describe
 from celery_unique.conf import get_conf
 from celery_unique.repeating import Repeating
@@ -177,7 +178,9 @@ class UniqueRequest(Request):  # type: ignore[misc]
         task = self.task
         if task.acks_late and not getattr(task, "acks_on_timeout", True):
             return  # requeued: the redelivery re-enters the lock
-        self._release("hard time limit")
+        # Called before billiard stops the child: a run that handles SIGTERM goes on.
+        release = lambda: self._release("hard time limit")  # noqa: E731
+        children.after_exit(self.worker_pid, release, f"the lock of {self.id}")
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

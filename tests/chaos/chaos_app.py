@@ -214,13 +214,22 @@ def graceful(self: Any, token: str, item: str = "") -> None:
         signal.signal(signal.SIGTERM, before)
 
 
+def alive_key(token: str) -> str:
+    """When (time.time()) a run of ``hard_limited`` was last seen alive."""
+    return f"chaos-alive:{token}"
+
+
 @app.task(base=UniqueTask, bind=True, name="chaos.hard_limited", unique_on=("token",), time_limit=1)
 def hard_limited(self: Any, token: str) -> None:
     # Only the pool's SIGKILL ends the child: no task_postrun runs in it,
-    # the worker's main process must release the lock.
+    # the worker's main process must release the lock. It works on after the
+    # pool's SIGTERM, as a task that handles SIGTERM does, and says so.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     record(token, "start", id=self.request.id)
-    time.sleep(60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        broker_client().set(alive_key(token), repr(time.time()), ex=600)
+        time.sleep(0.002)
 
 
 # -- fan-in ----------------------------------------------------------------------

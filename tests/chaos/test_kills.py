@@ -124,6 +124,15 @@ def test_killed_child_is_redelivered_and_reenters_its_lock(
     assert [ttl for ttl in ttls if not 0 <= ttl <= timeout_ms] == []
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie not yet reaped counts: it ran till then)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_after(client: redis.Redis, key: str, since: float) -> float:
     """Poll until ``key`` is gone; seconds from ``since`` (monotonic) to then."""
     deadline = since + 15
@@ -225,13 +234,20 @@ def test_hard_time_limit_frees_the_lock_within_a_second(
     # task recorded its start: measuring from the recorded start errs long.
     limit_at = time.monotonic() - (time.time() - started["time"]) + task.time_limit
     delay = free_after(lock_client, key, limit_at)
+    seen_free = time.time()
+    # The pool SIGTERMs the child (ignored here), waits 0.1 s and SIGKILLs it: a
+    # lock freed before that lets a duplicate run while this run goes on.
+    wait_for(lambda: not pid_alive(started["pid"]), worker=worker)
+    last_alive = float(chaos_app.broker_client().get(chaos_app.alive_key(token)) or 0)
     report(
         "3b hard time limit",
-        "1 task past its 1 s time_limit, ignoring SIGTERM",
+        "1 task past its 1 s time_limit, working on after SIGTERM",
         "1 SIGKILL by the pool (hard time limit)",
         injected=1,
         overlapping=overlapping(events()),
         lost=0,
-        note=f"lock free {max(delay, 0):.2f}s after the limit",
+        note=f"lock free {max(delay, 0):.2f}s after the limit, "
+        f"{(seen_free - last_alive) * 1000:.0f} ms after the run was last alive",
     )
     assert delay <= FREE_WITHIN
+    assert 0 < last_alive < seen_free, "the lock was free while its run still ran"

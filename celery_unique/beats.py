@@ -2,9 +2,11 @@
 
 The main process of every worker writes, every :attr:`Timing.beat_every`
 seconds, a record of the messages it holds (prefetched, eta-scheduled,
-waiting for a pool process, running), by owner token and task id, and which
-of them are already acknowledged (a task without ``acks_late`` is
-acknowledged as it starts: its message exists nowhere else). A short-lived
+waiting for a pool process, running, and still running after a
+``revoke(terminate=True)`` or a hard time limit let go of them), by owner
+token and task id, and which of them are already acknowledged (a task
+without ``acks_late`` is acknowledged as it starts: its message exists
+nowhere else). A short-lived
 key says that the worker is alive. The reaper (:mod:`celery_unique.reaper`)
 keeps every lock that a live worker claims, and knows the running messages
 of a worker that stopped beating.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,25 @@ class Timing:
         return max(self.interval / 6, 0.5)
 
 
+#: Runs that may go on in a pool child after Celery let go of their request:
+#: ``revoke(terminate=True)`` and a hard time limit take it out of Celery's
+#: active requests as the signal goes, and a run that handles SIGTERM goes on.
+#: Each request, with a test of whether its run may still go on; claimed as
+#: running meanwhile (filled by :class:`celery_unique.hooks.UniqueRequest`).
+lingering: dict[Any, Callable[[], bool]] = {}
+
+
+def _still_lingering() -> list[Any]:
+    """The requests of :data:`lingering` whose run may still go on (the others are dropped)."""
+    found = []
+    for request, running in list(lingering.items()):
+        if running():
+            found.append(request)
+        else:
+            lingering.pop(request, None)
+    return found
+
+
 def server_ms(client: Any, key: str) -> int:
     """The clock of the Redis server that holds ``key``, in milliseconds (on a cluster,
     every stamp the reaper compares comes from the node of its one slot)."""
@@ -85,6 +106,7 @@ def _requests(consumer: Any) -> Iterator[Any]:
                 found = ref()
                 if found is not None:
                     yield found
+    yield from _still_lingering()
     timer = getattr(consumer, "timer", None)
     waiting = [getattr(item, "entry", item) for item in list(getattr(timer, "queue", None) or ())]
     for entry in waiting:
@@ -101,7 +123,7 @@ def claims(consumer: Any) -> tuple[set[str], set[str], set[str]]:
     already acknowledged, owners of those running)."""
     from celery.worker import state
 
-    active = {id(ref()) for ref in list(state.active_requests.data)}
+    active = {id(ref()) for ref in list(state.active_requests.data)} | {id(r) for r in _still_lingering()}
     held: set[str] = set()
     acked: set[str] = set()
     running: set[str] = set()

@@ -179,8 +179,24 @@ class UniqueRequest(Request):  # type: ignore[misc]
         if task.acks_late and not getattr(task, "acks_on_timeout", True):
             return  # requeued: the redelivery re-enters the lock
         # Called before billiard stops the child: a run that handles SIGTERM goes on.
-        release = lambda: self._release("hard time limit")  # noqa: E731
+        beats.lingering[self] = lambda: True
+
+        def release() -> None:
+            try:
+                self._release("hard time limit")
+            finally:
+                beats.lingering.pop(self, None)
+
         children.after_exit(self.worker_pid, release, f"the lock of {self.id}")
+
+    def terminate(self, pool: Any, signal: Any = None) -> None:
+        if self.time_start and self._apply_result is not None:
+            # Celery lets go of the request as it sends the signal; a run that
+            # handles it goes on until its job has a result (or its child died).
+            job = self._apply_result()
+            if job is not None:
+                beats.lingering[self] = lambda: not job.ready()
+        super().terminate(pool, signal)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

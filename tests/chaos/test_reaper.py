@@ -361,6 +361,35 @@ def test_a_worker_killed_under_an_acks_late_task_keeps_its_lock_until_the_redeli
           f"after the kill (visibility timeout {visibility:.0f} s)")  # fmt: skip
 
 
+def test_a_revoked_run_that_handles_sigterm_keeps_its_lock_through_sweeps(
+    reaping: Reaping, lock_client: redis.Redis, broker_client: redis.Redis, events: Events, report: Report
+) -> None:
+    """revoke(terminate=True) takes the request out of Celery's active ones as the signal
+    goes, and acknowledges it; a run that handles SIGTERM goes on. Its worker claims
+    its lock until the run ends: the reaper never frees it meanwhile."""
+    task = chaos_app.graceful
+    key = reaping.key("g", task)
+    with reaping.worker("graceful") as worker:
+        first = reaping.send("g", task)
+        wait_for(lambda: starts(events()), worker=worker)
+        with Watch(lock_client, [key]) as watch:
+            first.revoke(terminate=True)
+            wait_for(lambda: [e for e in events() if e["event"] == "sigterm"], worker=worker)
+            judged = reaping.stats(lock_client).get("judged", 0)
+            wait_for(lambda: reaping.stats(lock_client).get("judged", 0) >= judged + 3, worker=worker)
+            again = reaping.send("g", task)
+            assert not ends(events())  # asked while the revoked run still ran
+            broker_client.set(chaos_app.release_key(f"{reaping.token}:g"), 1)
+            assert again.duplicate and again.id == first.id, worker.log_text()
+            [end] = wait_for(lambda: ends(events()), worker=worker)
+            wait_for(lambda: key in watch.freed_at, worker=worker)  # released by the run's own end
+    assert watch.freed_at[key] >= end["time"], "freed before the revoked run ended"
+    assert not watch.changed
+    noted("(h) revoked run handling SIGTERM: kept", [watch.freed_at[key] - end["time"]], report, events(),
+          load="1 running task that handles SIGTERM", faults="1 revoke(terminate=True)", lost=0,
+          note="lock kept through 3 sweeps while the revoked run went on, freed by its end")  # fmt: skip
+
+
 def test_a_release_that_failed_while_redis_stalled_and_its_worker_died(
     reaping: Reaping, broker_client: redis.Redis, events: Events, report: Report
 ) -> None:

@@ -128,8 +128,9 @@ def claims(consumer: Any) -> tuple[set[str], set[str], set[str]]:
     acked: set[str] = set()
     running: set[str] = set()
     for request in _requests(consumer):
-        header = headers.from_message_headers(getattr(request, "request_dict", None))
-        owner = header["owner"] if header is not None else request.id
+        request_dict = getattr(request, "request_dict", None)
+        header = headers.from_message_headers(request_dict)
+        owner = header["owner"] if header is not None else headers.run_owner(request_dict, request.id)
         held.update((owner, request.id))
         if getattr(request, "acknowledged", False):
             acked.add(owner)

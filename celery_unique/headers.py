@@ -53,6 +53,29 @@ def from_message_headers(headers: Any) -> LockHeader | None:
     return _valid(headers.get(HEADER)) if isinstance(headers, dict) else None
 
 
+# The owner token of the running lock of a message that takes no lock at delay()
+# (while_executing): two messages a caller gave one task id are two owners, a
+# message delivered again the same one. A message without it (sent by name, by
+# another producer) owns its running lock by its bare task id.
+RUN_OWNER_HEADER = "celery_unique_run_owner"
+
+
+def run_owner(source: Any, task_id: str) -> str:
+    """The owner of the running lock of a message without a lock header: its run
+    owner token (from a task request, or a worker's ``Request.request_dict``) when
+    it carries one of its own task id, else the task id."""
+    if isinstance(source, dict):
+        value = source.get(RUN_OWNER_HEADER)
+    else:
+        value = getattr(source, RUN_OWNER_HEADER, None)
+        found = getattr(source, "headers", None)
+        if value is None and isinstance(found, dict):
+            value = found.get(RUN_OWNER_HEADER)
+    if isinstance(value, str) and value.startswith(task_id + "#"):
+        return value
+    return task_id  # none, or another task's: what a message without one owns
+
+
 # The header of a fan-in part: {"token": ..., "part": ...}.
 FAN_IN_HEADER = "celery_unique_fan_in"
 

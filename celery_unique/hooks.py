@@ -83,7 +83,8 @@ def _revoked(sender: Any = None, request: Any = None, terminated: bool = False, 
         # UniqueRequest when the child exits.
         return
     header = headers.from_context(request)
-    runs.release_abandoned(sender, header, request.id, request.args, request.kwargs, "revoked")
+    owner = headers.run_owner(request, request.id)
+    runs.release_abandoned(sender, header, owner, request.args, request.kwargs, "revoked")
 
 
 def _callback_started(sender: Any = None, task: Any = None, **_: Any) -> None:
@@ -169,7 +170,8 @@ class UniqueRequest(Request):  # type: ignore[misc]
 
     def _release(self, why: str) -> None:
         header = headers.from_message_headers(self.request_dict)
-        runs.release_abandoned(self.task, header, self.id, self.args, self.kwargs, why)
+        owner = headers.run_owner(self.request_dict, self.id)
+        runs.release_abandoned(self.task, header, owner, self.args, self.kwargs, why)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)

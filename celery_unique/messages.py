@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from celery_unique.clients import text
-from celery_unique.headers import HEADER
+from celery_unique.headers import HEADER, RUN_OWNER_HEADER
 from celery_unique.keys import glob_escape
 
 #: Messages read per round trip.
@@ -36,6 +36,7 @@ BATCH = 1000
 
 _decode = json.JSONDecoder().raw_decode
 _LOCK = f'"{HEADER}": '
+_RUN_OWNER = f'"{RUN_OWNER_HEADER}": '
 _ID = '"id": '
 
 
@@ -58,6 +59,9 @@ def identities(message: str) -> Iterator[str]:
     for header in _values_after(message, _LOCK):
         if isinstance(header, dict) and isinstance(header.get("owner"), str):
             yield header["owner"]
+    for owner in _values_after(message, _RUN_OWNER):
+        if isinstance(owner, str):
+            yield owner
     for task_id in _values_after(message, _ID):
         if isinstance(task_id, str):
             yield task_id

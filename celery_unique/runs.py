@@ -64,12 +64,13 @@ NOTHING_HELD = Lease(store=None, key="", owner="", ttl_ms=0)
 
 
 def _locks(
-    task: Any, header: headers.LockHeader | None, task_id: str, args: Any, kwargs: Any
+    task: Any, header: headers.LockHeader | None, run_owner: str, args: Any, kwargs: Any
 ) -> tuple[str, str]:
-    """(family, owner) of a run: from the message header, else from the arguments."""
+    """(family, owner) of a run: from the message's lock header, else from the
+    arguments and ``run_owner`` (:func:`headers.run_owner`)."""
     if header is not None:
         return family_of(header["key"]), header["owner"]
-    return family_of(task.unique_lock_key(args, kwargs)), task_id
+    return family_of(task.unique_lock_key(args, kwargs)), run_owner
 
 
 def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
@@ -79,7 +80,7 @@ def begin(task: Any, task_id: str, args: Any, kwargs: Any) -> None:
     checks_outcome = task.idempotent
     if not checks_outcome and (lifetime == UNTIL_EXPIRED or (header is None and lifetime not in WORKER_SIDE)):
         return
-    family, owner = _locks(task, header, task_id, args, kwargs)
+    family, owner = _locks(task, header, headers.run_owner(request, task_id), args, kwargs)
     timeout = (header or {}).get("timeout") or task.unique_lock_timeout
     ttl_ms = int(timeout * 1000)
     conf = get_conf(task.app)
@@ -386,15 +387,16 @@ def _store(task: Any, family: str, keys: list[str], owner: str, outcome: str, wh
 
 
 def release_abandoned(
-    task: Any, header: headers.LockHeader | None, task_id: str, args: Any, kwargs: Any, why: str
+    task: Any, header: headers.LockHeader | None, run_owner: str, args: Any, kwargs: Any, why: str
 ) -> None:
-    """Free every lock of a task that ended outside its pool child."""
+    """Free every lock of a task that ended outside its pool child (``run_owner``:
+    :func:`headers.run_owner` of its message)."""
     lifetime = getattr(task, "unique_lifetime", None)
     if lifetime is None or lifetime == UNTIL_EXPIRED:
         return
     if header is None and lifetime not in WORKER_SIDE:
         return
-    family, owner = _locks(task, header, task_id, args, kwargs)
+    family, owner = _locks(task, header, run_owner, args, kwargs)
     # One attempt: this runs in the worker's main process, which must not
     # stall its consumer on a Redis outage; the TTL is the backstop.
     release(task, [lock_key(family), run_key(family)], owner, why, attempts=1)

@@ -335,7 +335,21 @@ class UniqueTask(Task):  # type: ignore[misc]
                     f"{self.name}: idempotency_key and a per-call unique_on need a lifetime that "
                     "locks at delay(), not while_executing"
                 )
-            return publish_unlocked()  # checked in the worker only
+            # Checked in the worker only. The message carries an owner of its own for
+            # its running lock: a caller's task id may name several messages.
+            if not task_id:  # as Celery: an empty id is none
+                task_id, owner = new_task_id_and_owner()
+            else:
+                # Published again (a retry, a replace, a lost worker's message): the
+                # owner it carried, or its bare id if none, re-enters the running lock.
+                owner = headers.run_owner(options.get("headers"), task_id)
+                current = _running_request(self)
+                again = (current is not None and current.id == task_id) or bool(options.get("retries"))
+                if owner == task_id and not again:
+                    owner = new_owner(task_id)
+            if owner != task_id:
+                options["headers"] = {**(options.get("headers") or {}), headers.RUN_OWNER_HEADER: owner}
+            return publish_unlocked()
         current = _running_request(self)
         running_lock = headers.from_context(current)
         # The running message published again with its own id: a retry or a

@@ -122,6 +122,23 @@ def test_while_executing_retry_runs_the_other_after(
     assert starts[1]["time"] >= ends[0]["time"]  # never two at once
 
 
+def test_while_executing_messages_of_one_caller_chosen_task_id_never_overlap(
+    worker: Worker, token: str, events: Events
+) -> None:
+    """Two messages a caller gave one task id are two messages, not one delivered
+    again: the second's run waits for the first's running lock."""
+    task = CONFLICT_TASKS["retry"]
+    fixed = f"fixed-{token}"
+    task.apply_async((token, 1.0), task_id=fixed)
+    wait_for(lambda: any(e["event"] == "start" for e in events()), worker=worker)
+    task.apply_async((token, 1.0), task_id=fixed)
+    seen = settle(task, token, events, 2, worker, task.conflict_retry_countdown)
+    starts = [e for e in seen if e["event"] == "start"]
+    ends = [e for e in seen if e["event"] == "end"]
+    assert len(starts) == 2
+    assert starts[1]["time"] >= ends[0]["time"], "two runs of one key at once"
+
+
 @pytest.mark.parametrize("lifetime", ["while_executing", "until_executed", "until_and_while_executing"])
 def test_fencing_token_increases_across_holders(
     worker: Worker, token: str, events: Events, lifetime: str

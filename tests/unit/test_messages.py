@@ -39,3 +39,9 @@ def test_a_message_without_a_lock_header_gives_its_task_id() -> None:
 def test_a_cut_message_gives_what_it_can_and_does_not_raise() -> None:
     whole = message("abc", "abc#0123456789ab")
     assert set(identities(whole[: whole.index('"celery_unique"') + 20])) == {"abc"}
+
+
+def test_the_running_lock_owner_of_a_message_without_a_lock_header_is_found() -> None:
+    """A while_executing message names the owner of its running lock (its own header)."""
+    found = set(identities(message("abc", None, celery_unique_run_owner="abc#0123456789ab")))
+    assert found == {"abc", "abc#0123456789ab"}

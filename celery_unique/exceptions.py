@@ -1,8 +1,10 @@
 """Every error celery-unique raises, in one place.
 
 All of them derive from :class:`UniqueError` and carry their data as
-attributes. Celery ships exceptions between processes with pickle, so each
-class rebuilds itself from its constructor arguments in ``__reduce__``.
+attributes. Their ``args`` are their constructor's arguments (``str()`` is
+the message): Celery rebuilds an exception as ``type(*args)``, from pickle
+and from a JSON result backend alike, so a caller's ``get()`` raises the
+error the worker raised.
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ class UniqueError(Exception):
         super().__init__(message)
         self.message = message
 
+    def _rebuilt_from(self, *arguments: Any) -> None:
+        """Say the constructor's arguments (a subclass that takes others than the message)."""
+        self.args = arguments
+
+    def __str__(self) -> str:
+        return self.message
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message,))
+        return (type(self), self.args)
 
 
 class ConfigurationError(UniqueError, ValueError):
@@ -53,15 +62,10 @@ class _HeldLockError(UniqueError):
         self.existing_id = existing_id
         self.ttl = ttl
         super().__init__(self.describe())
+        self._rebuilt_from(task_name, key_digest, existing_id, ttl)
 
     def describe(self) -> str:
         raise NotImplementedError
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            type(self),
-            (self.task_name, self.key_digest, self.existing_id, self.ttl),
-        )
 
 
 class DuplicateTaskError(_HeldLockError):
@@ -98,6 +102,7 @@ class AlreadyQueued(DuplicateTaskError):
         self, countdown: float | None, task_name: str = "", key_digest: str = "", existing_id: str = ""
     ) -> None:
         super().__init__(task_name, key_digest, existing_id, countdown)
+        self._rebuilt_from(countdown, task_name, key_digest, existing_id)
 
     @property
     def countdown(self) -> float | None:
@@ -105,9 +110,6 @@ class AlreadyQueued(DuplicateTaskError):
 
     def describe(self) -> str:
         return super().describe() if self.existing_id else f"Expires in {self.ttl} seconds"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.ttl, self.task_name, self.key_digest, self.existing_id))
 
 
 class LockConflictError(_HeldLockError):
@@ -139,9 +141,7 @@ class IdempotencyConflict(UniqueError):
             f"{task_name}: idempotency key {idempotency_key!r} was used with other arguments "
             f"(stored {stored_digest[:12]}, given {given_digest[:12]})"
         )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.task_name, self.idempotency_key, self.stored_digest, self.given_digest))
+        self._rebuilt_from(task_name, idempotency_key, stored_digest, given_digest)
 
 
 class ReplayedError(UniqueError):
@@ -151,9 +151,7 @@ class ReplayedError(UniqueError):
         self.error_type = error_type
         self.error_message = error_message
         super().__init__(f"{error_type}: {error_message}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.error_type, self.error_message))
+        self._rebuilt_from(error_type, error_message)
 
 
 class SealBroken(UniqueError):
@@ -172,6 +170,4 @@ class SealBroken(UniqueError):
             "(nor their fallbacks): it was written without the key, or by a process configured "
             "with another one; it was not used"
         )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.purpose,))
+        self._rebuilt_from(purpose)

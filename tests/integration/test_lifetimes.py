@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from celery_unique.exceptions import LockConflictError
 from celery_unique.keys import family_of, lock_key, run_key
 from tests.integration.conftest import Events, Worker, wait_for
 from tests.integration.worker_app import (
@@ -107,6 +108,19 @@ def test_while_executing_sent_by_name_runs_once_and_discards_the_other(
     seen = settle(CONFLICT_TASKS["discard"], token, events, 1, worker)
     assert sum(1 for e in seen if e["event"] == "start") == 1
     assert "is held by" in worker.log_text()
+
+
+def test_on_conflict_raise_gives_the_caller_a_lock_conflict_error(
+    worker: Worker, celery_app: Any, token: str, events: Events
+) -> None:
+    """Through the result backend (JSON, Celery's default), as the worker raised it."""
+    first = celery_app.send_task("tests.conflict.raise", (token, 1.0))
+    wait_for(lambda: any(e["event"] == "start" for e in events()), worker=worker)
+    second = celery_app.send_task("tests.conflict.raise", (token, 1.0))
+    with pytest.raises(LockConflictError) as raised:
+        second.get(timeout=20)
+    assert (raised.value.task_name, raised.value.existing_id) == ("tests.conflict.raise", first.id)
+    assert first.get(timeout=20) is None
 
 
 def test_while_executing_retry_runs_the_other_after(

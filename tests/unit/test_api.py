@@ -55,6 +55,30 @@ def test_errors_derive_from_one_base_and_pickle(error: exceptions.UniqueError) -
     assert vars(copy) == vars(error)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        exceptions.ConfigurationError("bad"),
+        exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5),
+        exceptions.AlreadyQueued(12.5, "proj.add", "ab" * 32, "task-id"),
+        exceptions.AlreadyQueued(10),
+        exceptions.LockConflictError("proj.add", "ab" * 32, "task-id", None),
+        exceptions.IdempotencyConflict("proj.add", "order-1", "ab" * 32, "cd" * 32),
+        exceptions.ReplayedError("CardDeclined", "insufficient funds"),
+        exceptions.SealBroken("fan-in callback"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_errors_come_back_whole_from_a_json_result_backend(error: exceptions.UniqueError) -> None:
+    """Celery stores a task's exception as its type and ``args`` and rebuilds it as
+    ``type(*args)`` (JSON results, the default): a caller's ``get()`` raises the same error."""
+    backend = Celery(backend="cache+memory://", set_as_current=False).backend
+    copy = backend.exception_to_python(backend.prepare_exception(error, serializer="json"))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)
+
+
 def test_duplicate_error_carries_its_data_without_arguments() -> None:
     error = exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5)
     assert (error.existing_id, error.ttl, error.key_digest) == ("task-id", 12.5, "ab" * 32)

@@ -19,7 +19,7 @@ from celery_unique.task import _nothing_pushed, _running_request
 def _job() -> Any:
     app = Celery("running", set_as_current=False)
 
-    @app.task(base=UniqueTask, name="running.job")
+    @app.task(base=UniqueTask, name="running.job", shared=False)
     def job(n: int) -> None:
         pass
 

@@ -66,11 +66,22 @@ class Timing:
 lingering: dict[Any, Callable[[], bool]] = {}
 
 
+def linger(request: Any, running: Callable[[], bool]) -> None:
+    """Claim ``request`` while ``running()`` says its run may go on."""
+    _still_lingering()  # dropped here too: a worker without a beat never reads them
+    lingering[request] = running
+
+
 def _still_lingering() -> list[Any]:
-    """The requests of :data:`lingering` whose run may still go on (the others are dropped)."""
+    """The requests of :data:`lingering` whose run may still go on (the others, and
+    any whose test fails, are dropped)."""
     found = []
     for request, running in list(lingering.items()):
-        if running():
+        try:
+            going_on = running()
+        except Exception:
+            going_on = False
+        if going_on:
             found.append(request)
         else:
             lingering.pop(request, None)

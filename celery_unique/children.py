@@ -21,16 +21,22 @@ logger = logging.getLogger(__name__)
 EXIT_WAIT = 10.0
 
 
+#: Linux's process table, where a zombie is told from a running process.
+_PROC = os.path.isdir("/proc/self")
+
+
 def stopped(pid: int) -> bool:
     """Whether process ``pid`` runs no more: gone, or a zombie not yet reaped."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # "pid (name) state ...": the name may hold ")" itself.
-            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except FileNotFoundError:
-        return True
-    except (OSError, IndexError):
-        pass  # no /proc (macOS, the BSDs): a zombie counts as running till reaped
+    if _PROC:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                # "pid (name) state ...": the name may hold ")" itself.
+                return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+        except FileNotFoundError:
+            return True
+        except (OSError, IndexError):
+            pass
+    # Without /proc (macOS, the BSDs) a zombie counts as running till it is reaped.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

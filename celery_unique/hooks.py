@@ -174,14 +174,16 @@ class UniqueRequest(Request):  # type: ignore[misc]
         runs.release_abandoned(self.task, header, owner, self.args, self.kwargs, why)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
-        super().on_timeout(soft, timeout)
-        if soft:
-            return
         task = self.task
-        if task.acks_late and not getattr(task, "acks_on_timeout", True):
-            return  # requeued: the redelivery re-enters the lock
         # Called before billiard stops the child: a run that handles SIGTERM goes on.
-        beats.lingering[self] = lambda: True
+        # Claimed from before Celery lets go of the request until the child stopped.
+        hard_end = not soft and not (task.acks_late and not getattr(task, "acks_on_timeout", True))
+        pid = self.worker_pid
+        if hard_end and pid:
+            beats.linger(self, lambda: not children.stopped(pid))
+        super().on_timeout(soft, timeout)
+        if not hard_end:
+            return  # soft, or requeued (the redelivery re-enters the lock)
 
         def release() -> None:
             try:
@@ -189,15 +191,16 @@ class UniqueRequest(Request):  # type: ignore[misc]
             finally:
                 beats.lingering.pop(self, None)
 
-        children.after_exit(self.worker_pid, release, f"the lock of {self.id}")
+        children.after_exit(pid, release, f"the lock of {self.id}")
 
     def terminate(self, pool: Any, signal: Any = None) -> None:
         if self.time_start and self._apply_result is not None:
             # Celery lets go of the request as it sends the signal; a run that
             # handles it goes on until its job has a result (or its child died).
             job = self._apply_result()
-            if job is not None:
-                beats.lingering[self] = lambda: not job.ready()
+            ready = getattr(job, "ready", None)  # a prefork job's (an eventlet greenthread has none)
+            if callable(ready):
+                beats.linger(self, lambda: not ready())
         super().terminate(pool, signal)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:

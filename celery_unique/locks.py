@@ -597,6 +597,9 @@ class LockStore:
         for fresh in (False, True):
             try:
                 held, acks = self._exchange(key, command + self._wait, 2, fresh)
+            except (NoScriptError, Redirected) as exc:
+                error = exc  # an answer: a fresh connection would get the same one
+                break
             except REDIS_ERRORS as exc:
                 error = exc
                 continue

@@ -21,6 +21,7 @@ lifetime                       delay()              task start             task 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -235,8 +236,10 @@ def _unreplicated(task: Any, conf: UniqueConf, family: str, lifetime: str, short
 
 def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
     policy = task.unique_on_conflict
-    if policy == "discard" and headers.fan_in_callback(task.request) is not None:
-        policy = "retry"  # a discarded fan-in callback would lose its fan-in's results
+    # A fan-in's callback is never given up: that would lose its fan-in's results.
+    callback = policy != "raise" and headers.fan_in_callback(task.request) is not None
+    if callback:
+        policy = "retry"
     key_digest = digest_of_key(family)
     logger.info(
         "%s[%s]: lock %s is held by %s (ttl %ss): %s",
@@ -253,6 +256,11 @@ def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
     )
     if policy == "discard":
         raise Ignore(str(error))
+    if policy == "retry" and callback:
+        try:  # past the task's max_retries too: the lock's TTL bounds the wait
+            raise task.retry(countdown=task.conflict_retry_countdown, exc=error, max_retries=sys.maxsize)
+        finally:
+            vars(task).pop("override_max_retries", None)  # Celery keeps it on the task for autoretry
     if policy == "retry":
         raise task.retry(countdown=task.conflict_retry_countdown, exc=error)
     raise error

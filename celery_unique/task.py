@@ -150,9 +150,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         # Wrap the run this class resolves to (its own, or a mixin's) once.
         cls.run = idempotency.replaying(inspect.getattr_static(cls, "run"))
         # Celery's decorator puts each option in the class's body, where a plain
-        # function given as unique_on would be bound to the task when read.
+        # function given as unique_on would be bound to the task when read (a
+        # subclass's own unique_on method is left as its author wrote it).
         key_function = cls.__dict__.get("unique_on")
-        if isinstance(key_function, types.FunctionType):
+        if cls.__dict__.get("_decorated") and isinstance(key_function, types.FunctionType):
             cls.unique_on = staticmethod(key_function)
         # Found wherever the class gets them (a mixin's too), not only in its own body.
         if any(inspect.getattr_static(cls, name) is not UniqueTask.__dict__[name] for name in _RESOLVERS):
@@ -344,8 +345,9 @@ class UniqueTask(Task):  # type: ignore[misc]
                 # owner it carried, or its bare id if none, re-enters the running lock.
                 owner = headers.run_owner(options.get("headers"), task_id)
                 current = _running_request(self)
-                again = (current is not None and current.id == task_id) or bool(options.get("retries"))
-                if owner == task_id and not again:
+                if owner == task_id and current is not None and current.id == task_id:
+                    owner = headers.run_owner(current, task_id)  # replace() carries no headers
+                elif owner == task_id and not options.get("retries"):
                     owner = new_owner(task_id)
             if owner != task_id:
                 options["headers"] = {**(options.get("headers") or {}), headers.RUN_OWNER_HEADER: owner}
@@ -363,7 +365,8 @@ class UniqueTask(Task):  # type: ignore[misc]
             return publish_unlocked()
         if not republish and self._is_fan_in_message(options):
             # Never deduplicated: a dropped part would leave its fan-in waiting, a
-            # dropped callback lose the results (the worker's running lock still holds).
+            # dropped callback lose the results. A lifetime with a running lock
+            # still keeps their runs apart in the worker; until_executed does not.
             return publish_unlocked()
         if not republish and self._is_canvas_member(options):
             if conf.on_canvas == "bypass":

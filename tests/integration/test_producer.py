@@ -30,7 +30,7 @@ from celery_unique import (
     fan_in,
 )
 from celery_unique.conf import get_conf
-from celery_unique.headers import HEADER
+from celery_unique.headers import HEADER, RUN_OWNER_HEADER
 from celery_unique.locks import new_owner, task_id_of
 from celery_unique.orphans import releaser
 from tests.integration.conftest import require_service
@@ -584,3 +584,32 @@ def test_fan_in_parts_are_never_deduplicated(
     fan_in([job.s(item), job.s(item)], app.tasks["producer.plain"].s())
     assert redis_client.llen(QUEUE) - before == 2
     assert job.delay(item).id == held.id  # the parts took no lock: the key is still the first call's
+
+
+def test_while_executing_messages_get_their_own_running_lock_owner(
+    apps: Any, redis_url: str, item: str, redis_client: redis.Redis
+) -> None:
+    """Each call's message its own owner, also under one caller-chosen task id; the
+    running message published again by its run (replace() carries no headers) its run's."""
+    app = apps(redis_url, redis_url)
+
+    @app.task(base=UniqueTask, shared=False, name="producer.while_owner", lock="while_executing")
+    def while_job(item: str) -> None: ...
+
+    def owners_of(task_id: str) -> list[str]:
+        found = [m["headers"] for m in queued(redis_client)]
+        return [headers.get(RUN_OWNER_HEADER) for headers in found if headers["id"] == task_id]
+
+    fixed = f"fixed-{item}"
+    while_job.apply_async((item,), task_id=fixed)
+    while_job.apply_async((item,), task_id=fixed)
+    first, second = owners_of(fixed)
+    assert task_id_of(first) == task_id_of(second) == fixed and first != second
+    running = f"running-{item}"
+    owner = new_owner(running)
+    while_job.push_request(id=running, called_directly=False, **{RUN_OWNER_HEADER: owner})
+    try:
+        while_job.apply_async((item,), task_id=running)
+    finally:
+        while_job.pop_request()
+    assert owners_of(running) == [owner]

@@ -461,3 +461,21 @@ def test_a_key_function_given_to_the_decorator_is_called_with_args_and_kwargs(
     task = app.tasks["keyed"]
     assert task.unique_lock_key((7, "ignored")) == task.unique_lock_key((7, "other"))
     assert task.unique_lock_key((7,)) != task.unique_lock_key((8,))
+
+
+def test_a_subclass_s_own_unique_on_method_is_called_bound() -> None:
+    from celery_unique import UniqueTask
+
+    class ByOrder(UniqueTask):  # type: ignore[misc]
+        abstract = True
+
+        def unique_on(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return (self.name, args[0])
+
+    app = _app()
+
+    @app.task(base=ByOrder, name="by_order", shared=False)
+    def by_order(order: int, note: str) -> None: ...
+
+    task = app.tasks["by_order"]
+    assert task.unique_lock_key((7, "a")) == task.unique_lock_key((7, "b")) != task.unique_lock_key((8, "a"))

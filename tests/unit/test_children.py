@@ -58,3 +58,25 @@ def test_after_exit_without_a_pid_calls_back_at_once() -> None:
     called: list[bool] = []
     children.after_exit(None, lambda: called.append(True), "a test lock")
     assert called == [True]
+
+
+def test_without_proc_a_zombie_counts_as_running_till_it_is_reaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(children, "_PROC", False)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while not child_exited(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not children.stopped(child.pid)  # a zombie: os.kill still finds it
+        child.wait()
+        assert children.stopped(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def child_exited(pid: int) -> bool:
+    """Whether the child exited, without reaping it (Linux: its state in /proc)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"

@@ -17,7 +17,8 @@ Each measures the time from the loss to the lock's release (the bound is the
 interval), watches every live lock for a moment without its holder, and counts
 runs of one key that overlapped. The negative test holds 10,000 live messages
 (queued, prefetched, eta-scheduled, running, waiting for a retry) across two
-workers through 10 sweeps: not one lock may be freed.
+workers through 10 sweeps: not one lock may be freed; nor may (i) the lock of
+a run that ``revoke(terminate=True)`` signalled and that handles SIGTERM.
 """
 
 from __future__ import annotations
@@ -385,7 +386,7 @@ def test_a_revoked_run_that_handles_sigterm_keeps_its_lock_through_sweeps(
             wait_for(lambda: key in watch.freed_at, worker=worker)  # released by the run's own end
     assert watch.freed_at[key] >= end["time"], "freed before the revoked run ended"
     assert not watch.changed
-    noted("(h) revoked run handling SIGTERM: kept", [watch.freed_at[key] - end["time"]], report, events(),
+    noted("(i) revoked run handling SIGTERM: kept", [watch.freed_at[key] - end["time"]], report, events(),
           load="1 running task that handles SIGTERM", faults="1 revoke(terminate=True)", lost=0,
           note="lock kept through 3 sweeps while the revoked run went on, freed by its end")  # fmt: skip
 

@@ -32,21 +32,23 @@ def test_all_is_sorted_and_complete() -> None:
     assert public_errors <= set(celery_unique.__all__)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        exceptions.UniqueError("boom"),
-        exceptions.ConfigurationError("bad"),
-        exceptions.UniqueKeyError("bad key"),
-        exceptions.LockBackendError("down"),
-        exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5),
-        exceptions.AlreadyQueued(12.5, "proj.add", "ab" * 32, "task-id"),
-        exceptions.AlreadyQueued(10),
-        exceptions.LockConflictError("proj.add", "ab" * 32, "task-id", None),
-        exceptions.IdempotencyConflict("proj.add", "order-1", "ab" * 32, "cd" * 32),
-        exceptions.ReplayedError("CardDeclined", "insufficient funds"),
-    ],
-)
+# One of each error, as its callers build them.
+ERRORS = [
+    exceptions.UniqueError("boom"),
+    exceptions.ConfigurationError("bad"),
+    exceptions.UniqueKeyError("bad key"),
+    exceptions.LockBackendError("down"),
+    exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5),
+    exceptions.AlreadyQueued(12.5, "proj.add", "ab" * 32, "task-id"),
+    exceptions.AlreadyQueued(10),
+    exceptions.LockConflictError("proj.add", "ab" * 32, "task-id", None),
+    exceptions.IdempotencyConflict("proj.add", "order-1", "ab" * 32, "cd" * 32),
+    exceptions.ReplayedError("CardDeclined", "insufficient funds"),
+    exceptions.SealBroken("fan-in callback"),
+]
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=repr)
 def test_errors_derive_from_one_base_and_pickle(error: exceptions.UniqueError) -> None:
     assert isinstance(error, exceptions.UniqueError)
     copy = pickle.loads(pickle.dumps(error))
@@ -55,20 +57,7 @@ def test_errors_derive_from_one_base_and_pickle(error: exceptions.UniqueError) -
     assert vars(copy) == vars(error)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        exceptions.ConfigurationError("bad"),
-        exceptions.DuplicateTaskError("proj.add", "ab" * 32, "task-id", 12.5),
-        exceptions.AlreadyQueued(12.5, "proj.add", "ab" * 32, "task-id"),
-        exceptions.AlreadyQueued(10),
-        exceptions.LockConflictError("proj.add", "ab" * 32, "task-id", None),
-        exceptions.IdempotencyConflict("proj.add", "order-1", "ab" * 32, "cd" * 32),
-        exceptions.ReplayedError("CardDeclined", "insufficient funds"),
-        exceptions.SealBroken("fan-in callback"),
-    ],
-    ids=lambda error: type(error).__name__,
-)
+@pytest.mark.parametrize("error", ERRORS, ids=repr)
 def test_errors_come_back_whole_from_a_json_result_backend(error: exceptions.UniqueError) -> None:
     """Celery stores a task's exception as its type and ``args`` and rebuilds it as
     ``type(*args)`` (JSON results, the default): a caller's ``get()`` raises the same error."""

@@ -96,10 +96,10 @@ def server_ms(client: Any, key: str) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def _requests(consumer: Any) -> Iterator[Any]:
-    """Every request the worker holds: reserved, active, those that wait in its timer
-    for their eta (Celery before 5.6 records those nowhere else) and those a rate
-    limit holds back.
+def _requests(consumer: Any, still_running: list[Any]) -> Iterator[Any]:
+    """Every request the worker holds: reserved, active, ``still_running`` (those of
+    :data:`lingering`), those that wait in its timer for their eta (Celery before
+    5.6 records those nowhere else) and those a rate limit holds back.
 
     Not ``state.requests``: Celery before 5.7 leaves there, after a lost broker
     connection, the requests it dropped (their messages go back to the broker, or
@@ -117,7 +117,7 @@ def _requests(consumer: Any) -> Iterator[Any]:
                 found = ref()
                 if found is not None:
                     yield found
-    yield from _still_lingering()
+    yield from still_running
     timer = getattr(consumer, "timer", None)
     waiting = [getattr(item, "entry", item) for item in list(getattr(timer, "queue", None) or ())]
     for entry in waiting:
@@ -134,11 +134,12 @@ def claims(consumer: Any) -> tuple[set[str], set[str], set[str]]:
     already acknowledged, owners of those running)."""
     from celery.worker import state
 
-    active = {id(ref()) for ref in list(state.active_requests.data)} | {id(r) for r in _still_lingering()}
+    still_running = _still_lingering()
+    active = {id(ref()) for ref in list(state.active_requests.data)} | {id(r) for r in still_running}
     held: set[str] = set()
     acked: set[str] = set()
     running: set[str] = set()
-    for request in _requests(consumer):
+    for request in _requests(consumer, still_running):
         request_dict = getattr(request, "request_dict", None)
         header = headers.from_message_headers(request_dict)
         owner = header["owner"] if header is not None else headers.run_owner(request_dict, request.id)

@@ -256,13 +256,14 @@ def _conflict(task: Any, family: str, holder: str, ttl: float | None) -> None:
     )
     if policy == "discard":
         raise Ignore(str(error))
-    if policy == "retry" and callback:
-        try:  # past the task's max_retries too: the lock's TTL bounds the wait
-            raise task.retry(countdown=task.conflict_retry_countdown, exc=error, max_retries=sys.maxsize)
-        finally:
-            vars(task).pop("override_max_retries", None)  # Celery keeps it on the task for autoretry
     if policy == "retry":
-        raise task.retry(countdown=task.conflict_retry_countdown, exc=error)
+        # A callback waits past the task's max_retries too: the lock's TTL bounds the wait.
+        limit = {"max_retries": sys.maxsize} if callback else {}
+        try:
+            raise task.retry(countdown=task.conflict_retry_countdown, exc=error, **limit)
+        finally:
+            if callback:
+                vars(task).pop("override_max_retries", None)  # Celery keeps it on the task for autoretry
     raise error
 
 
